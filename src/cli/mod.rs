@@ -1,0 +1,94 @@
+//! Command-line interface: argument parsing and dispatch to one module per command group.
+
+mod client;
+mod demo;
+mod keys;
+mod node;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Rustorium peer-to-peer node: authenticated QUIC request/response between peers.
+#[derive(Parser)]
+#[command(name = "rustorium-p2p", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write a new Ed25519 key file (PKCS#8 PEM, mode 0600) and print its PeerId.
+    Keygen {
+        /// Where to write the key; an existing file is never overwritten.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print the PeerId of a key file.
+    Id {
+        /// The key file (PKCS#8 PEM, as `keygen` or `openssl genpkey -algorithm ed25519` write).
+        #[arg(long)]
+        key: PathBuf,
+    },
+    /// Run a node until Ctrl-C or SIGTERM. Prints its PeerAddr as the first line on stdout.
+    Node(node::NodeArgs),
+    /// Send a request and print the answer body to stdout.
+    Request(client::RequestArgs),
+    /// Send a one-way message.
+    Send(client::SendArgs),
+    /// Measure round-trip times of `sys/ping` requests.
+    Ping(client::PingArgs),
+    /// Start a small network on loopback, have every node request every other, print a table.
+    Demo(demo::DemoArgs),
+}
+
+/// Runs the command; errors go to stderr with a non-zero exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = match cli.command {
+        Command::Node(_) => "info",
+        _ => "warn",
+    };
+    init_logging(default_level);
+    let result = match cli.command {
+        Command::Keygen { out } => keys::keygen(&out),
+        Command::Id { key } => keys::id(&key),
+        command => runtime().and_then(|rt| {
+            rt.block_on(async move {
+                match command {
+                    Command::Node(args) => node::run(args).await,
+                    Command::Request(args) => client::request(args).await,
+                    Command::Send(args) => client::send(args).await,
+                    Command::Ping(args) => client::ping(args).await,
+                    Command::Demo(args) => demo::run(args).await,
+                    Command::Keygen { .. } | Command::Id { .. } => unreachable!(),
+                }
+            })
+        }),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn init_logging(default_level: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

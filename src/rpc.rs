@@ -1,0 +1,583 @@
+//! One request or one-way message per QUIC stream, both ends: the requester's side
+//! ([`request`], [`send`]) and the answering side ([`serve_request`], [`serve_message`]).
+//!
+//! Bytes come off the stream, through [`wire`](crate::wire), to a handler, and back.
+//! Every wait on the peer is bounded by a deadline, and every body by a size limit.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use quinn::{ConnectionError, ReadError, RecvStream, SendStream, VarInt, WriteError};
+use tokio::time::{timeout_at, Instant};
+use tracing::{debug, warn};
+
+use crate::error::{Direction, Error};
+use crate::identity::PeerId;
+use crate::router::{call_handler, RequestContext, Router};
+use crate::wire::{self, code, HeaderError, Status};
+
+/// Limits that the answering side applies.
+#[derive(Clone)]
+pub(crate) struct ServeLimits {
+    pub max_request_size: usize,
+    pub request_timeout: Duration,
+}
+
+/// Who is on the other end of a connection.
+#[derive(Clone, Copy)]
+pub(crate) struct Remote {
+    pub peer: PeerId,
+    pub addr: SocketAddr,
+}
+
+// ---------------------------------------------------------------- requester side
+
+/// Sends one request on a new bidirectional stream and reads the answer.
+/// The caller bounds the whole exchange with a deadline; dropping the future (or the
+/// deadline passing) resets the stream so the peer stops working on it.
+pub(crate) async fn request(
+    conn: &quinn::Connection,
+    peer: PeerId,
+    route: &str,
+    body: Bytes,
+    max_response_size: usize,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<Bytes, Error> {
+    let timed_out = || Error::Timeout {
+        peer,
+        route: route.to_string(),
+        after: timeout,
+    };
+    let (send, recv) = match timeout_at(deadline, conn.open_bi()).await {
+        Ok(streams) => streams.map_err(|e| connection_error(peer, conn.remote_address(), &e))?,
+        Err(_) => return Err(timed_out()),
+    };
+    let mut streams = CancelOnDrop {
+        send,
+        recv,
+        armed: true,
+    };
+    let remote = Remote {
+        peer,
+        addr: conn.remote_address(),
+    };
+    let result = timeout_at(
+        deadline,
+        exchange(&mut streams, remote, route, body, max_response_size),
+    )
+    .await
+    .unwrap_or_else(|_| Err(timed_out()));
+    if !matches!(result, Err(Error::Timeout { .. })) {
+        streams.armed = false;
+    }
+    result
+}
+
+/// Resets both halves of a request stream unless the exchange completed.
+struct CancelOnDrop {
+    send: SendStream,
+    recv: RecvStream,
+    armed: bool,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = self.send.reset(VarInt::from_u32(code::CANCELLED));
+            let _ = self.recv.stop(VarInt::from_u32(code::CANCELLED));
+        }
+    }
+}
+
+async fn exchange(
+    streams: &mut CancelOnDrop,
+    Remote { peer, addr }: Remote,
+    route: &str,
+    body: Bytes,
+    max_response_size: usize,
+) -> Result<Bytes, Error> {
+    let header = Bytes::from(wire::encode_header(route));
+    let stopped = match streams.send.write_all_chunks(&mut [header, body]).await {
+        Ok(()) => {
+            let _ = streams.send.finish();
+            None
+        }
+        // The peer refused the body; its answer says why.
+        Err(WriteError::Stopped(stop)) => Some(stop.into_inner()),
+        Err(WriteError::ConnectionLost(e)) => return Err(connection_error(peer, addr, &e)),
+        Err(e) => {
+            return Err(Error::Protocol {
+                peer,
+                reason: format!("request stream failed: {e}"),
+            })
+        }
+    };
+
+    let answer = read_answer(&mut streams.recv, max_response_size).await;
+    let (status, body) = match answer {
+        Ok(answer) => answer,
+        Err(AnswerError::TooLarge) => {
+            let _ = streams.recv.stop(VarInt::from_u32(code::TOO_LARGE));
+            return Err(Error::TooLarge {
+                peer,
+                route: route.to_string(),
+                direction: Direction::Response,
+                message: format!(
+                    "answer exceeds this node's max_response_size of {max_response_size} bytes"
+                ),
+            });
+        }
+        Err(AnswerError::Read(ReadError::ConnectionLost(e))) => {
+            return Err(connection_error(peer, addr, &e))
+        }
+        Err(other) => {
+            // No readable answer. If the peer stopped our body, that says what happened.
+            return Err(match stopped {
+                Some(stop) => stopped_error(peer, route, stop),
+                None => Error::Protocol {
+                    peer,
+                    reason: format!("bad answer to {route:?}: {other}"),
+                },
+            });
+        }
+    };
+    match status {
+        Status::Ok => Ok(body),
+        Status::TooLarge => Err(Error::TooLarge {
+            peer,
+            route: route.to_string(),
+            direction: Direction::Request,
+            message: String::from_utf8_lossy(&body).into_owned(),
+        }),
+        status => Err(Error::Remote {
+            peer,
+            route: route.to_string(),
+            status,
+            message: String::from_utf8_lossy(&body).into_owned(),
+        }),
+    }
+}
+
+/// The error for a stream the peer stopped with `stop` (when no answer explains it).
+fn stopped_error(peer: PeerId, route: &str, stop: u64) -> Error {
+    let route = route.to_string();
+    let status = match stop as u32 {
+        code::TOO_LARGE => {
+            return Error::TooLarge {
+                peer,
+                route,
+                direction: Direction::Request,
+                message: "the peer stopped reading: over its size limit".into(),
+            }
+        }
+        code::UNKNOWN_ROUTE => Status::UnknownRoute,
+        code::BAD_REQUEST => Status::BadRequest,
+        code::BUSY | code::SHUTTING_DOWN => Status::Busy,
+        _ => {
+            return Error::Protocol {
+                peer,
+                reason: format!(
+                    "the peer stopped the stream with code {stop} ({})",
+                    code::describe(stop)
+                ),
+            }
+        }
+    };
+    Error::Remote {
+        peer,
+        route,
+        status,
+        message: format!("the peer stopped the stream: {}", code::describe(stop)),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum AnswerError {
+    #[error("answer over the size limit")]
+    TooLarge,
+    #[error("{0}")]
+    Read(ReadError),
+    #[error("{0}")]
+    Decode(wire::ResponseError),
+}
+
+async fn read_answer(recv: &mut RecvStream, limit: usize) -> Result<(Status, Bytes), AnswerError> {
+    // The status byte, then the body. `limit` bounds the body; +1 for the status byte.
+    let all = read_body(recv, Bytes::new(), limit.saturating_add(1))
+        .await
+        .map_err(|e| match e {
+            BodyError::TooLarge => AnswerError::TooLarge,
+            BodyError::Read(e) => AnswerError::Read(e),
+        })?;
+    let status = wire::decode_status(&all).map_err(AnswerError::Decode)?;
+    Ok((status, all.slice(1..)))
+}
+
+/// Sends one message on a new unidirectional stream and waits until the peer's QUIC
+/// stack has acknowledged all of it (or refused it).
+pub(crate) async fn send(
+    conn: &quinn::Connection,
+    peer: PeerId,
+    route: &str,
+    body: Bytes,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<(), Error> {
+    let route_owned = || route.to_string();
+    let work = async {
+        let mut stream = conn
+            .open_uni()
+            .await
+            .map_err(|e| connection_error(peer, conn.remote_address(), &e))?;
+        let header = Bytes::from(wire::encode_header(route));
+        let result = match stream.write_all_chunks(&mut [header, body]).await {
+            Ok(()) => {
+                let _ = stream.finish();
+                stream.stopped().await
+            }
+            Err(WriteError::Stopped(stop)) => Ok(Some(stop)),
+            Err(WriteError::ConnectionLost(e)) => {
+                return Err(connection_error(peer, conn.remote_address(), &e))
+            }
+            Err(e) => {
+                return Err(Error::Protocol {
+                    peer,
+                    reason: format!("message stream failed: {e}"),
+                })
+            }
+        };
+        match result {
+            Ok(None) => Ok(()),
+            Ok(Some(stop)) => Err(stopped_error(peer, route, stop.into_inner())),
+            Err(quinn::StoppedError::ConnectionLost(e)) => {
+                Err(connection_error(peer, conn.remote_address(), &e))
+            }
+            Err(e) => Err(Error::Protocol {
+                peer,
+                reason: format!("message stream failed: {e}"),
+            }),
+        }
+    };
+    timeout_at(deadline, work).await.unwrap_or_else(|_| {
+        Err(Error::Timeout {
+            peer,
+            route: route_owned(),
+            after: timeout,
+        })
+    })
+}
+
+/// Turns a connection failure into an error that says what closed it.
+pub(crate) fn connection_error(peer: PeerId, addr: SocketAddr, err: &ConnectionError) -> Error {
+    let reason = match err {
+        ConnectionError::ApplicationClosed(close) => {
+            let why = String::from_utf8_lossy(&close.reason);
+            match close.error_code.into_inner() as u32 {
+                code::CLOSE_SHUTDOWN => format!("the peer shut down ({why})"),
+                code::CLOSE_NORMAL => format!("the peer closed the connection ({why})"),
+                other => format!("the peer closed the connection with code {other} ({why})"),
+            }
+        }
+        ConnectionError::ConnectionClosed(close) => {
+            if let Some(alert) = crypto_alert(close.error_code) {
+                if is_certificate_alert(alert) {
+                    return Error::CertificateRejected {
+                        peer,
+                        addr,
+                        reason: tls_reason(alert, &close.reason),
+                    };
+                }
+                format!(
+                    "the peer ended the TLS session: {}",
+                    tls_reason(alert, &close.reason)
+                )
+            } else {
+                format!("the peer closed the connection: {close}")
+            }
+        }
+        ConnectionError::TimedOut => {
+            "no answer from the peer within the idle timeout (peer down or unreachable)".into()
+        }
+        ConnectionError::LocallyClosed => return Error::Shutdown,
+        ConnectionError::Reset => "the peer reset the connection (it may have restarted)".into(),
+        other => other.to_string(),
+    };
+    Error::ConnectionLost { peer, reason }
+}
+
+/// The TLS alert carried by a QUIC CRYPTO_ERROR code (0x100 to 0x1ff).
+pub(crate) fn crypto_alert(code: quinn::TransportErrorCode) -> Option<u8> {
+    let code = u64::from(code);
+    (0x100..=0x1ff)
+        .contains(&code)
+        .then_some((code - 0x100) as u8)
+}
+
+/// Alerts that say the peer did not accept our certificate.
+pub(crate) fn is_certificate_alert(alert: u8) -> bool {
+    // bad_certificate, unsupported_certificate, certificate_revoked, certificate_expired,
+    // certificate_unknown, unknown_ca, access_denied, decrypt_error (bad CertificateVerify),
+    // certificate_required.
+    matches!(alert, 42..=46 | 48 | 49 | 51 | 116)
+}
+
+pub(crate) fn tls_reason(alert: u8, reason: &[u8]) -> String {
+    let name = match alert {
+        40 => "handshake_failure",
+        42 => "bad_certificate",
+        43 => "unsupported_certificate",
+        44 => "certificate_revoked",
+        45 => "certificate_expired",
+        46 => "certificate_unknown",
+        48 => "unknown_ca",
+        49 => "access_denied",
+        50 => "decode_error",
+        51 => "decrypt_error",
+        116 => "certificate_required",
+        120 => "no_application_protocol",
+        _ => "alert",
+    };
+    let text = String::from_utf8_lossy(reason);
+    if text.is_empty() {
+        format!("TLS alert {alert} ({name})")
+    } else {
+        format!("TLS alert {alert} ({name}): {text}")
+    }
+}
+
+// ---------------------------------------------------------------- answering side
+
+/// Why a body could not be read.
+enum BodyError {
+    TooLarge,
+    Read(ReadError),
+}
+
+/// Reads the rest of a stream after `first`, up to `limit` bytes in all. A body that
+/// arrives in one piece is returned without copying.
+async fn read_body(recv: &mut RecvStream, first: Bytes, limit: usize) -> Result<Bytes, BodyError> {
+    if first.len() > limit {
+        return Err(BodyError::TooLarge);
+    }
+    let mut total = first.len();
+    let mut single = first;
+    let mut joined: Option<BytesMut> = None;
+    loop {
+        // Ask for at most one byte past the limit, so an over-long body is noticed.
+        let chunk = match recv.read_chunk(limit - total + 1, true).await {
+            Ok(Some(chunk)) => chunk.bytes,
+            Ok(None) => break,
+            Err(e) => return Err(BodyError::Read(e)),
+        };
+        total += chunk.len();
+        if total > limit {
+            return Err(BodyError::TooLarge);
+        }
+        if joined.is_none() && single.is_empty() {
+            single = chunk;
+            continue;
+        }
+        let buf = joined.get_or_insert_with(|| {
+            let mut buf = BytesMut::with_capacity(total.max(2 * single.len()));
+            buf.extend_from_slice(&single);
+            buf
+        });
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(joined.map_or(single, BytesMut::freeze))
+}
+
+/// Reads a route header. Returns the route and whatever body bytes came with it.
+async fn read_header(recv: &mut RecvStream) -> Result<(String, Bytes), HeaderFailure> {
+    let mut pending = Bytes::new();
+    loop {
+        match wire::decode_header(&pending) {
+            Ok(Some((route, len))) => {
+                let route = route.to_string();
+                return Ok((route, pending.slice(len..)));
+            }
+            Ok(None) => {}
+            Err(e) => return Err(HeaderFailure::Malformed(e)),
+        }
+        // The header is at most 256 bytes: ask for no more than it can still need.
+        let want = 1 + wire::MAX_ROUTE_LEN - pending.len().min(wire::MAX_ROUTE_LEN);
+        match recv.read_chunk(want, true).await {
+            Ok(Some(chunk)) if pending.is_empty() => pending = chunk.bytes,
+            Ok(Some(chunk)) => {
+                let mut joined = BytesMut::with_capacity(pending.len() + chunk.bytes.len());
+                joined.extend_from_slice(&pending);
+                joined.extend_from_slice(&chunk.bytes);
+                pending = joined.freeze();
+            }
+            Ok(None) => return Err(HeaderFailure::Malformed(wire::header_truncated(&pending))),
+            Err(e) => return Err(HeaderFailure::Read(e)),
+        }
+    }
+}
+
+enum HeaderFailure {
+    Malformed(HeaderError),
+    Read(ReadError),
+}
+
+/// Writes an answer (status byte, body, FIN) within `deadline`.
+async fn answer(send: &mut SendStream, status: Status, body: Bytes, deadline: Instant) {
+    let status_byte = Bytes::from_static(match status {
+        Status::Ok => &[0],
+        Status::UnknownRoute => &[1],
+        Status::TooLarge => &[2],
+        Status::BadRequest => &[3],
+        Status::HandlerError => &[4],
+        Status::Busy => &[5],
+    });
+    match timeout_at(deadline, send.write_all_chunks(&mut [status_byte, body])).await {
+        Ok(Ok(())) => {
+            let _ = send.finish();
+        }
+        Ok(Err(e)) => debug!("answer not delivered: {e}"),
+        Err(_) => {
+            debug!("peer did not read its answer in time; resetting the stream");
+            let _ = send.reset(VarInt::from_u32(code::TIMED_OUT));
+        }
+    }
+}
+
+async fn refuse(
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    status: Status,
+    stop_code: u32,
+    message: String,
+    deadline: Instant,
+) {
+    let _ = recv.stop(VarInt::from_u32(stop_code));
+    answer(send, status, Bytes::from(message), deadline).await;
+}
+
+/// Answers one request stream. `permit` is `None` when the node is over its limit of
+/// concurrent requests (or shutting down), in which case the answer is BUSY.
+pub(crate) async fn serve_request(
+    router: &Router,
+    remote: Remote,
+    limits: &ServeLimits,
+    busy: Option<&'static str>,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
+    let deadline = Instant::now() + limits.request_timeout;
+    if let Some(why) = busy {
+        let msg = why.to_string();
+        return refuse(
+            &mut send,
+            &mut recv,
+            Status::Busy,
+            code::BUSY,
+            msg,
+            deadline,
+        )
+        .await;
+    }
+    let (route, first) = match timeout_at(deadline, read_header(&mut recv)).await {
+        Ok(Ok(header)) => header,
+        Ok(Err(HeaderFailure::Malformed(e))) => {
+            debug!(peer = %remote.peer, "malformed request header: {e}");
+            let msg = format!("malformed request header: {e}");
+            let (status, stop) = (Status::BadRequest, code::BAD_REQUEST);
+            return refuse(&mut send, &mut recv, status, stop, msg, deadline).await;
+        }
+        Ok(Err(HeaderFailure::Read(e))) => return debug!("request stream failed: {e}"),
+        Err(_) => return give_up(&mut send, &mut recv),
+    };
+    let Some(handler) = router.get(&route) else {
+        let msg = format!("no handler for route {route:?}");
+        let (status, stop) = (Status::UnknownRoute, code::UNKNOWN_ROUTE);
+        return refuse(&mut send, &mut recv, status, stop, msg, deadline).await;
+    };
+    let limit = limits.max_request_size;
+    let body = match timeout_at(deadline, read_body(&mut recv, first, limit)).await {
+        Ok(Ok(body)) => body,
+        Ok(Err(BodyError::TooLarge)) => {
+            let msg = format!("request body exceeds the peer's max_request_size of {limit} bytes");
+            let (status, stop) = (Status::TooLarge, code::TOO_LARGE);
+            return refuse(&mut send, &mut recv, status, stop, msg, deadline).await;
+        }
+        Ok(Err(BodyError::Read(e))) => return debug!("request stream failed: {e}"),
+        Err(_) => return give_up(&mut send, &mut recv),
+    };
+
+    let ctx = RequestContext {
+        peer: remote.peer,
+        remote_addr: remote.addr,
+        route: route.into(),
+        one_way: false,
+    };
+    // The handler runs until it answers or the requester gives up (stops our send side).
+    let cancelled = send.stopped();
+    let result = tokio::select! {
+        result = call_handler(handler.as_ref(), ctx, body) => result,
+        _ = cancelled => return debug!("requester cancelled; handler dropped"),
+    };
+    let deadline = Instant::now() + limits.request_timeout;
+    match result {
+        Ok(body) => answer(&mut send, Status::Ok, body, deadline).await,
+        Err(e) => {
+            debug!(peer = %remote.peer, "handler failed: {e}");
+            answer(&mut send, e.status, Bytes::from(e.message), deadline).await
+        }
+    }
+}
+
+/// The peer took too long to send its request: drop the stream at both ends.
+fn give_up(send: &mut SendStream, recv: &mut RecvStream) {
+    debug!("peer too slow sending its request; dropping the stream");
+    let _ = recv.stop(VarInt::from_u32(code::TIMED_OUT));
+    let _ = send.reset(VarInt::from_u32(code::TIMED_OUT));
+}
+
+/// Delivers one one-way message to its handler.
+pub(crate) async fn serve_message(
+    router: &Router,
+    remote: Remote,
+    limits: &ServeLimits,
+    mut recv: RecvStream,
+) {
+    let deadline = Instant::now() + limits.request_timeout;
+    let stop = |recv: &mut RecvStream, code: u32| {
+        let _ = recv.stop(VarInt::from_u32(code));
+    };
+    let (route, first) = match timeout_at(deadline, read_header(&mut recv)).await {
+        Ok(Ok(header)) => header,
+        Ok(Err(HeaderFailure::Malformed(e))) => {
+            warn!(peer = %remote.peer, "dropped a one-way message: malformed header: {e}");
+            return stop(&mut recv, code::BAD_REQUEST);
+        }
+        Ok(Err(HeaderFailure::Read(e))) => return debug!("message stream failed: {e}"),
+        Err(_) => return stop(&mut recv, code::TIMED_OUT),
+    };
+    let Some(handler) = router.get(&route) else {
+        warn!(peer = %remote.peer, "dropped a one-way message for unknown route {route:?}");
+        return stop(&mut recv, code::UNKNOWN_ROUTE);
+    };
+    let limit = limits.max_request_size;
+    let body = match timeout_at(deadline, read_body(&mut recv, first, limit)).await {
+        Ok(Ok(body)) => body,
+        Ok(Err(BodyError::TooLarge)) => {
+            warn!(peer = %remote.peer, "dropped a one-way message on {route:?}: over max_request_size ({limit} bytes)");
+            return stop(&mut recv, code::TOO_LARGE);
+        }
+        Ok(Err(BodyError::Read(e))) => return debug!("message stream failed: {e}"),
+        Err(_) => return stop(&mut recv, code::TIMED_OUT),
+    };
+    let ctx = RequestContext {
+        peer: remote.peer,
+        remote_addr: remote.addr,
+        route: Arc::from(route),
+        one_way: true,
+    };
+    if let Err(e) = call_handler(handler.as_ref(), ctx, body).await {
+        warn!(peer = %remote.peer, "one-way handler failed: {e}");
+    }
+}
