@@ -39,6 +39,9 @@ pub struct NodeBuilder {
     config: NodeConfig,
     router: Router,
     system_routes: bool,
+    /// Tests only: present this certificate instead of a fresh one.
+    #[cfg(test)]
+    certificate: Option<Vec<u8>>,
 }
 
 impl NodeBuilder {
@@ -109,6 +112,12 @@ impl NodeBuilder {
         let config = self.config;
         config.validate()?;
         let keypair = self.keypair.unwrap_or_else(Keypair::generate);
+        #[cfg(test)]
+        let tls = match self.certificate {
+            Some(cert) => TlsConfigs::with_certificate(&keypair, &config.alpn, cert)?,
+            None => TlsConfigs::new(&keypair, &config.alpn)?,
+        };
+        #[cfg(not(test))]
         let tls = TlsConfigs::new(&keypair, &config.alpn)?;
         let transport = Arc::new(config.transport());
 
@@ -188,6 +197,8 @@ impl Node {
             config: NodeConfig::default(),
             router: Router::default(),
             system_routes: false,
+            #[cfg(test)]
+            certificate: None,
         }
     }
 
@@ -535,4 +546,59 @@ fn system_info(node: &Shared) -> String {
         node.peers.connection_count(),
         node.started.elapsed().as_secs_f64()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A certificate for `key` that expired in 2001.
+    fn expired_certificate(key: &Keypair) -> Vec<u8> {
+        let der = rustls::pki_types::PrivatePkcs8KeyDer::from(key.pkcs8_der());
+        let signing =
+            rcgen::KeyPair::from_pkcs8_der_and_sign_algo(&der, &rcgen::PKCS_ED25519).unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["rustorium".to_string()]).unwrap();
+        params.not_before = rcgen::date_time_ymd(2000, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2001, 1, 1);
+        params.self_signed(&signing).unwrap().der().to_vec()
+    }
+
+    #[tokio::test]
+    async fn a_dialer_whose_certificate_is_refused_is_told_so() {
+        let server = Node::builder()
+            .route("echo", |_ctx, body| async move { Ok(body) })
+            .bind()
+            .await
+            .unwrap();
+        let key = Keypair::generate();
+        let mut builder = Node::builder();
+        builder.certificate = Some(expired_certificate(&key));
+        let client = builder.keypair(key).bind().await.unwrap();
+
+        // The handshake may look finished to the dialer before the acceptor has checked
+        // its certificate, so the refusal may surface at connect() or at the first request.
+        let result = match client.connect(&server.peer_addr()).await {
+            Ok(()) => client
+                .request(server.peer_id(), "echo", "x")
+                .await
+                .map(drop),
+            Err(e) => Err(e),
+        };
+        match result {
+            Err(Error::CertificateRejected { peer, reason, .. }) => {
+                assert_eq!(peer, server.peer_id());
+                assert!(reason.contains("expired"), "{reason}");
+            }
+            other => panic!("expected CertificateRejected, got {other:?}"),
+        }
+        assert_eq!(server.connection_count(), 0);
+
+        // The acceptor goes on serving a peer with a good certificate.
+        let good = Node::builder().bind().await.unwrap();
+        good.connect(&server.peer_addr()).await.unwrap();
+        assert_eq!(
+            good.request(server.peer_id(), "echo", "y").await.unwrap(),
+            "y"
+        );
+    }
 }

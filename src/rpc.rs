@@ -311,9 +311,10 @@ pub(crate) fn connection_error(peer: PeerId, addr: SocketAddr, err: &ConnectionE
 /// The TLS alert carried by a QUIC CRYPTO_ERROR code (0x100 to 0x1ff).
 pub(crate) fn crypto_alert(code: quinn::TransportErrorCode) -> Option<u8> {
     let code = u64::from(code);
-    (0x100..=0x1ff)
-        .contains(&code)
-        .then_some((code - 0x100) as u8)
+    // `checked_sub`, not `then_some(code - 0x100)`: that would be evaluated for any code.
+    code.checked_sub(0x100)
+        .filter(|alert| *alert <= 0xff)
+        .map(|alert| alert as u8)
 }
 
 /// Alerts that say the peer did not accept our certificate.

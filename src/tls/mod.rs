@@ -28,10 +28,15 @@ pub(crate) struct TlsConfigs {
 
 impl TlsConfigs {
     pub fn new(key: &Keypair, alpn: &[u8]) -> Result<Self, Error> {
-        let tls_err = |e: rustls::Error| Error::Config(format!("TLS set-up failed: {e}"));
         let cert_der = cert::make_certificate(key).map_err(|e| Error::Key {
             reason: format!("cannot make a certificate: {e}"),
         })?;
+        Self::with_certificate(key, alpn, cert_der)
+    }
+
+    /// Configs that present `cert_der` (which must belong to `key`).
+    pub fn with_certificate(key: &Keypair, alpn: &[u8], cert_der: Vec<u8>) -> Result<Self, Error> {
+        let tls_err = |e: rustls::Error| Error::Config(format!("TLS set-up failed: {e}"));
         let cert = CertificateDer::from(cert_der);
         let private = || PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.pkcs8_der().to_vec()));
         let provider = Arc::new(rustls::crypto::ring::default_provider());
