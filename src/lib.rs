@@ -49,3 +49,8 @@ pub use node::{Node, NodeBuilder};
 pub use peers::ConnectionDirection;
 pub use router::{Handler, HandlerError, HandlerFuture, RequestContext};
 pub use wire::Status;
+
+/// The README's Rust examples, compiled as doctests so they cannot go stale.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -1,0 +1,216 @@
+//! The `rustorium-p2p` binary, run as real processes talking over 127.0.0.1.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_rustorium-p2p");
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A running `node` process, killed if the test ends early.
+struct NodeProcess {
+    child: Option<Child>,
+    peer_addr: String,
+}
+
+impl NodeProcess {
+    fn start(data_dir: &Path, extra: &[&str]) -> NodeProcess {
+        let mut child = Command::new(BIN)
+            .args(["node", "--listen", "127.0.0.1:0"])
+            .args(extra)
+            .env("RUSTORIUM_P2P_DATA_DIR", data_dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let mut node = NodeProcess {
+            child: Some(child),
+            peer_addr: String::new(),
+        };
+        let line = rx
+            .recv_timeout(WAIT)
+            .expect("node printed no address in time");
+        node.peer_addr = line.trim().to_string();
+        assert!(
+            node.peer_addr.contains("@127.0.0.1:"),
+            "first line: {line:?}"
+        );
+        node
+    }
+
+    fn peer_id(&self) -> &str {
+        self.peer_addr.split('@').next().unwrap()
+    }
+
+    /// Sends SIGTERM and returns the exit status (bounded wait).
+    fn terminate(mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        let pid = child.id().to_string();
+        let killed = Command::new("sh")
+            .args(["-c", &format!("kill -TERM {pid}")])
+            .status();
+        assert!(killed.unwrap().success());
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        rx.recv_timeout(WAIT)
+            .expect("node did not exit after SIGTERM")
+            .unwrap()
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn run(args: &[&str]) -> Output {
+    let child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    rx.recv_timeout(WAIT)
+        .expect("command did not finish in time")
+        .unwrap()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn keygen_and_id_agree_and_keygen_never_overwrites() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("a.key");
+    let key = key.to_str().unwrap();
+    let made = run(&["keygen", "--out", key]);
+    assert!(made.status.success(), "{}", stderr(&made));
+    let id = stdout(&made).trim().to_string();
+    assert_eq!(id.len(), 64);
+    let shown = run(&["id", "--key", key]);
+    assert!(shown.status.success());
+    assert_eq!(stdout(&shown).trim(), id);
+    let again = run(&["keygen", "--out", key]);
+    assert!(!again.status.success());
+    assert!(
+        stderr(&again).contains("refusing to overwrite"),
+        "{}",
+        stderr(&again)
+    );
+    assert_eq!(
+        stdout(&run(&["id", "--key", key])).trim(),
+        id,
+        "key unchanged"
+    );
+}
+
+#[test]
+fn node_request_send_and_ping_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("node.key");
+    let made = run(&["keygen", "--out", key.to_str().unwrap()]);
+    let id = stdout(&made).trim().to_string();
+    let node = NodeProcess::start(dir.path(), &["--key", key.to_str().unwrap()]);
+    assert_eq!(node.peer_id(), id, "node runs with the named key");
+    let addr = node.peer_addr.as_str();
+
+    let echo = run(&["request", addr, "sys/echo", "--data", "hello over quic"]);
+    assert!(echo.status.success(), "{}", stderr(&echo));
+    assert_eq!(stdout(&echo), "hello over quic");
+
+    let file = dir.path().join("body.bin");
+    std::fs::write(&file, vec![b'z'; 100_000]).unwrap();
+    let echo = run(&[
+        "request",
+        addr,
+        "sys/echo",
+        "--file",
+        file.to_str().unwrap(),
+    ]);
+    assert!(echo.status.success(), "{}", stderr(&echo));
+    assert_eq!(echo.stdout.len(), 100_000);
+
+    let info = run(&["request", addr, "sys/info"]);
+    assert!(info.status.success(), "{}", stderr(&info));
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["peer_id"], id);
+    assert_eq!(info["connections"], 1, "the requester's own connection");
+    assert!(info["uptime_secs"].as_f64().unwrap() >= 0.0);
+
+    let unknown = run(&["request", addr, "no/such"]);
+    assert!(!unknown.status.success());
+    assert!(
+        stderr(&unknown).contains("UNKNOWN_ROUTE"),
+        "{}",
+        stderr(&unknown)
+    );
+
+    let sent = run(&["send", addr, "sys/echo", "--data", "one way"]);
+    assert!(sent.status.success(), "{}", stderr(&sent));
+
+    let ping = run(&["ping", addr, "--count", "3", "--interval", "0"]);
+    assert!(ping.status.success(), "{}", stderr(&ping));
+    let text = stdout(&ping);
+    assert_eq!(text.matches("seq=").count(), 3, "{text}");
+    assert!(text.contains("3 pings, 3 answered, 0 failed"), "{text}");
+    assert!(text.contains("rtt min/avg/max"), "{text}");
+
+    assert!(node.terminate().success(), "clean exit on SIGTERM");
+}
+
+#[test]
+fn a_wrong_peer_id_or_dead_address_fails_with_a_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProcess::start(dir.path(), &[]);
+    let port = node.peer_addr.rsplit(':').next().unwrap();
+    let impostor = format!("{}@127.0.0.1:{port}", "ab".repeat(32));
+    let out = run(&["request", &impostor, "sys/ping", "--timeout", "5"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("presented key") && err.contains(node.peer_id()),
+        "{err}"
+    );
+
+    let out = run(&["request", "nonsense", "sys/ping"]);
+    assert_eq!(out.status.code(), Some(2), "usage error");
+    assert!(stderr(&out).contains("no '@'"), "{}", stderr(&out));
+}
+
+#[test]
+fn node_without_key_makes_one_in_the_data_dir_and_keeps_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = NodeProcess::start(dir.path(), &[]);
+    let id = first.peer_id().to_string();
+    assert!(first.terminate().success());
+    let key = dir.path().join("node.key");
+    let shown = run(&["id", "--key", key.to_str().unwrap()]);
+    assert_eq!(stdout(&shown).trim(), id);
+    let second = NodeProcess::start(dir.path(), &[]);
+    assert_eq!(second.peer_id(), id, "same identity after restart");
+}
