@@ -41,6 +41,12 @@ pub struct NodeConfig {
     /// Send a keep-alive when a connection has been quiet this long (must be shorter than
     /// `idle_timeout`); `None` turns keep-alives off. Default 5 s.
     pub keep_alive_interval: Option<Duration>,
+    /// Bytes a peer may have in flight on one stream before this node reads them
+    /// (QUIC stream flow-control window). Default 1.25 MB.
+    pub stream_receive_window: u32,
+    /// Bytes a peer may have in flight on one connection, all streams together, before
+    /// this node reads them: the most a peer can make this node buffer. Default 8 MiB.
+    pub connection_receive_window: u32,
     /// How long [`Node::shutdown`](crate::Node::shutdown) lets running requests finish
     /// before it closes connections. Default 5 s.
     pub shutdown_grace: Duration,
@@ -60,6 +66,8 @@ impl Default for NodeConfig {
             max_connections: 4096,
             idle_timeout: Duration::from_secs(30),
             keep_alive_interval: Some(Duration::from_secs(5)),
+            stream_receive_window: 1_250_000,
+            connection_receive_window: 8 * 1024 * 1024,
             shutdown_grace: Duration::from_secs(5),
         }
     }
@@ -95,6 +103,14 @@ impl NodeConfig {
         if self.max_concurrent_requests == 0 {
             return bad("max_concurrent_requests must be at least 1".into());
         }
+        if self.max_concurrent_requests > u32::MAX as usize {
+            return bad("max_concurrent_requests must be at most 4294967295".into());
+        }
+        if self.stream_receive_window == 0 || self.connection_receive_window == 0 {
+            return bad(
+                "stream_receive_window and connection_receive_window must be more than 0".into(),
+            );
+        }
         if self.max_connections == 0 {
             return bad("max_connections must be at least 1".into());
         }
@@ -108,7 +124,11 @@ impl NodeConfig {
             .max_concurrent_bidi_streams(self.max_concurrent_bidi_streams.into())
             .max_concurrent_uni_streams(self.max_concurrent_uni_streams.into())
             .max_idle_timeout(quinn::IdleTimeout::try_from(self.idle_timeout).ok())
-            .keep_alive_interval(self.keep_alive_interval);
+            .keep_alive_interval(self.keep_alive_interval)
+            .stream_receive_window(self.stream_receive_window.into())
+            .receive_window(self.connection_receive_window.into())
+            // The protocol uses no QUIC datagrams: refuse them rather than buffer them.
+            .datagram_receive_buffer_size(None);
         transport
     }
 }

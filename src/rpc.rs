@@ -582,3 +582,41 @@ pub(crate) async fn serve_message(
         warn!(peer = %remote.peer, "one-way handler failed: {e}");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crypto_alerts_are_read_from_crypto_error_codes_only() {
+        use quinn::TransportErrorCode as Code;
+        assert_eq!(crypto_alert(Code::crypto(45)), Some(45));
+        assert_eq!(crypto_alert(Code::crypto(0)), Some(0));
+        assert_eq!(crypto_alert(Code::crypto(0xff)), Some(0xff));
+        // Transport codes below the CRYPTO_ERROR range (the overflow this guards against).
+        for other in [
+            Code::NO_ERROR,
+            Code::INTERNAL_ERROR,
+            Code::CONNECTION_REFUSED,
+            Code::PROTOCOL_VIOLATION,
+            Code::AEAD_LIMIT_REACHED,
+        ] {
+            assert_eq!(crypto_alert(other), None, "code {other:?}");
+        }
+    }
+
+    #[test]
+    fn tls_reasons_name_the_alert() {
+        let text = tls_reason(45, b"invalid peer certificate: Expired");
+        assert_eq!(
+            text,
+            "TLS alert 45 (certificate_expired): invalid peer certificate: Expired"
+        );
+        assert_eq!(
+            tls_reason(120, b""),
+            "TLS alert 120 (no_application_protocol)"
+        );
+        assert!(is_certificate_alert(45) && is_certificate_alert(116));
+        assert!(!is_certificate_alert(120));
+    }
+}

@@ -250,14 +250,28 @@ mod tests {
     }
 
     #[test]
-    fn every_short_input_decodes_without_panic() {
-        // Exhaustive over all 1- and 2-byte inputs and a sample of 3-byte ones.
+    fn every_short_input_decodes_consistently() {
+        // Exhaustive over all 1- and 2-byte inputs and all 3-byte ones with route_len 1 or 2.
+        let check = |buf: &[u8]| match decode_header(buf) {
+            Ok(Some((route, len))) => {
+                assert_eq!(len, 1 + usize::from(buf[0]));
+                assert_eq!(route.as_bytes(), &buf[1..len]);
+            }
+            Ok(None) => assert!(buf.is_empty() || buf.len() < 1 + usize::from(buf[0])),
+            Err(HeaderError::EmptyRoute) => assert_eq!(buf[0], 0),
+            Err(HeaderError::BadUtf8) => {
+                let end = 1 + usize::from(buf[0]);
+                assert!(std::str::from_utf8(&buf[1..end]).is_err())
+            }
+            Err(e) => panic!("unexpected {e:?} for {buf:?}"),
+        };
         for a in 0..=255u8 {
-            let _ = decode_header(&[a]);
-            let _ = decode_status(&[a]);
+            check(&[a]);
+            assert_eq!(decode_status(&[a]).is_ok(), a <= 5);
             for b in 0..=255u8 {
-                let _ = decode_header(&[a, b]);
-                let _ = decode_header(&[1, a, b]);
+                check(&[a, b]);
+                check(&[1, a, b]);
+                check(&[2, a, b]);
             }
         }
     }
