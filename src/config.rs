@@ -1,9 +1,11 @@
 //! Settings of a node, with their defaults. Every limit a peer could push against is here.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::error::Error;
+use crate::identity::PeerId;
 
 /// The default ALPN protocol name.
 pub const DEFAULT_ALPN: &[u8] = b"rustorium";
@@ -34,8 +36,26 @@ pub struct NodeConfig {
     /// Handlers running at once on this node across all peers; a request past this is
     /// answered BUSY. Default 4096.
     pub max_concurrent_requests: usize,
-    /// Connections this node keeps at once; a handshake past this is refused. Default 4096.
+    /// Connections this node keeps at once, both directions and handshakes in progress
+    /// counted; past this, incoming handshakes are refused and dials fail. Default 4096.
     pub max_connections: usize,
+    /// Incoming connections (and handshakes) from one IP address at once. Default 64.
+    pub max_connections_per_ip: usize,
+    /// Only these peers may connect (both directions); `None` admits every peer.
+    /// Default `None`.
+    pub allow: Option<HashSet<PeerId>>,
+    /// These peers may not connect (both directions). Default empty.
+    pub deny: HashSet<PeerId>,
+    /// How long a dial may take, handshake included. Default 5 s.
+    pub connect_timeout: Duration,
+    /// Reconnecting to a known peer waits this long after the first failure, doubling
+    /// (with ±25 % jitter) up to `reconnect_max_backoff`. Default 100 ms.
+    pub reconnect_min_backoff: Duration,
+    /// The longest wait between two reconnect attempts. Default 30 s.
+    pub reconnect_max_backoff: Duration,
+    /// Send requests marked idempotent as 0-RTT data when reconnecting to a peer seen
+    /// before, and accept 0-RTT data from peers. Default `true`.
+    pub zero_rtt: bool,
     /// A connection with no traffic for this long is closed. Default 30 s.
     pub idle_timeout: Duration,
     /// Send a keep-alive when a connection has been quiet this long (must be shorter than
@@ -64,6 +84,13 @@ impl Default for NodeConfig {
             max_concurrent_uni_streams: 1000,
             max_concurrent_requests: 4096,
             max_connections: 4096,
+            max_connections_per_ip: 64,
+            allow: None,
+            deny: HashSet::new(),
+            connect_timeout: Duration::from_secs(5),
+            reconnect_min_backoff: Duration::from_millis(100),
+            reconnect_max_backoff: Duration::from_secs(30),
+            zero_rtt: true,
             idle_timeout: Duration::from_secs(30),
             keep_alive_interval: Some(Duration::from_secs(5)),
             stream_receive_window: 1_250_000,
@@ -111,13 +138,35 @@ impl NodeConfig {
                 "stream_receive_window and connection_receive_window must be more than 0".into(),
             );
         }
-        if self.max_connections == 0 {
-            return bad("max_connections must be at least 1".into());
+        if self.max_connections == 0 || self.max_connections_per_ip == 0 {
+            return bad("max_connections and max_connections_per_ip must be at least 1".into());
+        }
+        if self.connect_timeout.is_zero() {
+            return bad("connect_timeout must be more than 0".into());
+        }
+        if self.reconnect_min_backoff.is_zero()
+            || self.reconnect_min_backoff > self.reconnect_max_backoff
+        {
+            return bad(format!(
+                "reconnect_min_backoff ({:?}) must be more than 0 and at most reconnect_max_backoff ({:?})",
+                self.reconnect_min_backoff, self.reconnect_max_backoff
+            ));
         }
         Ok(())
     }
 
     /// The quinn transport settings these values map to.
+    /// Whether `peer` may connect (either direction).
+    pub(crate) fn admits(&self, peer: &PeerId) -> Result<(), &'static str> {
+        if self.deny.contains(peer) {
+            return Err("on the deny list");
+        }
+        match &self.allow {
+            Some(allow) if !allow.contains(peer) => Err("not on the allow list"),
+            _ => Ok(()),
+        }
+    }
+
     pub(crate) fn transport(&self) -> quinn::TransportConfig {
         let mut transport = quinn::TransportConfig::default();
         transport

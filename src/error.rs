@@ -97,6 +97,16 @@ pub enum Error {
         reason: String,
     },
 
+    /// The connection was refused: the peer's connection limits or its allow/deny list,
+    /// or this node's own allow/deny list or limits.
+    #[error("connection with peer {peer} refused: {reason}")]
+    Refused {
+        /// The peer.
+        peer: PeerId,
+        /// Who refused and why.
+        reason: String,
+    },
+
     /// There is no live connection to the peer and no known address to dial.
     #[error(
         "no connection to peer {0} and no known address: call connect() with its PeerAddr first"

@@ -82,6 +82,31 @@ impl PeerId {
         }
         out
     }
+
+    /// The PeerId in a label made by [`to_dns_label`](Self::to_dns_label) (either case).
+    pub(crate) fn from_dns_label(label: &str) -> Option<PeerId> {
+        if label.len() != 52 {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        let (mut acc, mut bits, mut n) = (0u64, 0, 0);
+        for c in label.bytes() {
+            let v = match c.to_ascii_lowercase() {
+                c @ b'a'..=b'z' => c - b'a',
+                c @ b'2'..=b'7' => c - b'2' + 26,
+                _ => return None,
+            };
+            acc = (acc << 5) | u64::from(v);
+            bits += 5;
+            if bits >= 8 {
+                bits -= 8;
+                *out.get_mut(n)? = (acc >> bits) as u8;
+                n += 1;
+            }
+        }
+        // 52 * 5 = 260 bits: 256 of key, 4 padding bits that must be zero.
+        (n == 32 && acc & ((1 << bits) - 1) == 0).then_some(PeerId(out))
+    }
 }
 
 impl fmt::Display for PeerId {
@@ -377,5 +402,21 @@ mod tests {
         let mut bytes = [0u8; 32];
         bytes[0] = b'f';
         assert!(PeerId(bytes).to_dns_label().starts_with("my"));
+    }
+
+    #[test]
+    fn dns_label_round_trip() {
+        for _ in 0..50 {
+            let id = Keypair::generate().peer_id();
+            let label = id.to_dns_label();
+            assert_eq!(PeerId::from_dns_label(&label), Some(id));
+            assert_eq!(PeerId::from_dns_label(&label.to_uppercase()), Some(id));
+            assert_eq!(PeerId::from_dns_label(&label[1..]), None);
+            assert_eq!(PeerId::from_dns_label(&format!("{}1", &label[1..])), None);
+        }
+        // Non-zero padding bits are not a PeerId's label.
+        let mut label = PeerId([0; 32]).to_dns_label();
+        label.replace_range(51.., "b");
+        assert_eq!(PeerId::from_dns_label(&label), None);
     }
 }

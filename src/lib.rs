@@ -34,6 +34,7 @@
 pub mod config;
 pub mod error;
 pub mod identity;
+mod metrics;
 mod node;
 mod peers;
 mod router;
@@ -45,8 +46,9 @@ pub use bytes::Bytes;
 pub use config::NodeConfig;
 pub use error::{Direction, Error, Result};
 pub use identity::{Keypair, ParseError, PeerAddr, PeerId};
-pub use node::{Node, NodeBuilder};
-pub use peers::ConnectionDirection;
+pub use metrics::NodeStats;
+pub use node::{Node, NodeBuilder, RequestOptions};
+pub use peers::{ConnectionDirection, DisconnectReason, PeerEvent};
 pub use router::{Handler, HandlerError, HandlerFuture, RequestContext};
 pub use wire::Status;
 

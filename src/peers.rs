@@ -1,14 +1,31 @@
-//! The connections a node holds, keyed by PeerId, and the addresses it knows.
+//! The connection pool: one connection per peer, used in both directions, and the
+//! events it emits as connections come and go.
 //!
-//! One connection serves both directions: whichever side dialed, the pool hands it out
-//! for requests to that peer. Concurrent dials to one peer are serialised by a per-peer
-//! lock, so a burst of requests makes one connection, not many.
+//! Rules:
+//! * Concurrent dials to one peer share one dial (a per-peer lock), so a burst of
+//!   requests makes one connection.
+//! * When two connections to the same peer exist because both sides dialed at once (the
+//!   older one is younger than [`SIMULTANEOUS_DIAL_WINDOW`]), both sides keep the one
+//!   dialed by the lower PeerId. Otherwise the newer one wins: the peer dialed again
+//!   because it lost the old one (for example it restarted). The loser is *retired*: no
+//!   new streams go on it, and once it has been quiet for a while it is closed with code
+//!   `DUPLICATE`.
+//! * A connection that closes leaves the pool at once; the next request redials.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::watch;
 
 use crate::identity::PeerId;
+use crate::wire::code;
+
+/// Two connections to one peer whose older one is younger than this (or than 8 round
+/// trips, if longer) come from a simultaneous dial.
+pub const SIMULTANEOUS_DIAL_WINDOW: Duration = Duration::from_secs(2);
 
 /// Which side opened a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,10 +37,206 @@ pub enum ConnectionDirection {
     Inbound,
 }
 
+/// Why a connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DisconnectReason {
+    /// The peer closed the connection (with this explanation).
+    ClosedByPeer(String),
+    /// The peer shut down.
+    PeerShutdown,
+    /// This node shut down.
+    LocalShutdown,
+    /// This node closed the connection ([`Node::disconnect`](crate::Node::disconnect)).
+    ClosedLocally,
+    /// Nothing was heard from the peer within the idle timeout.
+    IdleTimeout,
+    /// Both sides dialed at once; this connection lost to the other one.
+    Duplicate,
+    /// The connection broke for another reason.
+    Lost(String),
+}
+
+impl std::fmt::Display for DisconnectReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DisconnectReason::ClosedByPeer(why) => write!(f, "closed by peer: {why}"),
+            DisconnectReason::PeerShutdown => f.write_str("peer shut down"),
+            DisconnectReason::LocalShutdown => f.write_str("this node shut down"),
+            DisconnectReason::ClosedLocally => f.write_str("closed by this node"),
+            DisconnectReason::IdleTimeout => f.write_str("idle timeout"),
+            DisconnectReason::Duplicate => f.write_str("duplicate connection closed"),
+            DisconnectReason::Lost(why) => write!(f, "lost: {why}"),
+        }
+    }
+}
+
+impl DisconnectReason {
+    pub(crate) fn from_error(err: &quinn::ConnectionError) -> Self {
+        use quinn::ConnectionError as E;
+        match err {
+            E::ApplicationClosed(close) => match close.error_code.into_inner() as u32 {
+                code::CLOSE_SHUTDOWN => DisconnectReason::PeerShutdown,
+                code::CLOSE_DUPLICATE => DisconnectReason::Duplicate,
+                _ => DisconnectReason::ClosedByPeer(
+                    String::from_utf8_lossy(&close.reason).into_owned(),
+                ),
+            },
+            E::LocallyClosed => DisconnectReason::LocalShutdown,
+            E::TimedOut => DisconnectReason::IdleTimeout,
+            E::ConnectionClosed(close) => DisconnectReason::ClosedByPeer(close.to_string()),
+            other => DisconnectReason::Lost(other.to_string()),
+        }
+    }
+}
+
+/// Something that happened to a connection. Subscribe with
+/// [`Node::events`](crate::Node::events). Events are per connection: during a simultaneous
+/// dial a peer can show two `Connected` and one `Disconnected` with reason `Duplicate`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PeerEvent {
+    /// A connection to `peer` was established.
+    Connected {
+        /// The peer.
+        peer: PeerId,
+        /// Its address.
+        addr: SocketAddr,
+        /// Who dialed.
+        direction: ConnectionDirection,
+    },
+    /// A connection to `peer` ended.
+    Disconnected {
+        /// The peer.
+        peer: PeerId,
+        /// Its address when the connection ended.
+        addr: SocketAddr,
+        /// Who had dialed.
+        direction: ConnectionDirection,
+        /// Why it ended.
+        reason: DisconnectReason,
+    },
+}
+
+/// One connection and what the pool knows about it.
+pub(crate) struct Connection {
+    pub conn: quinn::Connection,
+    pub peer: PeerId,
+    pub direction: ConnectionDirection,
+    /// Who dialed it (decides which connection survives a simultaneous dial).
+    pub dialer: PeerId,
+    /// Streams in progress on it: requests we sent, requests and messages we serve.
+    active: AtomicUsize,
+    /// Microseconds since `epoch` when a stream last started.
+    last_stream: AtomicU64,
+    epoch: tokio::time::Instant,
+    retired: AtomicBool,
+    /// Why this node closed it, when it did.
+    closed_by_us: Mutex<Option<DisconnectReason>>,
+    /// `true` once the handshake is complete (at once, unless dialed with 0-RTT).
+    confirmed: watch::Receiver<bool>,
+}
+
+impl Connection {
+    pub fn new(
+        conn: quinn::Connection,
+        peer: PeerId,
+        direction: ConnectionDirection,
+        dialer: PeerId,
+        confirmed: watch::Receiver<bool>,
+    ) -> Arc<Self> {
+        Arc::new(Connection {
+            conn,
+            peer,
+            direction,
+            dialer,
+            active: AtomicUsize::new(0),
+            last_stream: AtomicU64::new(0),
+            epoch: tokio::time::Instant::now(),
+            retired: AtomicBool::new(false),
+            closed_by_us: Mutex::new(None),
+            confirmed,
+        })
+    }
+
+    /// Counts a stream as in progress until the guard is dropped.
+    pub fn stream_guard(self: &Arc<Self>) -> StreamGuard {
+        self.active.fetch_add(1, Ordering::SeqCst);
+        let now = self.epoch.elapsed().as_micros() as u64;
+        self.last_stream.store(now, Ordering::SeqCst);
+        StreamGuard(self.clone())
+    }
+
+    /// Waits until the handshake is complete. `false` if the connection failed first.
+    pub async fn confirmed(&self) -> bool {
+        let mut confirmed = self.confirmed.clone();
+        let done = confirmed.wait_for(|c| *c).await.is_ok();
+        done
+    }
+
+    pub fn is_confirmed(&self) -> bool {
+        *self.confirmed.borrow()
+    }
+
+    fn is_live(&self) -> bool {
+        self.conn.close_reason().is_none() && !self.retired.load(Ordering::SeqCst)
+    }
+
+    /// Closes this retired connection once no stream has been in progress on it for
+    /// `quiet`, or at `deadline` whatever happens.
+    pub async fn close_when_quiet(&self, quiet: Duration, deadline: tokio::time::Instant) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(quiet) => {}
+                _ = self.conn.closed() => return,
+            }
+            if !self.retired.load(Ordering::SeqCst) {
+                return; // it became the peer's connection again
+            }
+            let since_last =
+                self.epoch.elapsed().as_micros() as u64 - self.last_stream.load(Ordering::SeqCst);
+            let idle = self.active.load(Ordering::SeqCst) == 0
+                && Duration::from_micros(since_last) >= quiet;
+            if idle || tokio::time::Instant::now() >= deadline {
+                break;
+            }
+        }
+        self.close(
+            DisconnectReason::Duplicate,
+            code::CLOSE_DUPLICATE,
+            b"duplicate connection",
+        );
+    }
+
+    /// Closes the connection, remembering why for the `Disconnected` event.
+    pub fn close(&self, why: DisconnectReason, code: u32, reason: &[u8]) {
+        *self.closed_by_us.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+        self.conn.close(code.into(), reason);
+    }
+
+    /// Why the connection ended, given the error it ended with.
+    pub fn disconnect_reason(&self, err: &quinn::ConnectionError) -> DisconnectReason {
+        let ours = self.closed_by_us.lock().unwrap_or_else(|e| e.into_inner());
+        match (err, ours.as_ref()) {
+            (quinn::ConnectionError::LocallyClosed, Some(why)) => why.clone(),
+            _ => DisconnectReason::from_error(err),
+        }
+    }
+}
+
+/// Marks a stream as in progress on its connection while alive.
+pub(crate) struct StreamGuard(Arc<Connection>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 #[derive(Default)]
 struct PeerEntry {
     /// The connection handed out for this peer.
-    current: Option<quinn::Connection>,
+    current: Option<Arc<Connection>>,
     /// The last known address to dial.
     addr: Option<SocketAddr>,
     /// Held while dialing this peer.
@@ -33,27 +246,34 @@ struct PeerEntry {
 #[derive(Default)]
 struct Inner {
     peers: HashMap<PeerId, PeerEntry>,
-    /// Every live connection by `stable_id`, including a second one to the same peer.
-    all: HashMap<usize, (PeerId, quinn::Connection)>,
+    /// Every open connection by `stable_id`, including retired ones.
+    all: HashMap<usize, Arc<Connection>>,
 }
 
 /// The connection pool.
-#[derive(Default)]
 pub(crate) struct Peers {
+    local: PeerId,
     inner: Mutex<Inner>,
 }
 
 impl Peers {
+    pub fn new(local: PeerId) -> Self {
+        Peers {
+            local,
+            inner: Mutex::default(),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        // A panic while holding this lock leaves the maps consistent (single inserts/removes).
+        // Every critical section leaves the maps consistent, so a poisoned lock is usable.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The live connection to `peer`, if there is one.
-    pub fn live(&self, peer: &PeerId) -> Option<quinn::Connection> {
+    /// The connection to hand out for `peer`, if it is live.
+    pub fn live(&self, peer: &PeerId) -> Option<Arc<Connection>> {
         let inner = self.lock();
         let conn = inner.peers.get(peer)?.current.as_ref()?;
-        conn.close_reason().is_none().then(|| conn.clone())
+        conn.is_live().then(|| conn.clone())
     }
 
     /// The last known address of `peer`.
@@ -61,9 +281,14 @@ impl Peers {
         self.lock().peers.get(peer)?.addr
     }
 
-    /// Remembers where `peer` can be dialed.
-    pub fn set_addr(&self, peer: PeerId, addr: SocketAddr) {
-        self.lock().peers.entry(peer).or_default().addr = Some(addr);
+    /// Remembers where `peer` can be dialed. With `only_if_unknown`, keeps an address
+    /// that is already known.
+    pub fn set_addr(&self, peer: PeerId, addr: SocketAddr, only_if_unknown: bool) {
+        let mut inner = self.lock();
+        let entry = inner.peers.entry(peer).or_default();
+        if !(only_if_unknown && entry.addr.is_some()) {
+            entry.addr = Some(addr);
+        }
     }
 
     /// The lock to hold while dialing `peer`.
@@ -71,43 +296,80 @@ impl Peers {
         self.lock().peers.entry(peer).or_default().dial_lock.clone()
     }
 
-    /// Adds an established connection; it becomes the one handed out for `peer`.
-    pub fn insert(&self, peer: PeerId, conn: quinn::Connection) {
+    /// Adds an established connection. If the peer already has a live one, the rule in
+    /// the module docs picks which to keep; the loser is returned, already retired.
+    pub fn insert(&self, new: Arc<Connection>) -> Option<Arc<Connection>> {
         let mut inner = self.lock();
-        inner.all.insert(conn.stable_id(), (peer, conn.clone()));
-        inner.peers.entry(peer).or_default().current = Some(conn);
+        inner.all.insert(new.conn.stable_id(), new.clone());
+        let entry = inner.peers.entry(new.peer).or_default();
+        let (keep, lose) = match entry.current.take() {
+            Some(old) if old.is_live() => {
+                if self.prefers(&old, &new) {
+                    (old, Some(new))
+                } else {
+                    (new, Some(old))
+                }
+            }
+            _ => (new, None),
+        };
+        entry.current = Some(keep);
+        if let Some(lose) = &lose {
+            lose.retired.store(true, Ordering::SeqCst);
+        }
+        lose
     }
 
-    /// Forgets a connection that has closed. If another connection to the same peer is
-    /// still live, it takes over.
-    pub fn remove(&self, peer: PeerId, stable_id: usize) {
+    /// Whether `old` survives against `new`: in a simultaneous dial the connection
+    /// dialed by the lower PeerId wins; otherwise, and between two from the same dialer,
+    /// the newer.
+    fn prefers(&self, old: &Connection, new: &Connection) -> bool {
+        let window = SIMULTANEOUS_DIAL_WINDOW.max(old.conn.rtt() * 8);
+        let simultaneous = old.epoch.elapsed() < window;
+        let lower = self.local.min(old.peer);
+        simultaneous && old.dialer == lower && new.dialer != lower
+    }
+
+    /// Forgets a connection that has closed. Another open connection to the same peer,
+    /// if any, takes over.
+    pub fn remove(&self, conn: &Connection) {
         let mut inner = self.lock();
-        inner.all.remove(&stable_id);
+        let id = conn.conn.stable_id();
+        inner.all.remove(&id);
         let replacement = inner
             .all
             .values()
-            .find(|(p, c)| *p == peer && c.close_reason().is_none())
-            .map(|(_, c)| c.clone());
-        if let Some(entry) = inner.peers.get_mut(&peer) {
+            .find(|c| c.peer == conn.peer && c.conn.close_reason().is_none())
+            .cloned();
+        if let Some(entry) = inner.peers.get_mut(&conn.peer) {
             if entry
                 .current
                 .as_ref()
-                .is_some_and(|c| c.stable_id() == stable_id)
+                .is_some_and(|c| c.conn.stable_id() == id)
             {
+                if let Some(replacement) = &replacement {
+                    replacement.retired.store(false, Ordering::SeqCst);
+                }
                 entry.current = replacement;
             }
         }
     }
 
-    /// Number of live connections.
+    /// Number of open connections (retired ones included until they close).
     pub fn connection_count(&self) -> usize {
         self.lock().all.len()
     }
 
-    /// Peers with a live connection.
+    /// Open connections to `peer`.
+    pub fn connections_to(&self, peer: &PeerId) -> Vec<Arc<Connection>> {
+        let inner = self.lock();
+        let all = inner.all.values();
+        all.filter(|c| c.peer == *peer).cloned().collect()
+    }
+
+    /// Peers with an open connection.
     pub fn connected_peers(&self) -> Vec<PeerId> {
         let inner = self.lock();
-        let mut peers: Vec<PeerId> = inner.all.values().map(|(p, _)| *p).collect();
+        let mut peers: Vec<PeerId> = inner.all.values().map(|c| c.peer).collect();
         peers.sort();
         peers.dedup();
         peers

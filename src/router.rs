@@ -20,6 +20,7 @@ pub struct RequestContext {
     pub(crate) remote_addr: SocketAddr,
     pub(crate) route: Arc<str>,
     pub(crate) one_way: bool,
+    pub(crate) early_data: bool,
 }
 
 impl RequestContext {
@@ -41,6 +42,13 @@ impl RequestContext {
     /// `true` for a one-way message: whatever the handler returns is not sent anywhere.
     pub fn is_one_way(&self) -> bool {
         self.one_way
+    }
+
+    /// `true` if the request arrived as 0-RTT data. The sender marked it idempotent, but
+    /// an attacker who recorded it could replay it: only act on it if doing so twice is
+    /// harmless.
+    pub fn is_early_data(&self) -> bool {
+        self.early_data
     }
 }
 

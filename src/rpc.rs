@@ -15,6 +15,7 @@ use tracing::{debug, warn};
 
 use crate::error::{Direction, Error};
 use crate::identity::PeerId;
+use crate::peers::Connection;
 use crate::router::{call_handler, RequestContext, Router};
 use crate::wire::{self, code, HeaderError, Status};
 
@@ -25,52 +26,134 @@ pub(crate) struct ServeLimits {
     pub request_timeout: Duration,
 }
 
-/// Who is on the other end of a connection.
+/// Who is on the other end of a served stream.
 #[derive(Clone, Copy)]
 pub(crate) struct Remote {
     pub peer: PeerId,
     pub addr: SocketAddr,
 }
 
+/// A failed request or message, and whether sending it again is safe because the peer
+/// never processed it (0-RTT data rejected, or a duplicate connection closed under it).
+#[derive(Debug)]
+pub(crate) struct Failure {
+    pub error: Error,
+    pub retry: bool,
+}
+
+impl From<Error> for Failure {
+    fn from(error: Error) -> Self {
+        Failure {
+            error,
+            retry: false,
+        }
+    }
+}
+
+/// What a requester is talking to.
+struct Target<'a> {
+    conn: &'a Connection,
+    peer: PeerId,
+    addr: SocketAddr,
+    route: &'a str,
+}
+
+impl Target<'_> {
+    fn lost(&self, err: &ConnectionError) -> Failure {
+        Failure {
+            error: connection_error(self.peer, self.addr, err),
+            retry: is_duplicate_close(err),
+        }
+    }
+
+    fn zero_rtt_rejected(&self) -> Failure {
+        Failure {
+            error: Error::ConnectionLost {
+                peer: self.peer,
+                reason: "the peer rejected the 0-RTT data".into(),
+            },
+            retry: true,
+        }
+    }
+
+    fn write_failed(&self, err: WriteError) -> Failure {
+        match err {
+            WriteError::Stopped(stop) => {
+                stopped_error(self.peer, self.route, stop.into_inner()).into()
+            }
+            WriteError::ConnectionLost(e) => self.lost(&e),
+            WriteError::ZeroRttRejected => self.zero_rtt_rejected(),
+            WriteError::ClosedStream => self.protocol("the stream was closed under us"),
+        }
+    }
+
+    fn read_failed(&self, err: ReadError) -> Failure {
+        match err {
+            ReadError::ConnectionLost(e) => self.lost(&e),
+            ReadError::ZeroRttRejected => self.zero_rtt_rejected(),
+            ReadError::Reset(code) => self.protocol(&format!(
+                "the peer reset the answer stream with code {code} ({})",
+                code::describe(code.into_inner())
+            )),
+            other => self.protocol(&other.to_string()),
+        }
+    }
+
+    fn protocol(&self, reason: &str) -> Failure {
+        Error::Protocol {
+            peer: self.peer,
+            reason: format!("{reason} (route {:?})", self.route),
+        }
+        .into()
+    }
+
+    fn timed_out(&self, after: Duration) -> Failure {
+        Error::Timeout {
+            peer: self.peer,
+            route: self.route.to_string(),
+            after,
+        }
+        .into()
+    }
+}
+
 // ---------------------------------------------------------------- requester side
 
-/// Sends one request on a new bidirectional stream and reads the answer.
-/// The caller bounds the whole exchange with a deadline; dropping the future (or the
-/// deadline passing) resets the stream so the peer stops working on it.
+/// Sends one request on a new bidirectional stream and reads the answer, by `deadline`.
+/// The deadline passing, or the future being dropped, resets the stream so the peer
+/// stops working on it.
 pub(crate) async fn request(
-    conn: &quinn::Connection,
-    peer: PeerId,
+    conn: &Arc<Connection>,
     route: &str,
     body: Bytes,
     max_response_size: usize,
     deadline: Instant,
     timeout: Duration,
-) -> Result<Bytes, Error> {
-    let timed_out = || Error::Timeout {
-        peer,
-        route: route.to_string(),
-        after: timeout,
+) -> Result<Bytes, Failure> {
+    let _active = conn.stream_guard();
+    let target = Target {
+        conn,
+        peer: conn.peer,
+        addr: conn.conn.remote_address(),
+        route,
     };
-    let (send, recv) = match timeout_at(deadline, conn.open_bi()).await {
-        Ok(streams) => streams.map_err(|e| connection_error(peer, conn.remote_address(), &e))?,
-        Err(_) => return Err(timed_out()),
+    let (send, recv) = match timeout_at(deadline, conn.conn.open_bi()).await {
+        Ok(Ok(streams)) => streams,
+        Ok(Err(e)) => return Err(target.lost(&e)),
+        Err(_) => return Err(target.timed_out(timeout)),
     };
     let mut streams = CancelOnDrop {
         send,
         recv,
         armed: true,
     };
-    let remote = Remote {
-        peer,
-        addr: conn.remote_address(),
-    };
     let result = timeout_at(
         deadline,
-        exchange(&mut streams, remote, route, body, max_response_size),
+        exchange(&mut streams, &target, body, max_response_size),
     )
     .await
-    .unwrap_or_else(|_| Err(timed_out()));
-    if !matches!(result, Err(Error::Timeout { .. })) {
+    .unwrap_or_else(|_| Err(target.timed_out(timeout)));
+    if !matches!(&result, Err(f) if matches!(f.error, Error::Timeout { .. })) {
         streams.armed = false;
     }
     result
@@ -94,11 +177,11 @@ impl Drop for CancelOnDrop {
 
 async fn exchange(
     streams: &mut CancelOnDrop,
-    Remote { peer, addr }: Remote,
-    route: &str,
+    target: &Target<'_>,
     body: Bytes,
     max_response_size: usize,
-) -> Result<Bytes, Error> {
+) -> Result<Bytes, Failure> {
+    let (peer, route) = (target.peer, target.route);
     let header = Bytes::from(wire::encode_header(route));
     let stopped = match streams.send.write_all_chunks(&mut [header, body]).await {
         Ok(()) => {
@@ -107,17 +190,10 @@ async fn exchange(
         }
         // The peer refused the body; its answer says why.
         Err(WriteError::Stopped(stop)) => Some(stop.into_inner()),
-        Err(WriteError::ConnectionLost(e)) => return Err(connection_error(peer, addr, &e)),
-        Err(e) => {
-            return Err(Error::Protocol {
-                peer,
-                reason: format!("request stream failed: {e}"),
-            })
-        }
+        Err(e) => return Err(target.write_failed(e)),
     };
 
-    let answer = read_answer(&mut streams.recv, max_response_size).await;
-    let (status, body) = match answer {
+    let (status, body) = match read_answer(&mut streams.recv, max_response_size).await {
         Ok(answer) => answer,
         Err(AnswerError::TooLarge) => {
             let _ = streams.recv.stop(VarInt::from_u32(code::TOO_LARGE));
@@ -128,20 +204,19 @@ async fn exchange(
                 message: format!(
                     "answer exceeds this node's max_response_size of {max_response_size} bytes"
                 ),
-            });
+            }
+            .into());
         }
-        Err(AnswerError::Read(ReadError::ConnectionLost(e))) => {
-            return Err(connection_error(peer, addr, &e))
+        Err(AnswerError::Read(e @ (ReadError::ConnectionLost(_) | ReadError::ZeroRttRejected))) => {
+            return Err(target.read_failed(e))
         }
+        // No readable answer. If the peer stopped our body, that says what happened.
         Err(other) => {
-            // No readable answer. If the peer stopped our body, that says what happened.
-            return Err(match stopped {
-                Some(stop) => stopped_error(peer, route, stop),
-                None => Error::Protocol {
-                    peer,
-                    reason: format!("bad answer to {route:?}: {other}"),
-                },
-            });
+            return Err(match (stopped, other) {
+                (Some(stop), _) => stopped_error(peer, route, stop).into(),
+                (None, AnswerError::Read(e)) => target.read_failed(e),
+                (None, other) => target.protocol(&format!("bad answer: {other}")),
+            })
         }
     };
     match status {
@@ -151,13 +226,15 @@ async fn exchange(
             route: route.to_string(),
             direction: Direction::Request,
             message: String::from_utf8_lossy(&body).into_owned(),
-        }),
+        }
+        .into()),
         status => Err(Error::Remote {
             peer,
             route: route.to_string(),
             status,
             message: String::from_utf8_lossy(&body).into_owned(),
-        }),
+        }
+        .into()),
     }
 }
 
@@ -217,71 +294,89 @@ async fn read_answer(recv: &mut RecvStream, limit: usize) -> Result<(Status, Byt
 }
 
 /// Sends one message on a new unidirectional stream and waits until the peer's QUIC
-/// stack has acknowledged all of it (or refused it).
+/// stack has acknowledged all of it (or refused it), by `deadline`.
 pub(crate) async fn send(
-    conn: &quinn::Connection,
-    peer: PeerId,
+    conn: &Arc<Connection>,
     route: &str,
     body: Bytes,
     deadline: Instant,
     timeout: Duration,
-) -> Result<(), Error> {
-    let route_owned = || route.to_string();
+) -> Result<(), Failure> {
+    let _active = conn.stream_guard();
+    let target = Target {
+        conn,
+        peer: conn.peer,
+        addr: conn.conn.remote_address(),
+        route,
+    };
     let work = async {
-        let mut stream = conn
-            .open_uni()
-            .await
-            .map_err(|e| connection_error(peer, conn.remote_address(), &e))?;
+        let mut stream = conn.conn.open_uni().await.map_err(|e| target.lost(&e))?;
         let header = Bytes::from(wire::encode_header(route));
-        let result = match stream.write_all_chunks(&mut [header, body]).await {
+        let stop = match stream.write_all_chunks(&mut [header, body]).await {
             Ok(()) => {
                 let _ = stream.finish();
-                stream.stopped().await
+                match stream.stopped().await {
+                    Ok(stop) => stop,
+                    Err(quinn::StoppedError::ConnectionLost(e)) => return Err(target.lost(&e)),
+                    Err(quinn::StoppedError::ZeroRttRejected) => {
+                        return Err(target.zero_rtt_rejected())
+                    }
+                }
             }
-            Err(WriteError::Stopped(stop)) => Ok(Some(stop)),
-            Err(WriteError::ConnectionLost(e)) => {
-                return Err(connection_error(peer, conn.remote_address(), &e))
-            }
-            Err(e) => {
-                return Err(Error::Protocol {
-                    peer,
-                    reason: format!("message stream failed: {e}"),
-                })
-            }
+            Err(e) => return Err(target.write_failed(e)),
         };
-        match result {
-            Ok(None) => Ok(()),
-            Ok(Some(stop)) => Err(stopped_error(peer, route, stop.into_inner())),
-            Err(quinn::StoppedError::ConnectionLost(e)) => {
-                Err(connection_error(peer, conn.remote_address(), &e))
-            }
-            Err(e) => Err(Error::Protocol {
-                peer,
-                reason: format!("message stream failed: {e}"),
-            }),
+        match stop {
+            None => Ok(()),
+            Some(stop) => Err(stopped_error(target.peer, route, stop.into_inner()).into()),
         }
     };
-    timeout_at(deadline, work).await.unwrap_or_else(|_| {
-        Err(Error::Timeout {
-            peer,
-            route: route_owned(),
-            after: timeout,
-        })
+    let result = timeout_at(deadline, work)
+        .await
+        .unwrap_or_else(|_| Err(target.timed_out(timeout)));
+    // A message may have been processed even though its connection then closed as a
+    // duplicate: only a 0-RTT rejection makes re-sending it safe.
+    result.map_err(|mut failure| {
+        if failure.retry && target.conn.conn.close_reason().is_some() {
+            failure.retry = false;
+        }
+        failure
     })
+}
+
+/// Whether the peer closed the connection as the loser of a simultaneous dial.
+fn is_duplicate_close(err: &ConnectionError) -> bool {
+    matches!(err, ConnectionError::ApplicationClosed(close)
+        if close.error_code.into_inner() == u64::from(code::CLOSE_DUPLICATE))
 }
 
 /// Turns a connection failure into an error that says what closed it.
 pub(crate) fn connection_error(peer: PeerId, addr: SocketAddr, err: &ConnectionError) -> Error {
     let reason = match err {
         ConnectionError::ApplicationClosed(close) => {
-            let why = String::from_utf8_lossy(&close.reason);
+            let why = String::from_utf8_lossy(&close.reason).into_owned();
             match close.error_code.into_inner() as u32 {
                 code::CLOSE_SHUTDOWN => format!("the peer shut down ({why})"),
-                code::CLOSE_NORMAL => format!("the peer closed the connection ({why})"),
+                code::CLOSE_DUPLICATE => {
+                    format!("the peer closed a duplicate connection ({why})")
+                }
+                code::CLOSE_REFUSED => {
+                    return Error::Refused {
+                        peer,
+                        reason: format!("the peer refused us: {why}"),
+                    }
+                }
                 other => format!("the peer closed the connection with code {other} ({why})"),
             }
         }
         ConnectionError::ConnectionClosed(close) => {
+            if close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED {
+                return Error::Refused {
+                    peer,
+                    reason:
+                        "the peer refused the connection (at a connection limit, or shutting down)"
+                            .into(),
+                };
+            }
             if let Some(alert) = crypto_alert(close.error_code) {
                 if is_certificate_alert(alert) {
                     return Error::CertificateRejected {
@@ -514,6 +609,7 @@ pub(crate) async fn serve_request(
         remote_addr: remote.addr,
         route: route.into(),
         one_way: false,
+        early_data: recv.is_0rtt(),
     };
     // The handler runs until it answers or the requester gives up (stops our send side).
     let cancelled = send.stopped();
@@ -577,6 +673,7 @@ pub(crate) async fn serve_message(
         remote_addr: remote.addr,
         route: Arc::from(route),
         one_way: true,
+        early_data: recv.is_0rtt(),
     };
     if let Err(e) = call_handler(handler.as_ref(), ctx, body).await {
         warn!(peer = %remote.peer, "one-way handler failed: {e}");

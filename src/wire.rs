@@ -87,12 +87,16 @@ pub mod code {
     /// STOP_SENDING / RESET_STREAM: the node is shutting down.
     pub const SHUTTING_DOWN: u32 = 0x07;
 
-    /// CONNECTION_CLOSE: closed on purpose, nothing wrong.
-    pub const CLOSE_NORMAL: u32 = 0x00;
-    /// CONNECTION_CLOSE: the node is shutting down.
-    pub const CLOSE_SHUTDOWN: u32 = 0x01;
+    /// CONNECTION_CLOSE: the node is shutting down (after letting running requests
+    /// finish), or the connection was closed on purpose.
+    pub const CLOSE_SHUTDOWN: u32 = 0x00;
     /// CONNECTION_CLOSE: the peer broke the protocol (for example a wrong ALPN got through).
-    pub const CLOSE_PROTOCOL: u32 = 0x02;
+    pub const CLOSE_PROTOCOL: u32 = 0x01;
+    /// CONNECTION_CLOSE: both sides dialed at once and this connection lost (see
+    /// `docs/PROTOCOL.md`); nothing that was in progress on it was processed by the closer.
+    pub const CLOSE_DUPLICATE: u32 = 0x02;
+    /// CONNECTION_CLOSE: the peer is not admitted (deny list, allow list).
+    pub const CLOSE_REFUSED: u32 = 0x03;
 
     /// What a stream code means, for error messages.
     pub fn describe(code: u64) -> &'static str {

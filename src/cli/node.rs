@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
-use rustorium_p2p::Node;
+use rustorium_p2p::{Node, PeerAddr, PeerEvent};
 
 #[derive(Args)]
 pub struct NodeArgs {
@@ -17,6 +17,10 @@ pub struct NodeArgs {
     /// UDP address to listen on (port 0: any free port; the first stdout line shows it).
     #[arg(long, default_value = "127.0.0.1:4433")]
     listen: SocketAddr,
+    /// A peer to keep connected (redialed with backoff when the connection drops);
+    /// repeat for more.
+    #[arg(long = "peer", value_name = "PEERADDR")]
+    peers: Vec<PeerAddr>,
 }
 
 pub async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
@@ -32,6 +36,29 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
     stdout.flush()?;
     drop(stdout);
     tracing::info!(key = %key_path.display(), "serving sys/ping, sys/echo, sys/info; Ctrl-C or SIGTERM stops");
+    let mut events = node.events();
+    tokio::spawn(async move {
+        while let Ok(event) = events.recv().await {
+            match event {
+                PeerEvent::Connected {
+                    peer,
+                    addr,
+                    direction,
+                } => {
+                    tracing::info!(%peer, %addr, ?direction, "peer connected")
+                }
+                PeerEvent::Disconnected {
+                    peer, addr, reason, ..
+                } => {
+                    tracing::info!(%peer, %addr, %reason, "peer disconnected")
+                }
+                _ => {}
+            }
+        }
+    });
+    for peer in args.peers {
+        node.add_known_peer(peer);
+    }
 
     let signal = wait_for_signal().await?;
     tracing::info!("{signal}: shutting down (a second signal exits at once)");

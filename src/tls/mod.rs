@@ -8,6 +8,7 @@
 
 pub mod cert;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -15,27 +16,37 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
+use crate::config::NodeConfig;
 use crate::error::Error;
 use crate::identity::{Keypair, PeerId};
 use cert::CertError;
 
-/// The rustls configurations a node uses: one server config, and a client config that is
-/// cloned with a pinned verifier for each dial.
+/// The rustls configurations a node uses. One client config serves every dial (rustls
+/// resumes a session only with the verifier instance that verified it); its verifier
+/// reads the PeerId to pin from the server name.
 pub(crate) struct TlsConfigs {
     pub server: Arc<rustls::ServerConfig>,
-    client: rustls::ClientConfig,
+    pub client: Arc<rustls::ClientConfig>,
+    verifier: Arc<PinnedServerVerifier>,
 }
 
 impl TlsConfigs {
-    pub fn new(key: &Keypair, alpn: &[u8]) -> Result<Self, Error> {
+    pub fn new(key: &Keypair, config: &NodeConfig) -> Result<Self, Error> {
         let cert_der = cert::make_certificate(key).map_err(|e| Error::Key {
             reason: format!("cannot make a certificate: {e}"),
         })?;
-        Self::with_certificate(key, alpn, cert_der)
+        Self::with_certificate(key, config, cert_der)
     }
 
     /// Configs that present `cert_der` (which must belong to `key`).
-    pub fn with_certificate(key: &Keypair, alpn: &[u8], cert_der: Vec<u8>) -> Result<Self, Error> {
+    pub fn with_certificate(
+        key: &Keypair,
+        config: &NodeConfig,
+        cert_der: Vec<u8>,
+    ) -> Result<Self, Error> {
+        let alpn = config.alpn.as_slice();
+        // Session resumption state for as many peers as the node may hold connections to.
+        let sessions = config.max_connections.max(256);
         let tls_err = |e: rustls::Error| Error::Config(format!("TLS set-up failed: {e}"));
         let cert = CertificateDer::from(cert_der);
         let private = || PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.pkcs8_der().to_vec()));
@@ -48,35 +59,42 @@ impl TlsConfigs {
             .with_single_cert(vec![cert.clone()], private())
             .map_err(tls_err)?;
         server.alpn_protocols = vec![alpn.to_vec()];
+        // Stateful resumption: each ticket is an id into this cache and is taken out when
+        // used, so the server accepts a given 0-RTT flight once.
+        server.session_storage = rustls::server::ServerSessionMemoryCache::new(sessions);
+        if config.zero_rtt {
+            server.max_early_data_size = u32::MAX; // QUIC allows only 0 or u32::MAX
+        }
 
-        let placeholder = Arc::new(PinnedServerVerifier::new(key.peer_id()));
+        let verifier = Arc::new(PinnedServerVerifier::default());
         let mut client = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(tls_err)?
             .dangerous()
-            .with_custom_certificate_verifier(placeholder)
+            .with_custom_certificate_verifier(verifier.clone())
             .with_client_auth_cert(vec![cert], private())
             .map_err(tls_err)?;
         client.alpn_protocols = vec![alpn.to_vec()];
+        client.resumption = rustls::client::Resumption::in_memory_sessions(sessions);
+        client.enable_early_data = config.zero_rtt;
 
         Ok(TlsConfigs {
             server: Arc::new(server),
-            client,
+            client: Arc::new(client),
+            verifier,
         })
     }
 
-    /// A client config for one dial that accepts only `expected`'s key. The returned
-    /// verifier remembers which key the remote presented, for the error message.
-    pub fn client_for(
-        &self,
-        expected: PeerId,
-    ) -> (rustls::ClientConfig, Arc<PinnedServerVerifier>) {
-        let verifier = Arc::new(PinnedServerVerifier::new(expected));
-        let mut config = self.client.clone();
-        config
-            .dangerous()
-            .set_certificate_verifier(verifier.clone());
-        (config, verifier)
+    /// The key a peer presented instead of `expected` in the last dial to `expected`, if
+    /// that dial failed on the pin. (Dials to one peer are serialised, so this is that
+    /// dial's.) Clears the record.
+    pub fn take_mismatch(&self, expected: PeerId) -> Option<PeerId> {
+        let mut seen = self
+            .verifier
+            .mismatches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        seen.remove(&expected)
     }
 }
 
@@ -84,6 +102,15 @@ impl TlsConfigs {
 /// `rustorium`. rustls keys session tickets by this name, so each peer has its own.
 pub(crate) fn server_name_for(peer: PeerId) -> String {
     format!("{}.{}", peer.to_dns_label(), cert::CERT_NAME)
+}
+
+/// The PeerId a server name made by [`server_name_for`] names.
+fn expected_peer(name: &ServerName<'_>) -> Option<PeerId> {
+    let ServerName::DnsName(name) = name else {
+        return None;
+    };
+    let label = name.as_ref().strip_suffix(".rustorium")?;
+    PeerId::from_dns_label(label)
 }
 
 /// Checks the single certificate of a peer and returns its PeerId.
@@ -202,25 +229,12 @@ impl ClientCertVerifier for PeerCertVerifier {
     }
 }
 
-/// The dialer's verifier: a valid self-signed Ed25519 certificate whose key is `expected`.
-#[derive(Debug)]
-pub(crate) struct PinnedServerVerifier {
-    expected: PeerId,
-    presented: Mutex<Option<PeerId>>,
-}
-
-impl PinnedServerVerifier {
-    fn new(expected: PeerId) -> Self {
-        PinnedServerVerifier {
-            expected,
-            presented: Mutex::new(None),
-        }
-    }
-
-    /// The key the remote presented, if it presented a valid certificate.
-    pub fn presented(&self) -> Option<PeerId> {
-        *self.presented.lock().unwrap_or_else(|e| e.into_inner())
-    }
+/// The dialer's verifier: a valid self-signed Ed25519 certificate whose key is the PeerId
+/// named by the server name ([`server_name_for`]).
+#[derive(Debug, Default)]
+struct PinnedServerVerifier {
+    /// Expected PeerId to the key presented instead, for dials that failed on the pin.
+    mismatches: Mutex<HashMap<PeerId, PeerId>>,
 }
 
 impl ServerCertVerifier for PinnedServerVerifier {
@@ -228,16 +242,19 @@ impl ServerCertVerifier for PinnedServerVerifier {
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
+        server_name: &ServerName<'_>,
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        let expected = expected_peer(server_name).ok_or_else(|| {
+            other_cert_error(format!("server name {server_name:?} names no PeerId"))
+        })?;
         let actual = check_chain(end_entity, intermediates, now)?;
-        *self.presented.lock().unwrap_or_else(|e| e.into_inner()) = Some(actual);
-        if actual != self.expected {
+        if actual != expected {
+            let mut seen = self.mismatches.lock().unwrap_or_else(|e| e.into_inner());
+            seen.insert(expected, actual);
             return Err(other_cert_error(format!(
-                "peer {} presented key {actual}, expected {}",
-                self.expected, self.expected
+                "peer {expected} presented key {actual}, expected {expected}"
             )));
         }
         Ok(ServerCertVerified::assertion())

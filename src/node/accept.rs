@@ -1,0 +1,247 @@
+//! Incoming connections (admission, handshake, allow/deny) and the task that serves the
+//! peer's streams on every connection, whichever side dialed it.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tracing::{debug, warn, Instrument};
+
+use super::Shared;
+use crate::metrics::Counters;
+use crate::peers::{Connection, ConnectionDirection, PeerEvent};
+use crate::rpc::{self, Remote};
+use crate::tls;
+use crate::wire::code;
+
+/// Connections counted against `max_connections` (all) and `max_connections_per_ip`
+/// (incoming), handshakes in progress included.
+#[derive(Default)]
+pub(super) struct Admission {
+    counts: Mutex<(usize, HashMap<IpAddr, usize>)>,
+}
+
+impl Admission {
+    /// Counts one more connection, unless a limit is reached.
+    pub fn admit(
+        &self,
+        shared: &Arc<Shared>,
+        ip: Option<IpAddr>,
+    ) -> Result<Admitted, &'static str> {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if counts.0 >= shared.config.max_connections {
+            return Err("at its max_connections limit");
+        }
+        if let Some(ip) = ip {
+            let per_ip = counts.1.entry(ip).or_default();
+            if *per_ip >= shared.config.max_connections_per_ip {
+                return Err("at its max_connections_per_ip limit for that address");
+            }
+            *per_ip += 1;
+        }
+        counts.0 += 1;
+        Ok(Admitted {
+            shared: shared.clone(),
+            ip,
+        })
+    }
+}
+
+/// One admitted connection; released when dropped.
+pub(super) struct Admitted {
+    shared: Arc<Shared>,
+    ip: Option<IpAddr>,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let admission = &self.shared.admission;
+        let mut counts = admission.counts.lock().unwrap_or_else(|e| e.into_inner());
+        counts.0 -= 1;
+        if let Some(ip) = self.ip {
+            if let Some(n) = counts.1.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    counts.1.remove(&ip);
+                }
+            }
+        }
+    }
+}
+
+pub(super) async fn accept_loop(shared: Arc<Shared>) {
+    while let Some(incoming) = shared.endpoint.accept().await {
+        let remote = incoming.remote_address();
+        if shared.is_closing() {
+            incoming.refuse();
+            Counters::add(&shared.counters.connections_refused);
+            continue;
+        }
+        match shared.admission.admit(&shared, Some(remote.ip())) {
+            Ok(admitted) => {
+                tokio::spawn(accept_one(shared.clone(), incoming, admitted));
+            }
+            Err(why) => {
+                warn!(%remote, "refused a connection: this node is {why}");
+                Counters::add(&shared.counters.connections_refused);
+                incoming.refuse();
+            }
+        }
+    }
+}
+
+async fn accept_one(shared: Arc<Shared>, incoming: quinn::Incoming, admitted: Admitted) {
+    let addr = incoming.remote_address();
+    let connecting = match incoming.accept() {
+        Ok(connecting) => connecting,
+        Err(e) => return debug!(remote = %addr, "handshake failed: {e}"),
+    };
+    // A resumed session names the peer at once (from its ticket), so its 0-RTT requests
+    // can be served straight away. Otherwise wait for the handshake, which is where the
+    // peer's certificate is checked.
+    let (conn, complete) = match connecting.into_0rtt() {
+        Ok((conn, accepted)) if tls::remote_peer_id(&conn).is_some() => (conn, Some(accepted)),
+        Ok((conn, accepted)) => {
+            accepted.await;
+            (conn, None)
+        }
+        Err(connecting) => match connecting.await {
+            Ok(conn) => (conn, None),
+            Err(e) => return debug!(remote = %addr, "handshake failed: {e}"),
+        },
+    };
+    if conn.close_reason().is_some() {
+        return debug!(remote = %addr, "handshake failed: {:?}", conn.close_reason());
+    }
+    let Some(peer) = tls::remote_peer_id(&conn) else {
+        conn.close(code::CLOSE_PROTOCOL.into(), b"no certificate");
+        return;
+    };
+    if tls::negotiated_alpn(&conn).as_deref() != Some(shared.config.alpn.as_slice()) {
+        conn.close(code::CLOSE_PROTOCOL.into(), b"no matching ALPN protocol");
+        return debug!(remote = %addr, "closed a connection without our ALPN");
+    }
+    if let Err(why) = shared.config.admits(&peer) {
+        warn!(peer = %peer, remote = %addr, "refused a connection: the peer is {why}");
+        Counters::add(&shared.counters.connections_refused);
+        let reason = format!("peer {peer} is {why} of node {}", shared.peer_id);
+        conn.close(code::CLOSE_REFUSED.into(), reason.as_bytes());
+        return;
+    }
+    if complete.is_none() {
+        // Learn where to redial a peer that dialed us (one socket per node).
+        shared.peers.set_addr(peer, addr, true);
+    }
+    let confirmed = match complete {
+        None => watch::channel(true).1,
+        Some(accepted) => {
+            let (tx, rx) = watch::channel(false);
+            tokio::spawn(async move {
+                accepted.await;
+                tx.send_replace(true);
+            });
+            rx
+        }
+    };
+    let direction = ConnectionDirection::Inbound;
+    let conn = Connection::new(conn, peer, direction, peer, confirmed);
+    register(&shared, conn, admitted);
+}
+
+/// Puts an established connection in the pool, retires the loser of a simultaneous
+/// dial, announces it, and starts serving the peer's streams on it.
+pub(super) fn register(
+    shared: &Arc<Shared>,
+    conn: Arc<Connection>,
+    admitted: Admitted,
+) -> Arc<Connection> {
+    let addr = conn.conn.remote_address();
+    debug!(peer = %conn.peer, %addr, direction = ?conn.direction, "connected");
+    if let Some(loser) = shared.peers.insert(conn.clone()) {
+        Counters::add(&shared.counters.duplicates_closed);
+        debug!(peer = %loser.peer, "two connections to one peer: retiring one");
+        let quiet = (loser.conn.rtt() * 4).max(Duration::from_millis(100));
+        let deadline = tokio::time::Instant::now() + shared.config.request_timeout * 2 + quiet;
+        tokio::spawn(async move { loser.close_when_quiet(quiet, deadline).await });
+    }
+    shared.emit(PeerEvent::Connected {
+        peer: conn.peer,
+        addr,
+        direction: conn.direction,
+    });
+    tokio::spawn(serve_connection(shared.clone(), conn.clone(), admitted));
+    conn
+}
+
+/// Accepts the peer's streams on one connection until it closes, each request in its own
+/// task.
+async fn serve_connection(shared: Arc<Shared>, entry: Arc<Connection>, admitted: Admitted) {
+    let conn = &entry.conn;
+    let span = tracing::debug_span!("connection", peer = %entry.peer.short(), remote = %conn.remote_address(), direction = ?entry.direction);
+    async {
+        let reason = loop {
+            tokio::select! {
+                biased;
+                bi = conn.accept_bi() => match bi {
+                    Ok((send, recv)) => {
+                        let guard = entry.stream_guard();
+                        let shared = shared.clone();
+                        let remote = Remote { peer: entry.peer, addr: conn.remote_address() };
+                        let permit = shared.requests.clone().try_acquire_owned().ok();
+                        tokio::spawn(async move {
+                            let busy = busy_reason(&shared, permit.is_some());
+                            let limits = &shared.serve_limits;
+                            rpc::serve_request(&shared.router, remote, limits, busy, send, recv).await;
+                            drop((permit, guard));
+                        });
+                    }
+                    Err(e) => break e,
+                },
+                uni = conn.accept_uni() => match uni {
+                    Ok(mut recv) => {
+                        let guard = entry.stream_guard();
+                        let shared = shared.clone();
+                        let remote = Remote { peer: entry.peer, addr: conn.remote_address() };
+                        tokio::spawn(async move {
+                            // One-way messages wait for a free slot rather than being dropped.
+                            let wait = shared.serve_limits.request_timeout;
+                            let permit = tokio::time::timeout(wait, shared.requests.clone().acquire_owned()).await;
+                            let Ok(Ok(permit)) = permit else {
+                                warn!(peer = %remote.peer, "dropped a one-way message: node busy or shutting down");
+                                let _ = recv.stop(code::BUSY.into());
+                                return;
+                            };
+                            rpc::serve_message(&shared.router, remote, &shared.serve_limits, recv).await;
+                            drop((permit, guard));
+                        });
+                    }
+                    Err(e) => break e,
+                },
+            }
+        };
+        shared.peers.remove(&entry);
+        let reason = entry.disconnect_reason(&reason);
+        debug!("connection closed: {reason}");
+        shared.emit(PeerEvent::Disconnected {
+            peer: entry.peer,
+            addr: conn.remote_address(),
+            direction: entry.direction,
+            reason,
+        });
+        drop(admitted);
+    }
+    .instrument(span)
+    .await
+}
+
+fn busy_reason(shared: &Shared, has_permit: bool) -> Option<&'static str> {
+    if shared.is_closing() {
+        Some("the node is shutting down")
+    } else if !has_permit {
+        Some("the node is at its limit of concurrent requests (max_concurrent_requests); retry later")
+    } else {
+        None
+    }
+}

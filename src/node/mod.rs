@@ -1,0 +1,552 @@
+//! A node: one QUIC endpoint (one UDP socket) that both accepts and dials, and the public
+//! API over it. `accept` holds the accept loop and the task serving each connection;
+//! `dial` the pooled, de-duplicated dial, 0-RTT and the known-peer reconnect loop.
+
+mod accept;
+mod dial;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{broadcast, watch, Semaphore};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::config::NodeConfig;
+use crate::error::Error;
+use crate::identity::{Keypair, PeerAddr, PeerId};
+use crate::metrics::{Counters, NodeStats};
+use crate::peers::{DisconnectReason, PeerEvent, Peers};
+use crate::router::{Handler, HandlerError, Router};
+use crate::rpc::{self, ServeLimits};
+use crate::tls::TlsConfigs;
+use crate::wire::{self, code};
+
+/// Builds a [`Node`]: identity, settings and handlers, then [`bind`](NodeBuilder::bind).
+///
+/// ```no_run
+/// # async fn run() -> Result<(), rustorium_p2p::Error> {
+/// use rustorium_p2p::{Keypair, Node};
+/// let node = Node::builder()
+///     .keypair(Keypair::generate())
+///     .listen("127.0.0.1:4433".parse().unwrap())
+///     .route("echo", |_ctx, body| async move { Ok(body) })
+///     .bind()
+///     .await?;
+/// println!("listening as {}", node.peer_addr());
+/// # Ok(()) }
+/// ```
+pub struct NodeBuilder {
+    keypair: Option<Keypair>,
+    config: NodeConfig,
+    router: Router,
+    system_routes: bool,
+    /// Tests only: present this certificate instead of a fresh one.
+    #[cfg(test)]
+    certificate: Option<Vec<u8>>,
+}
+
+impl NodeBuilder {
+    /// The node's identity. Default: a new random key.
+    pub fn keypair(mut self, keypair: Keypair) -> Self {
+        self.keypair = Some(keypair);
+        self
+    }
+
+    /// All settings at once (replaces anything set before).
+    pub fn config(mut self, config: NodeConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// The UDP address to listen on. Default `127.0.0.1:0`.
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.config.listen = addr;
+        self
+    }
+
+    /// The ALPN protocol name. Default `rustorium`.
+    pub fn alpn(mut self, alpn: impl Into<Vec<u8>>) -> Self {
+        self.config.alpn = alpn.into();
+        self
+    }
+
+    /// The largest request body this node accepts. Default 16 MiB.
+    pub fn max_request_size(mut self, bytes: usize) -> Self {
+        self.config.max_request_size = bytes;
+        self
+    }
+
+    /// The largest answer body this node accepts. Default 16 MiB.
+    pub fn max_response_size(mut self, bytes: usize) -> Self {
+        self.config.max_response_size = bytes;
+        self
+    }
+
+    /// How long a request may take. Default 10 s.
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.config.request_timeout = timeout;
+        self
+    }
+
+    /// Registers the handler for `route` (1 to 255 bytes of UTF-8). A later registration of
+    /// the same route replaces the earlier one.
+    ///
+    /// # Panics
+    /// If `route` is empty or longer than 255 bytes: that is a programming error.
+    pub fn route(mut self, route: &str, handler: impl Handler) -> Self {
+        if let Err(reason) = wire::check_route(route) {
+            panic!("invalid route {route:?}: {reason}");
+        }
+        self.router.insert(route.to_string(), Arc::new(handler));
+        self
+    }
+
+    /// Also serves the built-in routes: `sys/ping` (empty answer), `sys/echo` (answers the
+    /// body) and `sys/info` (JSON: peer_id, version, listen, connections, uptime_secs).
+    pub fn system_routes(mut self) -> Self {
+        self.system_routes = true;
+        self
+    }
+
+    /// Binds the UDP socket and starts accepting connections.
+    pub async fn bind(self) -> Result<Node, Error> {
+        let config = self.config;
+        config.validate()?;
+        let keypair = self.keypair.unwrap_or_else(Keypair::generate);
+        #[cfg(test)]
+        let tls = match self.certificate {
+            Some(cert) => TlsConfigs::with_certificate(&keypair, &config, cert)?,
+            None => TlsConfigs::new(&keypair, &config)?,
+        };
+        #[cfg(not(test))]
+        let tls = TlsConfigs::new(&keypair, &config)?;
+        let transport = Arc::new(config.transport());
+
+        let quic_server = quinn::crypto::rustls::QuicServerConfig::try_from(tls.server.clone())
+            .map_err(|e| Error::Config(format!("TLS set-up failed: {e}")))?;
+        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic_server));
+        server_config.transport_config(transport.clone());
+        let quic_client = quinn::crypto::rustls::QuicClientConfig::try_from(tls.client.clone())
+            .map_err(|e| Error::Config(format!("TLS set-up failed: {e}")))?;
+        let mut client_config = quinn::ClientConfig::new(Arc::new(quic_client));
+        client_config.transport_config(transport.clone());
+        let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
+            Error::Bind {
+                addr: config.listen,
+                source,
+            }
+        })?;
+        let local_addr = endpoint.local_addr().map_err(|source| Error::Bind {
+            addr: config.listen,
+            source,
+        })?;
+
+        let mut router = self.router;
+        let with_system = self.system_routes;
+        let (shutdown, _) = watch::channel(false);
+        let shared = Arc::new_cyclic(|weak: &Weak<Shared>| {
+            if with_system {
+                add_system_routes(&mut router, weak.clone());
+            }
+            Shared {
+                peer_id: keypair.peer_id(),
+                local_addr: Mutex::new(local_addr),
+                requests: Arc::new(Semaphore::new(config.max_concurrent_requests)),
+                serve_limits: ServeLimits {
+                    max_request_size: config.max_request_size,
+                    request_timeout: config.request_timeout,
+                },
+                admission: accept::Admission::default(),
+                config,
+                router,
+                endpoint,
+                tls,
+                client_config,
+                peers: Peers::new(keypair.peer_id()),
+                events: broadcast::channel(1024).0,
+                counters: Counters::default(),
+                known: Mutex::new(HashMap::new()),
+                closing: AtomicBool::new(false),
+                shutdown,
+                started: std::time::Instant::now(),
+            }
+        });
+        tokio::spawn(accept::accept_loop(shared.clone()));
+        info!(peer_id = %shared.peer_id, %local_addr, "node listening");
+        Ok(Node { shared })
+    }
+}
+
+/// What the node's tasks share.
+struct Shared {
+    peer_id: PeerId,
+    local_addr: Mutex<SocketAddr>,
+    config: NodeConfig,
+    serve_limits: ServeLimits,
+    router: Router,
+    endpoint: quinn::Endpoint,
+    tls: TlsConfigs,
+    client_config: quinn::ClientConfig,
+    peers: Peers,
+    admission: accept::Admission,
+    events: broadcast::Sender<PeerEvent>,
+    counters: Counters,
+    /// The reconnect task of each known peer.
+    known: Mutex<HashMap<PeerId, JoinHandle<()>>>,
+    /// One permit per running handler.
+    requests: Arc<Semaphore>,
+    closing: AtomicBool,
+    /// Flips to `true` when the node starts shutting down.
+    shutdown: watch::Sender<bool>,
+    started: std::time::Instant,
+}
+
+impl Shared {
+    fn local_addr(&self) -> SocketAddr {
+        *self.local_addr.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::SeqCst)
+    }
+
+    fn emit(&self, event: PeerEvent) {
+        // No subscriber is fine.
+        let _ = self.events.send(event);
+    }
+}
+
+/// Options for one request.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct RequestOptions {
+    /// Overrides the node's `request_timeout`.
+    pub timeout: Option<Duration>,
+    /// The request is safe to repeat (it changes nothing, or changing it twice is the
+    /// same as once). Only such requests go out as 0-RTT data on a reconnect, because an
+    /// attacker who records 0-RTT data can replay it. Default `false`: the request waits
+    /// for the handshake to complete.
+    pub idempotent: bool,
+}
+
+impl RequestOptions {
+    /// Default options: the node's timeout, not idempotent.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets the timeout.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Marks the request safe to repeat, so it may travel as 0-RTT data.
+    pub fn idempotent(mut self, idempotent: bool) -> Self {
+        self.idempotent = idempotent;
+        self
+    }
+}
+
+/// A running node. Dropping it closes every connection at once; call
+/// [`shutdown`](Node::shutdown) first to let running requests finish.
+pub struct Node {
+    shared: Arc<Shared>,
+}
+
+impl Node {
+    /// A builder with default settings.
+    pub fn builder() -> NodeBuilder {
+        NodeBuilder {
+            keypair: None,
+            config: NodeConfig::default(),
+            router: Router::default(),
+            system_routes: false,
+            #[cfg(test)]
+            certificate: None,
+        }
+    }
+
+    /// This node's identity.
+    pub fn peer_id(&self) -> PeerId {
+        self.shared.peer_id
+    }
+
+    /// The UDP address the node is bound to (with the real port when 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.shared.local_addr()
+    }
+
+    /// `peer_id@local_addr`: what other nodes need to dial this one.
+    pub fn peer_addr(&self) -> PeerAddr {
+        PeerAddr::new(self.shared.peer_id, self.local_addr())
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &NodeConfig {
+        &self.shared.config
+    }
+
+    /// Number of open connections.
+    pub fn connection_count(&self) -> usize {
+        self.shared.peers.connection_count()
+    }
+
+    /// Peers with an open connection, in either direction.
+    pub fn connected_peers(&self) -> Vec<PeerId> {
+        self.shared.peers.connected_peers()
+    }
+
+    /// The node's counters.
+    pub fn stats(&self) -> NodeStats {
+        self.shared.counters.snapshot(self.connection_count())
+    }
+
+    /// Subscribes to connection events. A subscriber that falls more than 1024 events
+    /// behind misses the oldest ones (and is told so by the receiver).
+    pub fn events(&self) -> broadcast::Receiver<PeerEvent> {
+        self.shared.events.subscribe()
+    }
+
+    /// Remembers `addr` for its peer and makes sure there is a live connection to it,
+    /// dialing if needed, with the handshake complete. Fails if the node there has another
+    /// PeerId.
+    #[tracing::instrument(skip_all, fields(peer = %addr.peer_id.short(), addr = %addr.addr))]
+    pub async fn connect(&self, addr: &PeerAddr) -> Result<(), Error> {
+        self.shared.peers.set_addr(addr.peer_id, addr.addr, false);
+        let conn = dial::connection_to(&self.shared, addr.peer_id).await?;
+        let deadline = Instant::now() + self.shared.config.connect_timeout;
+        dial::wait_confirmed(&conn, deadline, self.shared.config.connect_timeout).await
+    }
+
+    /// Remembers where `addr`'s peer can be reached, without dialing: the first request
+    /// to it dials.
+    pub fn add_address(&self, addr: PeerAddr) {
+        self.shared.peers.set_addr(addr.peer_id, addr.addr, false);
+    }
+
+    /// Closes every connection to `peer` now (code `SHUTDOWN`, reason "disconnected");
+    /// requests running on them fail. Returns how many were closed. A known peer is
+    /// redialed: call [`remove_known_peer`](Node::remove_known_peer) first to stop that.
+    pub fn disconnect(&self, peer: &PeerId) -> usize {
+        let conns = self.shared.peers.connections_to(peer);
+        for conn in &conns {
+            conn.close(
+                DisconnectReason::ClosedLocally,
+                code::CLOSE_SHUTDOWN,
+                b"disconnected",
+            );
+        }
+        conns.len()
+    }
+
+    /// Keeps a connection to `addr`'s peer: dials it now (in the background) and redials
+    /// whenever the connection drops, with exponential backoff and jitter between
+    /// `reconnect_min_backoff` and `reconnect_max_backoff`. Replaces an earlier address.
+    pub fn add_known_peer(&self, addr: PeerAddr) {
+        self.shared.peers.set_addr(addr.peer_id, addr.addr, false);
+        let task = tokio::spawn(dial::keep_connected(self.shared.clone(), addr.peer_id));
+        let mut known = self.shared.known.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = known.insert(addr.peer_id, task) {
+            old.abort();
+        }
+    }
+
+    /// Stops keeping a connection to `peer` (an open connection stays open until it
+    /// closes by itself). Returns whether it was known.
+    pub fn remove_known_peer(&self, peer: &PeerId) -> bool {
+        let mut known = self.shared.known.lock().unwrap_or_else(|e| e.into_inner());
+        known.remove(peer).map(|task| task.abort()).is_some()
+    }
+
+    /// The peers this node keeps connected.
+    pub fn known_peers(&self) -> Vec<PeerId> {
+        let known = self.shared.known.lock().unwrap_or_else(|e| e.into_inner());
+        known.keys().copied().collect()
+    }
+
+    /// Sends a request to `route` on `peer` and returns the answer body, within the
+    /// configured `request_timeout`. Uses the live connection to the peer (whichever side
+    /// dialed it), or dials its known address.
+    pub async fn request(
+        &self,
+        peer: PeerId,
+        route: &str,
+        body: impl Into<Bytes>,
+    ) -> Result<Bytes, Error> {
+        self.request_with(peer, route, body, RequestOptions::default())
+            .await
+    }
+
+    /// [`request`](Node::request) with options: a timeout of its own, or marked
+    /// idempotent so that it may go out as 0-RTT data.
+    #[tracing::instrument(skip_all, fields(peer = %peer.short(), route))]
+    pub async fn request_with(
+        &self,
+        peer: PeerId,
+        route: &str,
+        body: impl Into<Bytes>,
+        options: RequestOptions,
+    ) -> Result<Bytes, Error> {
+        check_route(route)?;
+        let body = body.into();
+        let timeout = options
+            .timeout
+            .unwrap_or(self.shared.config.request_timeout);
+        let deadline = Instant::now() + timeout;
+        let limit = self.shared.config.max_response_size;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let conn = dial::ready_connection(
+                &self.shared,
+                peer,
+                route,
+                deadline,
+                timeout,
+                options.idempotent,
+            )
+            .await?;
+            match rpc::request(&conn, route, body.clone(), limit, deadline, timeout).await {
+                Err(failure) if failure.retry && attempt < 3 => continue,
+                result => return result.map_err(|f| f.error),
+            }
+        }
+    }
+
+    /// Sends a one-way message to `route` on `peer`. Returns once the peer's QUIC stack
+    /// has acknowledged every byte; fails if the peer refused the message before that
+    /// (too large, unknown route, busy) or the connection broke. A handler failure on the
+    /// peer is not reported back: use [`request`](Node::request) to learn the outcome.
+    /// One-way messages never travel as 0-RTT data.
+    #[tracing::instrument(skip_all, fields(peer = %peer.short(), route))]
+    pub async fn send(
+        &self,
+        peer: PeerId,
+        route: &str,
+        body: impl Into<Bytes>,
+    ) -> Result<(), Error> {
+        check_route(route)?;
+        let body = body.into();
+        let timeout = self.shared.config.request_timeout;
+        let deadline = Instant::now() + timeout;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let conn =
+                dial::ready_connection(&self.shared, peer, route, deadline, timeout, false).await?;
+            match rpc::send(&conn, route, body.clone(), deadline, timeout).await {
+                Err(failure) if failure.retry && attempt < 3 => continue,
+                result => return result.map_err(|f| f.error),
+            }
+        }
+    }
+
+    /// Moves the node to a new UDP socket bound to `addr` (path migration). Every
+    /// connection survives: the peers see the new address, transfers in flight go on.
+    /// Returns the new local address.
+    pub fn rebind(&self, addr: SocketAddr) -> Result<SocketAddr, Error> {
+        let bind_error = |source| Error::Bind { addr, source };
+        let socket = std::net::UdpSocket::bind(addr).map_err(bind_error)?;
+        self.shared.endpoint.rebind(socket).map_err(bind_error)?;
+        let new = self.shared.endpoint.local_addr().map_err(bind_error)?;
+        *self
+            .shared
+            .local_addr
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = new;
+        Counters::add(&self.shared.counters.rebinds);
+        info!(%new, "rebound to a new socket");
+        Ok(new)
+    }
+
+    /// Stops accepting connections and requests, lets running requests finish (up to
+    /// `shutdown_grace`), then closes every connection with code `SHUTDOWN` (0) and
+    /// waits (bounded) for the peers to be told.
+    pub async fn shutdown(&self) {
+        let shared = &self.shared;
+        if shared.closing.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        shared.shutdown.send_replace(true);
+        let grace = shared.config.shutdown_grace;
+        let all = shared.config.max_concurrent_requests as u32;
+        let drained = tokio::time::timeout(grace, shared.requests.acquire_many(all)).await;
+        if drained.is_err() {
+            let running = all as usize - shared.requests.available_permits();
+            warn!("shutdown: {running} requests still running after {grace:?}; closing anyway");
+        }
+        shared.requests.close();
+        shared
+            .endpoint
+            .close(code::CLOSE_SHUTDOWN.into(), b"node shutting down");
+        // Lets the close frames go out; bounded because a peer may never answer.
+        let _ = tokio::time::timeout(Duration::from_secs(1), shared.endpoint.wait_idle()).await;
+        info!(peer_id = %shared.peer_id, "node shut down");
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.shared.closing.store(true, Ordering::SeqCst);
+        self.shared.shutdown.send_replace(true);
+        for (_, task) in self
+            .shared
+            .known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+        {
+            task.abort();
+        }
+        self.shared
+            .endpoint
+            .close(code::CLOSE_SHUTDOWN.into(), b"node dropped");
+    }
+}
+
+fn check_route(route: &str) -> Result<(), Error> {
+    wire::check_route(route).map_err(|reason| Error::InvalidRoute {
+        route: route.to_string(),
+        reason,
+    })
+}
+
+fn add_system_routes(router: &mut Router, node: Weak<Shared>) {
+    router.insert(
+        "sys/ping".into(),
+        Arc::new(|_ctx, _body| async { Ok(Bytes::new()) }),
+    );
+    router.insert(
+        "sys/echo".into(),
+        Arc::new(|_ctx, body: Bytes| async move { Ok(body) }),
+    );
+    router.insert(
+        "sys/info".into(),
+        Arc::new(move |_ctx, _body| {
+            let node = node.upgrade();
+            async move {
+                let node = node.ok_or_else(|| HandlerError::new("node is shutting down"))?;
+                Ok(Bytes::from(system_info(&node)))
+            }
+        }),
+    );
+}
+
+fn system_info(node: &Shared) -> String {
+    // All values are hex, digits or socket addresses: nothing needs JSON escaping.
+    format!(
+        "{{\"peer_id\":\"{}\",\"version\":\"{}\",\"listen\":\"{}\",\"connections\":{},\"uptime_secs\":{:.3}}}",
+        node.peer_id,
+        env!("CARGO_PKG_VERSION"),
+        node.local_addr(),
+        node.peers.connection_count(),
+        node.started.elapsed().as_secs_f64()
+    )
+}

@@ -1,0 +1,542 @@
+//! The connection pool: dial de-duplication, simultaneous dial, known peers and reconnect,
+//! 0-RTT, path migration, admission limits and shutdown.
+
+mod common;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{raw_connection, test_node, WAIT};
+use rustorium_p2p::{
+    Bytes, DisconnectReason, Error, Keypair, Node, NodeConfig, PeerEvent, RequestContext,
+    RequestOptions,
+};
+use tokio::sync::broadcast;
+
+/// Waits (bounded) for an event matching `want`.
+async fn wait_event(
+    events: &mut broadcast::Receiver<PeerEvent>,
+    what: &str,
+    want: impl Fn(&PeerEvent) -> bool,
+) -> PeerEvent {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Ok(event)) if want(&event) => return event,
+            Ok(Ok(_)) => continue,
+            Ok(Err(e)) => panic!("event stream ended while waiting for {what}: {e}"),
+            Err(_) => panic!("no {what} within {WAIT:?}"),
+        }
+    }
+}
+
+/// Waits until both nodes hold exactly one connection, reading their events (each node
+/// emits an event after every change in its connection count).
+async fn wait_single_connection(
+    a: &Node,
+    b: &Node,
+    a_events: &mut broadcast::Receiver<PeerEvent>,
+    b_events: &mut broadcast::Receiver<PeerEvent>,
+) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while a.connection_count() != 1 || b.connection_count() != 1 {
+        let next = async {
+            tokio::select! {
+                _ = a_events.recv() => {}
+                _ = b_events.recv() => {}
+            }
+        };
+        if tokio::time::timeout_at(deadline, next).await.is_err() {
+            panic!(
+                "connections did not settle: a has {}, b has {}",
+                a.connection_count(),
+                b.connection_count()
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_burst_to_an_unconnected_peer_opens_one_connection() {
+    let (b, _) = test_node();
+    let b = b.bind().await.unwrap();
+    let a = Arc::new(Node::builder().bind().await.unwrap());
+    a.add_address(b.peer_addr());
+    assert_eq!(a.connection_count(), 0);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..100u32 {
+        let (a, peer) = (a.clone(), b.peer_id());
+        tasks.spawn(async move { (i, a.request(peer, "echo", i.to_string()).await) });
+    }
+    while let Some(done) = tasks.join_next().await {
+        let (i, answer) = done.unwrap();
+        assert_eq!(answer.unwrap(), i.to_string());
+    }
+    assert_eq!(a.connection_count(), 1);
+    assert_eq!(b.connection_count(), 1);
+}
+
+#[tokio::test]
+async fn simultaneous_dials_settle_on_one_connection_and_lose_nothing() {
+    const ROUNDS: usize = 50;
+    const REQUESTS: usize = 10;
+    let mut rounds = tokio::task::JoinSet::new();
+    for round in 0..ROUNDS {
+        rounds.spawn(async move {
+            let (a, _) = test_node();
+            let (b, _) = test_node();
+            let (a, b) = (
+                Arc::new(a.bind().await.unwrap()),
+                Arc::new(b.bind().await.unwrap()),
+            );
+            a.add_address(b.peer_addr());
+            b.add_address(a.peer_addr());
+            let (mut a_events, mut b_events) = (a.events(), b.events());
+            let barrier = Arc::new(tokio::sync::Barrier::new(2));
+            let mut requests = tokio::task::JoinSet::new();
+            // The first request each way starts at the same moment, so both sides dial.
+            for i in 0..REQUESTS {
+                for (from, to) in [(a.clone(), b.peer_id()), (b.clone(), a.peer_id())] {
+                    let barrier = barrier.clone();
+                    let body = format!("round {round} request {i} to {to}");
+                    requests.spawn(async move {
+                        if i == 0 {
+                            barrier.wait().await;
+                        }
+                        let answer =
+                            tokio::time::timeout(WAIT, from.request(to, "echo", body.clone()));
+                        (answer.await.expect("request hung"), body)
+                    });
+                }
+            }
+            while let Some(done) = requests.join_next().await {
+                let (answer, body) = done.unwrap();
+                assert_eq!(answer.expect("request lost in a dial race"), body);
+            }
+            wait_single_connection(&a, &b, &mut a_events, &mut b_events).await;
+            assert_eq!(a.connected_peers(), vec![b.peer_id()]);
+            a.stats().duplicates_closed + b.stats().duplicates_closed
+        });
+    }
+    let mut raced = 0;
+    while let Some(done) = rounds.join_next().await {
+        raced += (done.unwrap() > 0) as usize;
+    }
+    // The test is only meaningful if dials really raced.
+    assert!(raced > 0, "no round produced two connections");
+    eprintln!("{raced} of {ROUNDS} rounds raced into two connections");
+}
+
+fn fast_reconnect_config() -> NodeConfig {
+    let mut config = NodeConfig::default();
+    config.idle_timeout = Duration::from_millis(1500);
+    config.keep_alive_interval = Some(Duration::from_millis(300));
+    config.connect_timeout = Duration::from_millis(500);
+    config.reconnect_min_backoff = Duration::from_millis(50);
+    config.reconnect_max_backoff = Duration::from_millis(400);
+    config
+}
+
+/// A `rustorium-p2p node` process on a given port with a given key.
+struct NodeProcess(std::process::Child);
+
+impl NodeProcess {
+    fn start(key: &std::path::Path, listen: &str) -> (NodeProcess, String) {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_rustorium-p2p"))
+            .args(["node", "--key", key.to_str().unwrap(), "--listen", listen])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(WAIT).expect("node printed no address");
+        (NodeProcess(child), line.trim().to_string())
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill(); // SIGKILL
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn a_known_peer_that_crashes_and_restarts_is_reconnected() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("b.key");
+    Keypair::generate().save(&key).unwrap();
+    let (b, b_addr) = NodeProcess::start(&key, "127.0.0.1:0");
+    let b_addr: rustorium_p2p::PeerAddr = b_addr.parse().unwrap();
+
+    let a = Node::builder()
+        .config(fast_reconnect_config())
+        .bind()
+        .await
+        .unwrap();
+    let mut events = a.events();
+    a.add_known_peer(b_addr);
+    assert_eq!(a.known_peers(), vec![b_addr.peer_id]);
+    wait_event(&mut events, "first connection", |e| {
+        matches!(e, PeerEvent::Connected { .. })
+    })
+    .await;
+    assert_eq!(a.request(b_addr.peer_id, "sys/ping", "").await.unwrap(), "");
+
+    drop(b); // SIGKILL: no close frame, the connection just goes silent
+    let gone = wait_event(&mut events, "disconnect", |e| {
+        matches!(e, PeerEvent::Disconnected { .. })
+    })
+    .await;
+    match gone {
+        PeerEvent::Disconnected { reason, .. } => assert_eq!(reason, DisconnectReason::IdleTimeout),
+        other => unreachable!("{other:?}"),
+    }
+
+    let (_b, again) = NodeProcess::start(&key, &b_addr.addr.to_string());
+    assert_eq!(again, b_addr.to_string(), "same key, same address");
+    let started = tokio::time::Instant::now();
+    wait_event(&mut events, "reconnection", |e| {
+        matches!(e, PeerEvent::Connected { .. })
+    })
+    .await;
+    // Bound: one dial that may have been in flight when the peer came back, plus the
+    // longest backoff (with jitter) and the new handshake.
+    let bound = Duration::from_millis(500 + 500 + 2000);
+    assert!(
+        started.elapsed() < bound,
+        "reconnected after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(a.request(b_addr.peer_id, "sys/ping", "").await.unwrap(), "");
+    assert!(a.stats().reconnects >= 1);
+
+    // Once removed, the peer is no longer redialed.
+    assert!(a.remove_known_peer(&b_addr.peer_id));
+    assert!(a.known_peers().is_empty());
+}
+
+/// A node whose `seen` route records whether each request came as 0-RTT data.
+async fn early_data_node() -> (Node, Arc<Mutex<Vec<bool>>>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let node = Node::builder()
+        .route("seen", move |ctx: RequestContext, body: Bytes| {
+            log.lock().unwrap().push(ctx.is_early_data());
+            async move { Ok(body) }
+        })
+        .bind()
+        .await
+        .unwrap();
+    (node, seen)
+}
+
+#[tokio::test]
+async fn a_reconnect_uses_0rtt_for_idempotent_requests_only() {
+    let (b, seen) = early_data_node().await;
+    let a = Node::builder().bind().await.unwrap();
+    let mut events = a.events();
+    a.connect(&b.peer_addr()).await.unwrap();
+    a.request(b.peer_id(), "seen", "first").await.unwrap(); // session tickets arrive
+    assert_eq!(
+        a.stats().zero_rtt_attempted,
+        0,
+        "first contact is a full handshake"
+    );
+
+    assert_eq!(a.disconnect(&b.peer_id()), 1);
+    wait_event(&mut events, "disconnect", |e| {
+        matches!(e, PeerEvent::Disconnected { .. })
+    })
+    .await;
+
+    let idempotent = RequestOptions::new().idempotent(true);
+    let answer = a
+        .request_with(b.peer_id(), "seen", "again", idempotent)
+        .await
+        .unwrap();
+    assert_eq!(answer, "again");
+    // The dial went out with 0-RTT and the server took the request as early data.
+    assert_eq!(a.stats().zero_rtt_attempted, 1);
+    assert_eq!(*seen.lock().unwrap(), vec![false, true]);
+
+    // A request not marked idempotent waits for the handshake: never early data.
+    a.disconnect(&b.peer_id());
+    wait_event(&mut events, "disconnect", |e| {
+        matches!(e, PeerEvent::Disconnected { .. })
+    })
+    .await;
+    a.request(b.peer_id(), "seen", "plain").await.unwrap();
+    assert_eq!(a.stats().zero_rtt_attempted, 2);
+    assert_eq!(*seen.lock().unwrap(), vec![false, true, false]);
+    let stats = a.stats();
+    assert_eq!(stats.zero_rtt_accepted, 2, "{stats:?}");
+    assert_eq!(stats.zero_rtt_rejected, 0);
+}
+
+#[tokio::test]
+async fn rebinding_mid_transfer_keeps_every_connection() {
+    // b serves a 50 MB answer and tells us when it starts sending it.
+    let (started_tx, started_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let seen_addr = Arc::new(Mutex::new(Vec::<SocketAddr>::new()));
+    let log = seen_addr.clone();
+    let mut config = NodeConfig::default();
+    config.max_request_size = 64 << 20;
+    config.max_response_size = 64 << 20;
+    config.request_timeout = Duration::from_secs(60);
+    let big: Bytes = (0..50_000_000u32)
+        .map(|i| (i % 253) as u8)
+        .collect::<Vec<_>>()
+        .into();
+    let served = big.clone();
+    let b = Node::builder()
+        .config(config.clone())
+        .route("big", move |_ctx, _body| {
+            let (tx, body) = (started_tx.clone(), served.clone());
+            async move {
+                let _ = tx.send(()).await;
+                Ok(body)
+            }
+        })
+        .route("addr", move |ctx: RequestContext, body: Bytes| {
+            log.lock().unwrap().push(ctx.remote_addr());
+            async move { Ok(body) }
+        })
+        .bind()
+        .await
+        .unwrap();
+    let a = Arc::new(Node::builder().config(config).bind().await.unwrap());
+    a.connect(&b.peer_addr()).await.unwrap();
+    let old_addr = a.local_addr();
+
+    let download = tokio::spawn({
+        let (a, peer) = (a.clone(), b.peer_id());
+        async move { a.request(peer, "big", "").await }
+    });
+    let mut started_rx = started_rx;
+    tokio::time::timeout(WAIT, started_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let new_addr = a.rebind("127.0.0.1:0".parse().unwrap()).unwrap();
+    assert_ne!(new_addr, old_addr);
+    assert_eq!(a.local_addr(), new_addr);
+
+    let answer = tokio::time::timeout(Duration::from_secs(60), download)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(answer.unwrap() == big, "50 MB answer arrived intact");
+    a.request(b.peer_id(), "addr", "").await.unwrap();
+    assert_eq!(
+        seen_addr.lock().unwrap().last(),
+        Some(&new_addr),
+        "b sees the new address"
+    );
+    assert_eq!(a.connection_count(), 1, "the same connection survived");
+    assert_eq!(a.stats().rebinds, 1);
+}
+
+#[tokio::test]
+async fn rebinding_during_a_thousand_requests_loses_none() {
+    let handled = Arc::new(AtomicUsize::new(0));
+    let (halfway_tx, mut halfway_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let count = handled.clone();
+    let b = Node::builder()
+        .route("echo", move |_ctx, body: Bytes| {
+            let n = count.fetch_add(1, Ordering::SeqCst) + 1;
+            let tx = halfway_tx.clone();
+            async move {
+                if n == 100 {
+                    let _ = tx.send(()).await;
+                }
+                Ok(body)
+            }
+        })
+        .bind()
+        .await
+        .unwrap();
+    let a = Arc::new(Node::builder().bind().await.unwrap());
+    a.connect(&b.peer_addr()).await.unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..1000u32 {
+        let (a, peer) = (a.clone(), b.peer_id());
+        tasks.spawn(async move {
+            let body = Bytes::from(format!("request {i}"));
+            (a.request(peer, "echo", body.clone()).await, body)
+        });
+    }
+    tokio::time::timeout(WAIT, halfway_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    a.rebind("127.0.0.1:0".parse().unwrap()).unwrap();
+    while let Some(done) = tasks.join_next().await {
+        let (answer, body) = done.unwrap();
+        assert_eq!(answer.unwrap(), body);
+    }
+    assert_eq!(
+        handled.load(Ordering::SeqCst),
+        1000,
+        "each request handled exactly once"
+    );
+    assert_eq!(a.connection_count(), 1);
+}
+
+async fn client() -> Node {
+    Node::builder().bind().await.unwrap()
+}
+
+#[tokio::test]
+async fn connections_per_ip_are_limited() {
+    let (b, _) = test_node();
+    let mut config = NodeConfig::default();
+    config.max_connections_per_ip = 2;
+    let b = b.config(config).bind().await.unwrap();
+    let (c1, c2, c3) = (client().await, client().await, client().await);
+    c1.connect(&b.peer_addr()).await.unwrap();
+    c2.connect(&b.peer_addr()).await.unwrap();
+    let err = c3.connect(&b.peer_addr()).await.unwrap_err();
+    assert!(matches!(err, Error::Refused { .. }), "{err:?}");
+    assert_eq!(b.stats().connections_refused, 1);
+    assert_eq!(c1.request(b.peer_id(), "echo", "1").await.unwrap(), "1");
+    assert_eq!(c2.request(b.peer_id(), "echo", "2").await.unwrap(), "2");
+    // A slot frees up when a client leaves.
+    let mut events = b.events();
+    c1.shutdown().await;
+    wait_event(&mut events, "c1 leaving", |e| {
+        matches!(e, PeerEvent::Disconnected { .. })
+    })
+    .await;
+    c3.connect(&b.peer_addr()).await.unwrap();
+}
+
+#[tokio::test]
+async fn total_connections_are_limited() {
+    let (b, _) = test_node();
+    let mut config = NodeConfig::default();
+    config.max_connections = 1;
+    let b = b.config(config).bind().await.unwrap();
+    let (c1, c2) = (client().await, client().await);
+    c1.connect(&b.peer_addr()).await.unwrap();
+    assert!(matches!(
+        c2.connect(&b.peer_addr()).await,
+        Err(Error::Refused { .. })
+    ));
+    assert_eq!(c1.request(b.peer_id(), "echo", "ok").await.unwrap(), "ok");
+    // b itself cannot dial out past its limit either.
+    let d = client().await;
+    b.add_address(d.peer_addr());
+    assert!(matches!(
+        b.request(d.peer_id(), "echo", "").await,
+        Err(Error::Refused { .. })
+    ));
+}
+
+#[tokio::test]
+async fn allow_and_deny_lists_refuse_with_a_clear_reason() {
+    let (friend, stranger, enemy) = (client().await, client().await, client().await);
+    let (b, _) = test_node();
+    let mut config = NodeConfig::default();
+    config.allow = Some(HashSet::from([friend.peer_id(), enemy.peer_id()]));
+    config.deny = HashSet::from([enemy.peer_id()]);
+    let b = b.config(config).bind().await.unwrap();
+
+    friend.connect(&b.peer_addr()).await.unwrap();
+    assert_eq!(
+        friend.request(b.peer_id(), "echo", "hi").await.unwrap(),
+        "hi"
+    );
+    for (who, why) in [
+        (&stranger, "not on the allow list"),
+        (&enemy, "on the deny list"),
+    ] {
+        let err = match who.connect(&b.peer_addr()).await {
+            Ok(()) => who.request(b.peer_id(), "echo", "x").await.unwrap_err(),
+            Err(e) => e,
+        };
+        match &err {
+            Error::Refused { reason, .. } => assert!(reason.contains(why), "{err}"),
+            other => panic!("expected Refused, got {other:?}"),
+        }
+    }
+    assert_eq!(b.stats().connections_refused, 2);
+    assert_eq!(b.connection_count(), 1);
+    // b will not dial a denied peer either.
+    b.add_address(enemy.peer_addr());
+    let err = b.request(enemy.peer_id(), "echo", "").await.unwrap_err();
+    assert!(matches!(err, Error::Refused { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn stalled_streams_are_cut_off_and_others_are_served() {
+    let (b, _) = test_node();
+    let b = b
+        .request_timeout(Duration::from_millis(300))
+        .bind()
+        .await
+        .unwrap();
+    let good = client().await;
+    good.connect(&b.peer_addr()).await.unwrap();
+
+    // A raw peer opens 100 request streams, sends one header byte on each, and stalls.
+    let (_endpoint, conn) = raw_connection(b.local_addr()).await;
+    let mut stalled = Vec::new();
+    for _ in 0..100 {
+        let (mut send, recv) = conn.open_bi().await.unwrap();
+        send.write_all(&[5]).await.unwrap();
+        stalled.push((send, recv));
+    }
+    // Meanwhile the well-behaved peer is served.
+    for i in 0..20 {
+        assert_eq!(
+            good.request(b.peer_id(), "echo", format!("{i}"))
+                .await
+                .unwrap(),
+            format!("{i}")
+        );
+    }
+    // Each stalled stream is reset by b once its time is up.
+    for (_, mut recv) in stalled {
+        let result = tokio::time::timeout(WAIT, recv.read_to_end(100))
+            .await
+            .unwrap();
+        match result {
+            Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(code))) => {
+                assert_eq!(code.into_inner(), 0x06, "TIMED_OUT")
+            }
+            other => panic!("expected a reset stream, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn shutdown_is_seen_as_shutdown_by_the_peer() {
+    let (a, b) = common::pair().await;
+    let mut events = a.events();
+    // A request answered means b's side of the handshake is complete too (a connection
+    // still handshaking can only be refused with a transport-level close).
+    a.request(b.peer_id(), "echo", "").await.unwrap();
+    b.shutdown().await;
+    let event = wait_event(&mut events, "disconnect", |e| {
+        matches!(e, PeerEvent::Disconnected { .. })
+    })
+    .await;
+    match event {
+        PeerEvent::Disconnected { peer, reason, .. } => {
+            assert_eq!(peer, b.peer_id());
+            assert_eq!(reason, DisconnectReason::PeerShutdown);
+        }
+        other => unreachable!("{other:?}"),
+    }
+}
