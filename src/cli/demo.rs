@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use rustorium_p2p::{Bytes, Node, RequestContext};
+use rustorium_p2p::{Bytes, Node, RequestContext, RequestOptions};
 use tokio::sync::mpsc;
 
 #[derive(Args)]
@@ -97,8 +97,19 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     }
     println!();
 
-    let failures: Vec<&String> = rows.iter().flat_map(|r| &r.errors).collect();
+    // Counted before the extra client below comes and goes.
     let connections: usize = nodes.iter().map(|n| n.connection_count()).sum::<usize>() / 2;
+    let mut extra_failures = Vec::new();
+    if let Err(e) = reconnect_and_rebind(&nodes[1]).await {
+        extra_failures.push(e);
+    }
+    println!();
+
+    let failures: Vec<&String> = rows
+        .iter()
+        .flat_map(|r| &r.errors)
+        .chain(&extra_failures)
+        .collect();
     let expected_connections = count * (count - 1) / 2;
     let requests: usize = rows
         .iter()
@@ -223,6 +234,81 @@ async fn exercise(
         },
     }
     row
+}
+
+/// A fresh node: full handshake to `server`, then a 0-RTT reconnect, then a rebind to a
+/// new socket in the middle of 200 requests. Prints what happened.
+async fn reconnect_and_rebind(server: &Node) -> Result<(), String> {
+    let client = std::sync::Arc::new(Node::builder().bind().await.map_err(|e| e.to_string())?);
+    let peer = server.peer_id();
+    let ping = |options: RequestOptions| {
+        let client = client.clone();
+        async move {
+            client
+                .request_with(peer, "sys/ping", Bytes::new(), options)
+                .await
+        }
+    };
+
+    let start = Instant::now();
+    client.add_address(server.peer_addr());
+    ping(RequestOptions::new())
+        .await
+        .map_err(|e| format!("first request: {e}"))?;
+    let full = start.elapsed();
+
+    let mut events = client.events();
+    client.disconnect(&peer);
+    let _ = tokio::time::timeout(Duration::from_secs(5), events.recv()).await;
+    let start = Instant::now();
+    ping(RequestOptions::new().idempotent(true))
+        .await
+        .map_err(|e| format!("0-RTT request: {e}"))?;
+    let zero_rtt = start.elapsed();
+    let stats = client.stats();
+    println!(
+        "full handshake + first answer: {} | 0-RTT reconnect + first answer: {} (0-RTT {})",
+        micros(full),
+        micros(zero_rtt),
+        if stats.zero_rtt_attempted == 1 {
+            "sent"
+        } else {
+            "not sent"
+        }
+    );
+    if stats.zero_rtt_attempted != 1 {
+        return Err("the reconnect did not use 0-RTT".into());
+    }
+
+    let old = client.local_addr();
+    let batch = (0..200).map(|i| {
+        let client = client.clone();
+        async move {
+            let body = Bytes::from(format!("request {i} across a rebind"));
+            client
+                .request(peer, "sys/echo", body.clone())
+                .await
+                .map(|a| a == body)
+        }
+    });
+    let requests = join_all(batch);
+    let rebind = async {
+        tokio::task::yield_now().await;
+        client.rebind("127.0.0.1:0".parse().expect("literal address"))
+    };
+    let (answers, new) = tokio::join!(requests, rebind);
+    let new = new.map_err(|e| format!("rebind: {e}"))?;
+    let ok = answers.iter().filter(|a| matches!(a, Ok(true))).count();
+    println!(
+        "rebind from {old} to {new} during 200 requests: {ok}/200 answered intact, {} connection(s)",
+        client.connection_count()
+    );
+    client.shutdown().await;
+    if ok == 200 {
+        Ok(())
+    } else {
+        Err(format!("{} requests failed across the rebind", 200 - ok))
+    }
 }
 
 /// Runs futures concurrently on this task and returns their outputs in order.
