@@ -162,9 +162,14 @@ impl Connection {
     /// Counts a stream as in progress until the guard is dropped.
     pub fn stream_guard(self: &Arc<Self>) -> StreamGuard {
         self.active.fetch_add(1, Ordering::SeqCst);
+        self.touch();
+        StreamGuard(self.clone())
+    }
+
+    /// Records stream activity now.
+    fn touch(&self) {
         let now = self.epoch.elapsed().as_micros() as u64;
         self.last_stream.store(now, Ordering::SeqCst);
-        StreamGuard(self.clone())
     }
 
     /// Waits until the handshake is complete. `false` if the connection failed first.
@@ -183,8 +188,11 @@ impl Connection {
     }
 
     /// Closes this retired connection once no stream has been in progress on it for
-    /// `quiet`, or at `deadline` whatever happens.
-    pub async fn close_when_quiet(&self, quiet: Duration, deadline: tokio::time::Instant) {
+    /// `quiet`. Never while a stream is in progress: the peer relies on that to re-send a
+    /// request that failed because of this close. (Both sides stop opening streams on a
+    /// retired connection, so it goes quiet unless the peer does not see it as retired,
+    /// in which case it simply stays open.)
+    pub async fn close_when_quiet(&self, quiet: Duration) {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(quiet) => {}
@@ -197,7 +205,7 @@ impl Connection {
                 self.epoch.elapsed().as_micros() as u64 - self.last_stream.load(Ordering::SeqCst);
             let idle = self.active.load(Ordering::SeqCst) == 0
                 && Duration::from_micros(since_last) >= quiet;
-            if idle || tokio::time::Instant::now() >= deadline {
+            if idle {
                 break;
             }
         }
@@ -229,6 +237,7 @@ pub(crate) struct StreamGuard(Arc<Connection>);
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
+        self.0.touch();
         self.0.active.fetch_sub(1, Ordering::SeqCst);
     }
 }

@@ -214,3 +214,24 @@ fn node_without_key_makes_one_in_the_data_dir_and_keeps_it() {
     let second = NodeProcess::start(dir.path(), &[]);
     assert_eq!(second.peer_id(), id, "same identity after restart");
 }
+
+#[tokio::test]
+async fn node_keeps_its_peer_flags_connected() {
+    use rustorium_p2p::{Node, PeerEvent};
+    let b = Node::builder().bind().await.unwrap();
+    let mut events = b.events();
+    let dir = tempfile::tempdir().unwrap();
+    let peer_flag = b.peer_addr().to_string();
+    let a = NodeProcess::start(dir.path(), &["--peer", &peer_flag]);
+    let a_id: rustorium_p2p::PeerId = a.peer_id().parse().unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Ok(PeerEvent::Connected { peer, .. })) if peer == a_id => break,
+            Ok(Ok(_)) => continue,
+            other => panic!("the node never dialed its --peer: {other:?}"),
+        }
+    }
+    assert!(b.connected_peers().contains(&a_id));
+    assert!(a.terminate().success());
+}

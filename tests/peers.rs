@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use common::{raw_connection, test_node, WAIT};
 use rustorium_p2p::{
-    Bytes, DisconnectReason, Error, Keypair, Node, NodeConfig, PeerEvent, RequestContext,
-    RequestOptions,
+    Bytes, ConnectionDirection, DisconnectReason, Error, Keypair, Node, NodeConfig, PeerEvent,
+    RequestContext, RequestOptions,
 };
 use tokio::sync::broadcast;
 
@@ -64,6 +64,7 @@ async fn a_burst_to_an_unconnected_peer_opens_one_connection() {
     let (b, _) = test_node();
     let b = b.bind().await.unwrap();
     let a = Arc::new(Node::builder().bind().await.unwrap());
+    let (mut a_events, mut b_events) = (a.events(), b.events());
     a.add_address(b.peer_addr());
     assert_eq!(a.connection_count(), 0);
     let mut tasks = tokio::task::JoinSet::new();
@@ -77,6 +78,24 @@ async fn a_burst_to_an_unconnected_peer_opens_one_connection() {
     }
     assert_eq!(a.connection_count(), 1);
     assert_eq!(b.connection_count(), 1);
+    let is_connected = |e: &PeerEvent| matches!(e, PeerEvent::Connected { .. });
+    let dialed = wait_event(&mut a_events, "a's connect event", is_connected).await;
+    let expected = PeerEvent::Connected {
+        peer: b.peer_id(),
+        addr: b.local_addr(),
+        direction: ConnectionDirection::Outbound,
+    };
+    assert_eq!(dialed, expected);
+    match wait_event(&mut b_events, "b's connect event", is_connected).await {
+        PeerEvent::Connected {
+            peer, direction, ..
+        } => {
+            assert_eq!(peer, a.peer_id());
+            assert_eq!(direction, ConnectionDirection::Inbound);
+        }
+        other => unreachable!("{other:?}"),
+    }
+    assert!(a_events.try_recv().is_err(), "exactly one connection event");
 }
 
 #[tokio::test]
@@ -282,6 +301,46 @@ async fn a_reconnect_uses_0rtt_for_idempotent_requests_only() {
     let stats = a.stats();
     assert_eq!(stats.zero_rtt_accepted, 2, "{stats:?}");
     assert_eq!(stats.zero_rtt_rejected, 0);
+}
+
+#[tokio::test]
+async fn a_rejected_0rtt_request_is_sent_again_and_answered_once() {
+    // b1 and b2 share a key but not a session cache (b2 is b1 "restarted" elsewhere).
+    let key = Keypair::generate();
+    let handled = Arc::new(AtomicUsize::new(0));
+    let make = |key: Keypair| {
+        let handled = handled.clone();
+        Node::builder()
+            .keypair(key)
+            .route("count", move |_ctx, body: Bytes| {
+                handled.fetch_add(1, Ordering::SeqCst);
+                async move { Ok(body) }
+            })
+            .bind()
+    };
+    let b1 = make(key.clone()).await.unwrap();
+    let a = Node::builder().bind().await.unwrap();
+    a.connect(&b1.peer_addr()).await.unwrap();
+    a.request(b1.peer_id(), "count", "one").await.unwrap(); // tickets arrive
+    drop(b1);
+
+    let b2 = make(key).await.unwrap();
+    a.disconnect(&b2.peer_id());
+    a.add_address(b2.peer_addr());
+    let idempotent = RequestOptions::new().idempotent(true);
+    let answer = a
+        .request_with(b2.peer_id(), "count", "two", idempotent)
+        .await
+        .unwrap();
+    assert_eq!(answer, "two");
+    let stats = a.stats();
+    assert_eq!(stats.zero_rtt_attempted, 1, "{stats:?}");
+    assert_eq!(stats.zero_rtt_rejected, 1, "{stats:?}");
+    assert_eq!(
+        handled.load(Ordering::SeqCst),
+        2,
+        "each request handled exactly once"
+    );
 }
 
 #[tokio::test]

@@ -163,8 +163,7 @@ pub(super) fn register(
         Counters::add(&shared.counters.duplicates_closed);
         debug!(peer = %loser.peer, "two connections to one peer: retiring one");
         let quiet = (loser.conn.rtt() * 4).max(Duration::from_millis(100));
-        let deadline = tokio::time::Instant::now() + shared.config.request_timeout * 2 + quiet;
-        tokio::spawn(async move { loser.close_when_quiet(quiet, deadline).await });
+        tokio::spawn(async move { loser.close_when_quiet(quiet).await });
     }
     shared.emit(PeerEvent::Connected {
         peer: conn.peer,
