@@ -385,6 +385,28 @@ impl Clone for Keypair {
     }
 }
 
+macro_rules! serde_as_text {
+    ($type:ty, $what:literal) => {
+        impl serde::Serialize for $type {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $type {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+                text.parse().map_err(|e| {
+                    serde::de::Error::custom(format!(concat!("bad ", $what, ": {}"), e))
+                })
+            }
+        }
+    };
+}
+
+serde_as_text!(PeerId, "PeerId");
+serde_as_text!(PeerAddr, "peer address");
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,7 +22,7 @@ use crate::wire::{self, code, HeaderError, Status};
 /// Limits that the answering side applies.
 #[derive(Clone)]
 pub(crate) struct ServeLimits {
-    pub max_request_size: usize,
+    pub max_request_size: u64,
     pub request_timeout: Duration,
 }
 
@@ -126,7 +126,7 @@ pub(crate) async fn request(
     conn: &Arc<Connection>,
     route: &str,
     body: Bytes,
-    max_response_size: usize,
+    max_response_size: u64,
     deadline: Instant,
     timeout: Duration,
 ) -> Result<Bytes, Failure> {
@@ -179,7 +179,7 @@ async fn exchange(
     streams: &mut CancelOnDrop,
     target: &Target<'_>,
     body: Bytes,
-    max_response_size: usize,
+    max_response_size: u64,
 ) -> Result<Bytes, Failure> {
     let (peer, route) = (target.peer, target.route);
     let header = Bytes::from(wire::encode_header(route));
@@ -193,7 +193,12 @@ async fn exchange(
         Err(e) => return Err(target.write_failed(e)),
     };
 
-    let (status, body) = match read_answer(&mut streams.recv, max_response_size).await {
+    let (status, body) = match read_answer(
+        &mut streams.recv,
+        usize::try_from(max_response_size).unwrap_or(usize::MAX),
+    )
+    .await
+    {
         Ok(answer) => answer,
         Err(AnswerError::TooLarge) => {
             let _ = streams.recv.stop(VarInt::from_u32(code::TOO_LARGE));
@@ -592,7 +597,7 @@ pub(crate) async fn serve_request(
         let (status, stop) = (Status::UnknownRoute, code::UNKNOWN_ROUTE);
         return refuse(&mut send, &mut recv, status, stop, msg, deadline).await;
     };
-    let limit = limits.max_request_size;
+    let limit = usize::try_from(limits.max_request_size).unwrap_or(usize::MAX);
     let body = match timeout_at(deadline, read_body(&mut recv, first, limit)).await {
         Ok(Ok(body)) => body,
         Ok(Err(BodyError::TooLarge)) => {
@@ -658,7 +663,7 @@ pub(crate) async fn serve_message(
         warn!(peer = %remote.peer, "dropped a one-way message for unknown route {route:?}");
         return stop(&mut recv, code::UNKNOWN_ROUTE);
     };
-    let limit = limits.max_request_size;
+    let limit = usize::try_from(limits.max_request_size).unwrap_or(usize::MAX);
     let body = match timeout_at(deadline, read_body(&mut recv, first, limit)).await {
         Ok(Ok(body)) => body,
         Ok(Err(BodyError::TooLarge)) => {

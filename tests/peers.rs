@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::{raw_connection, test_node, WAIT};
 use rustorium_p2p::{
-    Bytes, ConnectionDirection, DisconnectReason, Error, Keypair, Node, NodeConfig, PeerEvent,
+    Bytes, Config, ConnectionDirection, DisconnectReason, Error, Keypair, Node, PeerEvent,
     RequestContext, RequestOptions,
 };
 use tokio::sync::broadcast;
@@ -149,13 +149,13 @@ async fn simultaneous_dials_settle_on_one_connection_and_lose_nothing() {
     eprintln!("{raced} of {ROUNDS} rounds raced into two connections");
 }
 
-fn fast_reconnect_config() -> NodeConfig {
-    let mut config = NodeConfig::default();
-    config.idle_timeout = Duration::from_millis(1500);
-    config.keep_alive_interval = Some(Duration::from_millis(300));
-    config.connect_timeout = Duration::from_millis(500);
-    config.reconnect_min_backoff = Duration::from_millis(50);
-    config.reconnect_max_backoff = Duration::from_millis(400);
+fn fast_reconnect_config() -> Config {
+    let mut config = common::config();
+    config.transport.max_idle_timeout = Duration::from_millis(1500);
+    config.transport.keep_alive_interval = Some(Duration::from_millis(300));
+    config.limits.connect_timeout = Duration::from_millis(500);
+    config.limits.reconnect_min_backoff = Duration::from_millis(50);
+    config.limits.reconnect_max_backoff = Duration::from_millis(400);
     config
 }
 
@@ -349,10 +349,10 @@ async fn rebinding_mid_transfer_keeps_every_connection() {
     let (started_tx, started_rx) = tokio::sync::mpsc::channel::<()>(1);
     let seen_addr = Arc::new(Mutex::new(Vec::<SocketAddr>::new()));
     let log = seen_addr.clone();
-    let mut config = NodeConfig::default();
-    config.max_request_size = 64 << 20;
-    config.max_response_size = 64 << 20;
-    config.request_timeout = Duration::from_secs(60);
+    let mut config = common::config();
+    config.limits.max_request_size = 64 << 20;
+    config.limits.max_response_size = 64 << 20;
+    config.limits.request_timeout = Duration::from_secs(60);
     let big: Bytes = (0..50_000_000u32)
         .map(|i| (i % 253) as u8)
         .collect::<Vec<_>>()
@@ -459,8 +459,8 @@ async fn client() -> Node {
 #[tokio::test]
 async fn connections_per_ip_are_limited() {
     let (b, _) = test_node();
-    let mut config = NodeConfig::default();
-    config.max_connections_per_ip = 2;
+    let mut config = common::config();
+    config.limits.max_connections_per_ip = 2;
     let b = b.config(config).bind().await.unwrap();
     let (c1, c2, c3) = (client().await, client().await, client().await);
     c1.connect(&b.peer_addr()).await.unwrap();
@@ -483,8 +483,8 @@ async fn connections_per_ip_are_limited() {
 #[tokio::test]
 async fn total_connections_are_limited() {
     let (b, _) = test_node();
-    let mut config = NodeConfig::default();
-    config.max_connections = 1;
+    let mut config = common::config();
+    config.limits.max_connections = 1;
     let b = b.config(config).bind().await.unwrap();
     let (c1, c2) = (client().await, client().await);
     c1.connect(&b.peer_addr()).await.unwrap();
@@ -506,9 +506,9 @@ async fn total_connections_are_limited() {
 async fn allow_and_deny_lists_refuse_with_a_clear_reason() {
     let (friend, stranger, enemy) = (client().await, client().await, client().await);
     let (b, _) = test_node();
-    let mut config = NodeConfig::default();
-    config.allow = Some(HashSet::from([friend.peer_id(), enemy.peer_id()]));
-    config.deny = HashSet::from([enemy.peer_id()]);
+    let mut config = common::config();
+    config.node.allow = Some(HashSet::from([friend.peer_id(), enemy.peer_id()]));
+    config.node.deny = HashSet::from([enemy.peer_id()]);
     let b = b.config(config).bind().await.unwrap();
 
     friend.connect(&b.peer_addr()).await.unwrap();

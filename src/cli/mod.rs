@@ -42,17 +42,34 @@ enum Command {
     Ping(client::PingArgs),
     /// Start a small network on loopback, have every node request every other, print a table.
     Demo(demo::DemoArgs),
+    /// Configuration files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the complete default configuration, every key commented.
+    Default,
+    /// Check a configuration file (exit 2 with the reason if it is not valid).
+    Check {
+        /// The file.
+        file: PathBuf,
+    },
 }
 
 /// Runs the command; errors go to stderr with a non-zero exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let default_level = match cli.command {
-        Command::Node(_) => "info",
-        _ => "warn",
-    };
-    init_logging(default_level);
+    if !matches!(cli.command, Command::Node(_)) {
+        init_logging("warn"); // `node` sets up logging once it has read its config
+    }
     let result = match cli.command {
+        Command::Config(ConfigCommand::Default) => {
+            print!("{}", rustorium_p2p::config::DEFAULT_TOML);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Config(ConfigCommand::Check { file }) => node::check_config(&file),
         Command::Keygen { out } => keys::keygen(&out),
         Command::Id { key } => keys::id(&key),
         command => runtime().and_then(|rt| {
@@ -63,7 +80,9 @@ pub fn main() -> ExitCode {
                     Command::Send(args) => client::send(args).await,
                     Command::Ping(args) => client::ping(args).await,
                     Command::Demo(args) => demo::run(args).await,
-                    Command::Keygen { .. } | Command::Id { .. } => unreachable!(),
+                    Command::Keygen { .. } | Command::Id { .. } | Command::Config(_) => {
+                        unreachable!("handled without a runtime")
+                    }
                 }
             })
         }),
@@ -83,7 +102,8 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-fn init_logging(default_level: &str) {
+/// Logs to stderr, filtered by `RUST_LOG` if set, else by `default_level`.
+pub(crate) fn init_logging(default_level: &str) {
     use tracing_subscriber::EnvFilter;
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));

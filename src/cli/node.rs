@@ -6,31 +6,83 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
-use rustorium_p2p::{Node, PeerAddr, PeerEvent};
+use rustorium_p2p::{Config, Node, PeerAddr, PeerEvent};
 
 #[derive(Args)]
 pub struct NodeArgs {
-    /// Key file; default: `node.key` in the data directory ($RUSTORIUM_P2P_DATA_DIR, else
-    /// $XDG_DATA_HOME/rustorium-p2p, else ~/.local/share/rustorium-p2p), made on first run.
+    /// Configuration file (TOML; `rustorium-p2p config default` prints one). Flags given
+    /// here override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Key file; default: the config's `node.key_file`, else `node.key` in the data
+    /// directory ($RUSTORIUM_P2P_DATA_DIR, else $XDG_DATA_HOME/rustorium-p2p, else
+    /// ~/.local/share/rustorium-p2p), made on first run.
     #[arg(long)]
     key: Option<PathBuf>,
     /// UDP address to listen on (port 0: any free port; the first stdout line shows it).
-    #[arg(long, default_value = "127.0.0.1:4433")]
-    listen: SocketAddr,
+    /// Default: the config's `node.listen`, 127.0.0.1:4433.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
     /// A peer to keep connected (redialed with backoff when the connection drops);
     /// repeat for more.
     #[arg(long = "peer", value_name = "PEERADDR")]
     peers: Vec<PeerAddr>,
 }
 
+/// Exit code for a configuration that cannot start a node.
+const CONFIG_ERROR: u8 = 2;
+
+/// The config file (or the defaults) with the command-line flags applied.
+fn effective_config(args: &NodeArgs) -> Result<Config, rustorium_p2p::Error> {
+    let mut config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(listen) = args.listen {
+        config.node.listen = listen;
+    }
+    if let Some(key) = &args.key {
+        config.node.key_file = Some(key.clone());
+    }
+    config.node.peers.extend(args.peers.iter().copied());
+    config.validate()?;
+    Ok(config)
+}
+
+pub fn check_config(path: &std::path::Path) -> anyhow::Result<ExitCode> {
+    match Config::load(path) {
+        Ok(_) => {
+            println!("{}: ok", path.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            Ok(ExitCode::from(CONFIG_ERROR))
+        }
+    }
+}
+
 pub async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
-    let (key, key_path) = super::keys::node_key(args.key.as_deref())?;
-    let node = Node::builder()
-        .keypair(key)
-        .listen(args.listen)
-        .system_routes()
-        .bind()
-        .await?;
+    // Everything that can be wrong with the configuration is found before anything starts.
+    let started = async {
+        let config = effective_config(&args)?;
+        super::init_logging(&config.node.log_level);
+        let (key, key_path) = super::keys::node_key(config.node.key_file.as_deref())?;
+        let node = Node::builder()
+            .config(config)
+            .keypair(key)
+            .system_routes()
+            .bind()
+            .await?;
+        Ok::<_, anyhow::Error>((node, key_path))
+    };
+    let (node, key_path) = match started.await {
+        Ok(started) => started,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return Ok(ExitCode::from(CONFIG_ERROR));
+        }
+    };
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{}", node.peer_addr())?;
     stdout.flush()?;
@@ -56,9 +108,6 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
             }
         }
     });
-    for peer in args.peers {
-        node.add_known_peer(peer);
-    }
 
     let signal = wait_for_signal().await?;
     tracing::info!("{signal}: shutting down (a second signal exits at once)");

@@ -31,12 +31,12 @@ impl Admission {
         ip: Option<IpAddr>,
     ) -> Result<Admitted, &'static str> {
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        if counts.0 >= shared.config.max_connections {
+        if counts.0 >= shared.config.limits.max_connections as usize {
             return Err("at its max_connections limit");
         }
         if let Some(ip) = ip {
             let per_ip = counts.1.entry(ip).or_default();
-            if *per_ip >= shared.config.max_connections_per_ip {
+            if *per_ip >= shared.config.limits.max_connections_per_ip as usize {
                 return Err("at its max_connections_per_ip limit for that address");
             }
             *per_ip += 1;
@@ -119,7 +119,7 @@ async fn accept_one(shared: Arc<Shared>, incoming: quinn::Incoming, admitted: Ad
         conn.close(code::CLOSE_PROTOCOL.into(), b"no certificate");
         return;
     };
-    if tls::negotiated_alpn(&conn).as_deref() != Some(shared.config.alpn.as_slice()) {
+    if tls::negotiated_alpn(&conn).as_deref() != Some(shared.config.node.alpn.as_bytes()) {
         conn.close(code::CLOSE_PROTOCOL.into(), b"no matching ALPN protocol");
         return debug!(remote = %addr, "closed a connection without our ALPN");
     }

@@ -50,7 +50,7 @@ pub(super) async fn connection_to(
             peer,
             reason: format!("this node is {why}"),
         })?;
-    let limit = shared.config.connect_timeout;
+    let limit = shared.config.limits.connect_timeout;
     let (conn, confirmed) = tokio::time::timeout(limit, dial(shared, peer, addr))
         .await
         .map_err(|_| Error::Connect {
@@ -139,7 +139,7 @@ async fn dial(
         )
         .map_err(|e| connect_error(e.to_string()))?;
 
-    if shared.config.zero_rtt {
+    if shared.config.node.zero_rtt {
         match connecting.into_0rtt() {
             Ok((conn, accepted)) => {
                 Counters::add(&shared.counters.zero_rtt_attempted);
@@ -182,7 +182,7 @@ async fn dial(
             });
         }
     };
-    if tls::negotiated_alpn(&conn).as_deref() != Some(shared.config.alpn.as_slice()) {
+    if tls::negotiated_alpn(&conn).as_deref() != Some(shared.config.node.alpn.as_bytes()) {
         conn.close(
             crate::wire::code::CLOSE_PROTOCOL.into(),
             b"no matching ALPN protocol",
@@ -198,8 +198,8 @@ async fn dial(
 pub(super) async fn keep_connected(shared: Arc<Shared>, peer: PeerId) {
     let mut shutdown = shared.shutdown.subscribe();
     let (min, max) = (
-        shared.config.reconnect_min_backoff,
-        shared.config.reconnect_max_backoff,
+        shared.config.limits.reconnect_min_backoff,
+        shared.config.limits.reconnect_max_backoff,
     );
     let mut backoff = min;
     let mut previous: Option<usize> = None;

@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::config::NodeConfig;
+use crate::config::Config;
 use crate::error::Error;
 use crate::identity::{Keypair, PeerAddr, PeerId};
 use crate::metrics::{Counters, NodeStats};
@@ -43,7 +43,7 @@ use crate::wire::{self, code};
 /// ```
 pub struct NodeBuilder {
     keypair: Option<Keypair>,
-    config: NodeConfig,
+    config: Config,
     router: Router,
     system_routes: bool,
     /// Tests only: present this certificate instead of a fresh one.
@@ -58,39 +58,42 @@ impl NodeBuilder {
         self
     }
 
-    /// All settings at once (replaces anything set before).
-    pub fn config(mut self, config: NodeConfig) -> Self {
+    /// All settings at once (replaces anything set before, the listen address included).
+    /// A `node.key_file` is loaded if no [`keypair`](Self::keypair) is given, and
+    /// `node.peers` become known peers.
+    pub fn config(mut self, config: Config) -> Self {
         self.config = config;
         self
     }
 
-    /// The UDP address to listen on. Default `127.0.0.1:0`.
+    /// The UDP address to listen on. Default for a builder: `127.0.0.1:0` (any free port;
+    /// [`Config::default`] says `127.0.0.1:4433`, the `node` command's default).
     pub fn listen(mut self, addr: SocketAddr) -> Self {
-        self.config.listen = addr;
+        self.config.node.listen = addr;
         self
     }
 
     /// The ALPN protocol name. Default `rustorium`.
-    pub fn alpn(mut self, alpn: impl Into<Vec<u8>>) -> Self {
-        self.config.alpn = alpn.into();
+    pub fn alpn(mut self, alpn: impl Into<String>) -> Self {
+        self.config.node.alpn = alpn.into();
         self
     }
 
     /// The largest request body this node accepts. Default 16 MiB.
-    pub fn max_request_size(mut self, bytes: usize) -> Self {
-        self.config.max_request_size = bytes;
+    pub fn max_request_size(mut self, bytes: u64) -> Self {
+        self.config.limits.max_request_size = bytes;
         self
     }
 
     /// The largest answer body this node accepts. Default 16 MiB.
-    pub fn max_response_size(mut self, bytes: usize) -> Self {
-        self.config.max_response_size = bytes;
+    pub fn max_response_size(mut self, bytes: u64) -> Self {
+        self.config.limits.max_response_size = bytes;
         self
     }
 
     /// How long a request may take. Default 10 s.
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
-        self.config.request_timeout = timeout;
+        self.config.limits.request_timeout = timeout;
         self
     }
 
@@ -118,7 +121,11 @@ impl NodeBuilder {
     pub async fn bind(self) -> Result<Node, Error> {
         let config = self.config;
         config.validate()?;
-        let keypair = self.keypair.unwrap_or_else(Keypair::generate);
+        let keypair = match (self.keypair, &config.node.key_file) {
+            (Some(key), _) => key,
+            (None, Some(path)) => Keypair::load(path)?,
+            (None, None) => Keypair::generate(),
+        };
         #[cfg(test)]
         let tls = match self.certificate {
             Some(cert) => TlsConfigs::with_certificate(&keypair, &config, cert)?,
@@ -126,7 +133,7 @@ impl NodeBuilder {
         };
         #[cfg(not(test))]
         let tls = TlsConfigs::new(&keypair, &config)?;
-        let transport = Arc::new(config.transport());
+        let transport = Arc::new(config.quinn_transport());
 
         let quic_server = quinn::crypto::rustls::QuicServerConfig::try_from(tls.server.clone())
             .map_err(|e| Error::Config(format!("TLS set-up failed: {e}")))?;
@@ -136,14 +143,20 @@ impl NodeBuilder {
             .map_err(|e| Error::Config(format!("TLS set-up failed: {e}")))?;
         let mut client_config = quinn::ClientConfig::new(Arc::new(quic_client));
         client_config.transport_config(transport.clone());
-        let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
-            Error::Bind {
-                addr: config.listen,
-                source,
-            }
-        })?;
+        let bind_error = |source| Error::Bind {
+            addr: config.node.listen,
+            source,
+        };
+        let socket = std::net::UdpSocket::bind(config.node.listen).map_err(bind_error)?;
+        let endpoint = quinn::Endpoint::new(
+            config.quinn_endpoint(),
+            Some(server_config),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(bind_error)?;
         let local_addr = endpoint.local_addr().map_err(|source| Error::Bind {
-            addr: config.listen,
+            addr: config.node.listen,
             source,
         })?;
 
@@ -157,10 +170,12 @@ impl NodeBuilder {
             Shared {
                 peer_id: keypair.peer_id(),
                 local_addr: Mutex::new(local_addr),
-                requests: Arc::new(Semaphore::new(config.max_concurrent_requests)),
+                requests: Arc::new(Semaphore::new(
+                    config.limits.max_concurrent_requests as usize,
+                )),
                 serve_limits: ServeLimits {
-                    max_request_size: config.max_request_size,
-                    request_timeout: config.request_timeout,
+                    max_request_size: config.limits.max_request_size,
+                    request_timeout: config.limits.request_timeout,
                 },
                 admission: accept::Admission::default(),
                 config,
@@ -179,7 +194,11 @@ impl NodeBuilder {
         });
         tokio::spawn(accept::accept_loop(shared.clone()));
         info!(peer_id = %shared.peer_id, %local_addr, "node listening");
-        Ok(Node { shared })
+        let node = Node { shared };
+        for peer in node.shared.config.node.peers.clone() {
+            node.add_known_peer(peer);
+        }
+        Ok(node)
     }
 }
 
@@ -187,7 +206,7 @@ impl NodeBuilder {
 struct Shared {
     peer_id: PeerId,
     local_addr: Mutex<SocketAddr>,
-    config: NodeConfig,
+    config: Config,
     serve_limits: ServeLimits,
     router: Router,
     endpoint: quinn::Endpoint,
@@ -265,7 +284,11 @@ impl Node {
     pub fn builder() -> NodeBuilder {
         NodeBuilder {
             keypair: None,
-            config: NodeConfig::default(),
+            config: {
+                let mut config = Config::default();
+                config.node.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+                config
+            },
             router: Router::default(),
             system_routes: false,
             #[cfg(test)]
@@ -289,7 +312,7 @@ impl Node {
     }
 
     /// The settings in force.
-    pub fn config(&self) -> &NodeConfig {
+    pub fn config(&self) -> &Config {
         &self.shared.config
     }
 
@@ -321,8 +344,8 @@ impl Node {
     pub async fn connect(&self, addr: &PeerAddr) -> Result<(), Error> {
         self.shared.peers.set_addr(addr.peer_id, addr.addr, false);
         let conn = dial::connection_to(&self.shared, addr.peer_id).await?;
-        let deadline = Instant::now() + self.shared.config.connect_timeout;
-        dial::wait_confirmed(&conn, deadline, self.shared.config.connect_timeout).await
+        let deadline = Instant::now() + self.shared.config.limits.connect_timeout;
+        dial::wait_confirmed(&conn, deadline, self.shared.config.limits.connect_timeout).await
     }
 
     /// Remembers where `addr`'s peer can be reached, without dialing: the first request
@@ -398,9 +421,9 @@ impl Node {
         let body = body.into();
         let timeout = options
             .timeout
-            .unwrap_or(self.shared.config.request_timeout);
+            .unwrap_or(self.shared.config.limits.request_timeout);
         let deadline = Instant::now() + timeout;
-        let limit = self.shared.config.max_response_size;
+        let limit = self.shared.config.limits.max_response_size;
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -434,7 +457,7 @@ impl Node {
     ) -> Result<(), Error> {
         check_route(route)?;
         let body = body.into();
-        let timeout = self.shared.config.request_timeout;
+        let timeout = self.shared.config.limits.request_timeout;
         let deadline = Instant::now() + timeout;
         let mut attempt = 0;
         loop {
@@ -475,8 +498,8 @@ impl Node {
             return;
         }
         shared.shutdown.send_replace(true);
-        let grace = shared.config.shutdown_grace;
-        let all = shared.config.max_concurrent_requests as u32;
+        let grace = shared.config.limits.shutdown_grace;
+        let all = shared.config.limits.max_concurrent_requests;
         let drained = tokio::time::timeout(grace, shared.requests.acquire_many(all)).await;
         if drained.is_err() {
             let running = all as usize - shared.requests.available_permits();

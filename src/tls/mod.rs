@@ -16,7 +16,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
-use crate::config::NodeConfig;
+use crate::config::Config;
 use crate::error::Error;
 use crate::identity::{Keypair, PeerId};
 use cert::CertError;
@@ -31,7 +31,7 @@ pub(crate) struct TlsConfigs {
 }
 
 impl TlsConfigs {
-    pub fn new(key: &Keypair, config: &NodeConfig) -> Result<Self, Error> {
+    pub fn new(key: &Keypair, config: &Config) -> Result<Self, Error> {
         let cert_der = cert::make_certificate(key).map_err(|e| Error::Key {
             reason: format!("cannot make a certificate: {e}"),
         })?;
@@ -41,12 +41,12 @@ impl TlsConfigs {
     /// Configs that present `cert_der` (which must belong to `key`).
     pub fn with_certificate(
         key: &Keypair,
-        config: &NodeConfig,
+        config: &Config,
         cert_der: Vec<u8>,
     ) -> Result<Self, Error> {
-        let alpn = config.alpn.as_slice();
+        let alpn = config.node.alpn.as_bytes();
         // Session resumption state for as many peers as the node may hold connections to.
-        let sessions = config.max_connections.max(256);
+        let sessions = (config.limits.max_connections as usize).max(256);
         let tls_err = |e: rustls::Error| Error::Config(format!("TLS set-up failed: {e}"));
         let cert = CertificateDer::from(cert_der);
         let private = || PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.pkcs8_der().to_vec()));
@@ -62,7 +62,7 @@ impl TlsConfigs {
         // Stateful resumption: each ticket is an id into this cache and is taken out when
         // used, so the server accepts a given 0-RTT flight once.
         server.session_storage = rustls::server::ServerSessionMemoryCache::new(sessions);
-        if config.zero_rtt {
+        if config.node.zero_rtt {
             server.max_early_data_size = u32::MAX; // QUIC allows only 0 or u32::MAX
         }
 
@@ -76,7 +76,7 @@ impl TlsConfigs {
             .map_err(tls_err)?;
         client.alpn_protocols = vec![alpn.to_vec()];
         client.resumption = rustls::client::Resumption::in_memory_sessions(sessions);
-        client.enable_early_data = config.zero_rtt;
+        client.enable_early_data = config.node.zero_rtt;
 
         Ok(TlsConfigs {
             server: Arc::new(server),

@@ -171,3 +171,10 @@ pub async fn raw_request(conn: &quinn::Connection, bytes: &[u8]) -> Vec<u8> {
         .expect("no answer in time")
         .expect("answer stream failed")
 }
+
+/// The default configuration, listening on any free loopback port.
+pub fn config() -> rustorium_p2p::Config {
+    let mut config = rustorium_p2p::Config::default();
+    config.node.listen = "127.0.0.1:0".parse().unwrap();
+    config
+}
