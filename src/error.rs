@@ -60,6 +60,15 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// The metrics endpoint could not open its TCP socket.
+    #[error("cannot serve metrics on {addr}: {source}")]
+    MetricsBind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+
     /// A setting is out of range or inconsistent.
     #[error("invalid configuration: {0}")]
     Config(String),

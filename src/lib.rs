@@ -43,7 +43,7 @@ mod tls;
 pub mod wire;
 
 pub use bytes::Bytes;
-pub use config::{Config, CongestionController};
+pub use config::{Config, CongestionController, LogFormat};
 pub use error::{Direction, Error, Result};
 pub use identity::{Keypair, ParseError, PeerAddr, PeerId};
 pub use metrics::NodeStats;

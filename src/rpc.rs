@@ -11,10 +11,11 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use quinn::{ConnectionError, ReadError, RecvStream, SendStream, VarInt, WriteError};
 use tokio::time::{timeout_at, Instant};
-use tracing::{debug, warn};
+use tracing::{debug, warn, Instrument};
 
 use crate::error::{Direction, Error};
 use crate::identity::PeerId;
+use crate::metrics::{Metrics, Side};
 use crate::peers::Connection;
 use crate::router::{call_handler, RequestContext, Router};
 use crate::wire::{self, code, HeaderError, Status};
@@ -558,28 +559,69 @@ async fn refuse(
     answer(send, status, Bytes::from(message), deadline).await;
 }
 
-/// Answers one request stream. `permit` is `None` when the node is over its limit of
-/// concurrent requests (or shutting down), in which case the answer is BUSY.
+/// How serving a stream ended, for metrics and logs: the route label (a registered
+/// route, `unknown`, or `malformed`) and a status.
+struct Outcome {
+    route: String,
+    status: &'static str,
+}
+
+impl Outcome {
+    fn new(route: &str, status: &'static str) -> Self {
+        Outcome {
+            route: route.to_string(),
+            status,
+        }
+    }
+}
+
+/// Answers one request stream (the answer is BUSY with the reason when `busy` is set),
+/// and records it in the metrics and a `request` span.
 pub(crate) async fn serve_request(
+    router: &Router,
+    metrics: &Metrics,
+    remote: Remote,
+    limits: &ServeLimits,
+    busy: Option<&'static str>,
+    send: SendStream,
+    recv: RecvStream,
+) {
+    let started = std::time::Instant::now();
+    let span = tracing::debug_span!(
+        "request",
+        peer = %remote.peer.short(),
+        stream = %send.id(),
+        route = tracing::field::Empty,
+        status = tracing::field::Empty,
+        duration_us = tracing::field::Empty,
+    );
+    let outcome = answer_request(router, remote, limits, busy, send, recv)
+        .instrument(span.clone())
+        .await;
+    let took = started.elapsed();
+    span.record("route", outcome.route.as_str());
+    span.record("status", outcome.status);
+    span.record("duration_us", took.as_micros() as u64);
+    metrics.request_done(Side::Server, &outcome.route, outcome.status, took);
+    if outcome.status != "ok" {
+        metrics.stream_failed(outcome.status);
+    }
+}
+
+async fn answer_request(
     router: &Router,
     remote: Remote,
     limits: &ServeLimits,
     busy: Option<&'static str>,
     mut send: SendStream,
     mut recv: RecvStream,
-) {
+) -> Outcome {
     let deadline = Instant::now() + limits.request_timeout;
     if let Some(why) = busy {
         let msg = why.to_string();
-        return refuse(
-            &mut send,
-            &mut recv,
-            Status::Busy,
-            code::BUSY,
-            msg,
-            deadline,
-        )
-        .await;
+        let (status, stop) = (Status::Busy, code::BUSY);
+        refuse(&mut send, &mut recv, status, stop, msg, deadline).await;
+        return Outcome::new("unknown", "busy");
     }
     let (route, first) = match timeout_at(deadline, read_header(&mut recv)).await {
         Ok(Ok(header)) => header,
@@ -587,15 +629,23 @@ pub(crate) async fn serve_request(
             debug!(peer = %remote.peer, "malformed request header: {e}");
             let msg = format!("malformed request header: {e}");
             let (status, stop) = (Status::BadRequest, code::BAD_REQUEST);
-            return refuse(&mut send, &mut recv, status, stop, msg, deadline).await;
+            refuse(&mut send, &mut recv, status, stop, msg, deadline).await;
+            return Outcome::new("malformed", "bad_request");
         }
-        Ok(Err(HeaderFailure::Read(e))) => return debug!("request stream failed: {e}"),
-        Err(_) => return give_up(&mut send, &mut recv),
+        Ok(Err(HeaderFailure::Read(e))) => {
+            debug!("request stream failed: {e}");
+            return Outcome::new("malformed", "stream_error");
+        }
+        Err(_) => {
+            give_up(&mut send, &mut recv);
+            return Outcome::new("malformed", "timed_out");
+        }
     };
     let Some(handler) = router.get(&route) else {
         let msg = format!("no handler for route {route:?}");
         let (status, stop) = (Status::UnknownRoute, code::UNKNOWN_ROUTE);
-        return refuse(&mut send, &mut recv, status, stop, msg, deadline).await;
+        refuse(&mut send, &mut recv, status, stop, msg, deadline).await;
+        return Outcome::new("unknown", "unknown_route");
     };
     let limit = usize::try_from(limits.max_request_size).unwrap_or(usize::MAX);
     let body = match timeout_at(deadline, read_body(&mut recv, first, limit)).await {
@@ -603,16 +653,23 @@ pub(crate) async fn serve_request(
         Ok(Err(BodyError::TooLarge)) => {
             let msg = format!("request body exceeds the peer's max_request_size of {limit} bytes");
             let (status, stop) = (Status::TooLarge, code::TOO_LARGE);
-            return refuse(&mut send, &mut recv, status, stop, msg, deadline).await;
+            refuse(&mut send, &mut recv, status, stop, msg, deadline).await;
+            return Outcome::new(&route, "too_large");
         }
-        Ok(Err(BodyError::Read(e))) => return debug!("request stream failed: {e}"),
-        Err(_) => return give_up(&mut send, &mut recv),
+        Ok(Err(BodyError::Read(e))) => {
+            debug!("request stream failed: {e}");
+            return Outcome::new(&route, "stream_error");
+        }
+        Err(_) => {
+            give_up(&mut send, &mut recv);
+            return Outcome::new(&route, "timed_out");
+        }
     };
 
     let ctx = RequestContext {
         peer: remote.peer,
         remote_addr: remote.addr,
-        route: route.into(),
+        route: Arc::from(route.as_str()),
         one_way: false,
         early_data: recv.is_0rtt(),
     };
@@ -620,14 +677,26 @@ pub(crate) async fn serve_request(
     let cancelled = send.stopped();
     let result = tokio::select! {
         result = call_handler(handler.as_ref(), ctx, body) => result,
-        _ = cancelled => return debug!("requester cancelled; handler dropped"),
+        _ = cancelled => {
+            debug!("requester cancelled; handler dropped");
+            return Outcome::new(&route, "cancelled");
+        }
     };
     let deadline = Instant::now() + limits.request_timeout;
     match result {
-        Ok(body) => answer(&mut send, Status::Ok, body, deadline).await,
+        Ok(body) => {
+            answer(&mut send, Status::Ok, body, deadline).await;
+            Outcome::new(&route, "ok")
+        }
         Err(e) => {
             debug!(peer = %remote.peer, "handler failed: {e}");
-            answer(&mut send, e.status, Bytes::from(e.message), deadline).await
+            let status = if e.status == Status::Busy {
+                "busy"
+            } else {
+                "handler_error"
+            };
+            answer(&mut send, e.status, Bytes::from(e.message), deadline).await;
+            Outcome::new(&route, status)
         }
     }
 }
@@ -639,13 +708,36 @@ fn give_up(send: &mut SendStream, recv: &mut RecvStream) {
     let _ = send.reset(VarInt::from_u32(code::TIMED_OUT));
 }
 
-/// Delivers one one-way message to its handler.
+/// Delivers one one-way message to its handler, and records it.
 pub(crate) async fn serve_message(
+    router: &Router,
+    metrics: &Metrics,
+    remote: Remote,
+    limits: &ServeLimits,
+    recv: RecvStream,
+) {
+    let started = std::time::Instant::now();
+    let span = tracing::debug_span!("message", peer = %remote.peer.short(), stream = %recv.id());
+    let outcome = deliver_message(router, remote, limits, recv)
+        .instrument(span)
+        .await;
+    metrics.request_done(
+        Side::Server,
+        &outcome.route,
+        outcome.status,
+        started.elapsed(),
+    );
+    if outcome.status != "ok" {
+        metrics.stream_failed(outcome.status);
+    }
+}
+
+async fn deliver_message(
     router: &Router,
     remote: Remote,
     limits: &ServeLimits,
     mut recv: RecvStream,
-) {
+) -> Outcome {
     let deadline = Instant::now() + limits.request_timeout;
     let stop = |recv: &mut RecvStream, code: u32| {
         let _ = recv.stop(VarInt::from_u32(code));
@@ -654,34 +746,53 @@ pub(crate) async fn serve_message(
         Ok(Ok(header)) => header,
         Ok(Err(HeaderFailure::Malformed(e))) => {
             warn!(peer = %remote.peer, "dropped a one-way message: malformed header: {e}");
-            return stop(&mut recv, code::BAD_REQUEST);
+            stop(&mut recv, code::BAD_REQUEST);
+            return Outcome::new("malformed", "bad_request");
         }
-        Ok(Err(HeaderFailure::Read(e))) => return debug!("message stream failed: {e}"),
-        Err(_) => return stop(&mut recv, code::TIMED_OUT),
+        Ok(Err(HeaderFailure::Read(e))) => {
+            debug!("message stream failed: {e}");
+            return Outcome::new("malformed", "stream_error");
+        }
+        Err(_) => {
+            stop(&mut recv, code::TIMED_OUT);
+            return Outcome::new("malformed", "timed_out");
+        }
     };
     let Some(handler) = router.get(&route) else {
         warn!(peer = %remote.peer, "dropped a one-way message for unknown route {route:?}");
-        return stop(&mut recv, code::UNKNOWN_ROUTE);
+        stop(&mut recv, code::UNKNOWN_ROUTE);
+        return Outcome::new("unknown", "unknown_route");
     };
     let limit = usize::try_from(limits.max_request_size).unwrap_or(usize::MAX);
     let body = match timeout_at(deadline, read_body(&mut recv, first, limit)).await {
         Ok(Ok(body)) => body,
         Ok(Err(BodyError::TooLarge)) => {
             warn!(peer = %remote.peer, "dropped a one-way message on {route:?}: over max_request_size ({limit} bytes)");
-            return stop(&mut recv, code::TOO_LARGE);
+            stop(&mut recv, code::TOO_LARGE);
+            return Outcome::new(&route, "too_large");
         }
-        Ok(Err(BodyError::Read(e))) => return debug!("message stream failed: {e}"),
-        Err(_) => return stop(&mut recv, code::TIMED_OUT),
+        Ok(Err(BodyError::Read(e))) => {
+            debug!("message stream failed: {e}");
+            return Outcome::new(&route, "stream_error");
+        }
+        Err(_) => {
+            stop(&mut recv, code::TIMED_OUT);
+            return Outcome::new(&route, "timed_out");
+        }
     };
     let ctx = RequestContext {
         peer: remote.peer,
         remote_addr: remote.addr,
-        route: Arc::from(route),
+        route: Arc::from(route.as_str()),
         one_way: true,
         early_data: recv.is_0rtt(),
     };
-    if let Err(e) = call_handler(handler.as_ref(), ctx, body).await {
-        warn!(peer = %remote.peer, "one-way handler failed: {e}");
+    match call_handler(handler.as_ref(), ctx, body).await {
+        Ok(_) => Outcome::new(&route, "ok"),
+        Err(e) => {
+            warn!(peer = %remote.peer, "one-way handler failed: {e}");
+            Outcome::new(&route, "handler_error")
+        }
     }
 }
 

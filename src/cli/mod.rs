@@ -62,7 +62,8 @@ enum ConfigCommand {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     if !matches!(cli.command, Command::Node(_)) {
-        init_logging("warn"); // `node` sets up logging once it has read its config
+        // `node` sets up logging once it has read its config.
+        init_logging("warn", rustorium_p2p::LogFormat::Pretty);
     }
     let result = match cli.command {
         Command::Config(ConfigCommand::Default) => {
@@ -103,12 +104,15 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 /// Logs to stderr, filtered by `RUST_LOG` if set, else by `default_level`.
-pub(crate) fn init_logging(default_level: &str) {
+pub(crate) fn init_logging(default_level: &str, format: rustorium_p2p::LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        rustorium_p2p::LogFormat::Json => builder.json().init(),
+        _ => builder.init(),
+    }
 }

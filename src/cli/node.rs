@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
-use rustorium_p2p::{Config, Node, PeerAddr, PeerEvent};
+use rustorium_p2p::{Config, LogFormat, Node, PeerAddr, PeerEvent};
 
 #[derive(Args)]
 pub struct NodeArgs {
@@ -27,6 +27,18 @@ pub struct NodeArgs {
     /// repeat for more.
     #[arg(long = "peer", value_name = "PEERADDR")]
     peers: Vec<PeerAddr>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (for example 127.0.0.1:9464).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
+    /// Log format on stderr.
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormatArg>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormatArg {
+    Pretty,
+    Json,
 }
 
 /// Exit code for a configuration that cannot start a node.
@@ -45,6 +57,14 @@ fn effective_config(args: &NodeArgs) -> Result<Config, rustorium_p2p::Error> {
         config.node.key_file = Some(key.clone());
     }
     config.node.peers.extend(args.peers.iter().copied());
+    if let Some(addr) = args.metrics {
+        config.node.metrics_addr = Some(addr);
+    }
+    match args.log_format {
+        Some(LogFormatArg::Pretty) => config.node.log_format = LogFormat::Pretty,
+        Some(LogFormatArg::Json) => config.node.log_format = LogFormat::Json,
+        None => {}
+    }
     config.validate()?;
     Ok(config)
 }
@@ -66,7 +86,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
     // Everything that can be wrong with the configuration is found before anything starts.
     let started = async {
         let config = effective_config(&args)?;
-        super::init_logging(&config.node.log_level);
+        super::init_logging(&config.node.log_level, config.node.log_format);
         let (key, key_path) = super::keys::node_key(config.node.key_file.as_deref())?;
         let node = Node::builder()
             .config(config)
@@ -88,6 +108,9 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
     stdout.flush()?;
     drop(stdout);
     tracing::info!(key = %key_path.display(), "serving sys/ping, sys/echo, sys/info; Ctrl-C or SIGTERM stops");
+    if let Some(addr) = node.metrics_addr() {
+        tracing::info!("metrics at http://{addr}/metrics");
+    }
     let mut events = node.events();
     tokio::spawn(async move {
         while let Ok(event) = events.recv().await {

@@ -67,8 +67,24 @@ pub struct NodeSettings {
     pub deny: HashSet<PeerId>,
     /// 0-RTT for idempotent requests on reconnect, and accepting early data. Default on.
     pub zero_rtt: bool,
+    /// Serve Prometheus metrics over HTTP at `http://<addr>/metrics`; `None`: off.
+    pub metrics_addr: Option<SocketAddr>,
     /// Log filter for the `node` command (`RUST_LOG` syntax), overridden by `RUST_LOG`.
     pub log_level: String,
+    /// Log format of the `node` command: `pretty` or `json`.
+    pub log_format: LogFormat,
+}
+
+/// How the `node` command writes its log lines (to stderr).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Pretty,
+    /// One JSON object per line.
+    Json,
 }
 
 impl Default for NodeSettings {
@@ -81,7 +97,9 @@ impl Default for NodeSettings {
             allow: None,
             deny: HashSet::new(),
             zero_rtt: true,
+            metrics_addr: None,
             log_level: "info".to_string(),
+            log_format: LogFormat::Pretty,
         }
     }
 }

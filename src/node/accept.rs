@@ -10,8 +10,8 @@ use tokio::sync::watch;
 use tracing::{debug, warn, Instrument};
 
 use super::Shared;
-use crate::metrics::Counters;
-use crate::peers::{Connection, ConnectionDirection, PeerEvent};
+use crate::metrics::{ConnectionFailure, StreamKind};
+use crate::peers::{Connection, ConnectionDirection, DisconnectReason, PeerEvent};
 use crate::rpc::{self, Remote};
 use crate::tls;
 use crate::wire::code;
@@ -76,7 +76,7 @@ pub(super) async fn accept_loop(shared: Arc<Shared>) {
         let remote = incoming.remote_address();
         if shared.is_closing() {
             incoming.refuse();
-            Counters::add(&shared.counters.connections_refused);
+            shared.metrics.connection_failed(ConnectionFailure::Refused);
             continue;
         }
         match shared.admission.admit(&shared, Some(remote.ip())) {
@@ -85,7 +85,7 @@ pub(super) async fn accept_loop(shared: Arc<Shared>) {
             }
             Err(why) => {
                 warn!(%remote, "refused a connection: this node is {why}");
-                Counters::add(&shared.counters.connections_refused);
+                shared.metrics.connection_failed(ConnectionFailure::Refused);
                 incoming.refuse();
             }
         }
@@ -94,9 +94,15 @@ pub(super) async fn accept_loop(shared: Arc<Shared>) {
 
 async fn accept_one(shared: Arc<Shared>, incoming: quinn::Incoming, admitted: Admitted) {
     let addr = incoming.remote_address();
+    let handshake_failed = |e: &dyn std::fmt::Display| {
+        shared
+            .metrics
+            .connection_failed(ConnectionFailure::HandshakeFailed);
+        debug!(remote = %addr, "handshake failed: {e}");
+    };
     let connecting = match incoming.accept() {
         Ok(connecting) => connecting,
-        Err(e) => return debug!(remote = %addr, "handshake failed: {e}"),
+        Err(e) => return handshake_failed(&e),
     };
     // A resumed session names the peer at once (from its ticket), so its 0-RTT requests
     // can be served straight away. Otherwise wait for the handshake, which is where the
@@ -109,11 +115,11 @@ async fn accept_one(shared: Arc<Shared>, incoming: quinn::Incoming, admitted: Ad
         }
         Err(connecting) => match connecting.await {
             Ok(conn) => (conn, None),
-            Err(e) => return debug!(remote = %addr, "handshake failed: {e}"),
+            Err(e) => return handshake_failed(&e),
         },
     };
-    if conn.close_reason().is_some() {
-        return debug!(remote = %addr, "handshake failed: {:?}", conn.close_reason());
+    if let Some(e) = conn.close_reason() {
+        return handshake_failed(&e);
     }
     let Some(peer) = tls::remote_peer_id(&conn) else {
         conn.close(code::CLOSE_PROTOCOL.into(), b"no certificate");
@@ -125,7 +131,7 @@ async fn accept_one(shared: Arc<Shared>, incoming: quinn::Incoming, admitted: Ad
     }
     if let Err(why) = shared.config.admits(&peer) {
         warn!(peer = %peer, remote = %addr, "refused a connection: the peer is {why}");
-        Counters::add(&shared.counters.connections_refused);
+        shared.metrics.connection_failed(ConnectionFailure::Refused);
         let reason = format!("peer {peer} is {why} of node {}", shared.peer_id);
         conn.close(code::CLOSE_REFUSED.into(), reason.as_bytes());
         return;
@@ -160,7 +166,7 @@ pub(super) fn register(
     let addr = conn.conn.remote_address();
     debug!(peer = %conn.peer, %addr, direction = ?conn.direction, "connected");
     if let Some(loser) = shared.peers.insert(conn.clone()) {
-        Counters::add(&shared.counters.duplicates_closed);
+        shared.metrics.duplicate_closed();
         debug!(peer = %loser.peer, "two connections to one peer: retiring one");
         let quiet = (loser.conn.rtt() * 4).max(Duration::from_millis(100));
         tokio::spawn(async move { loser.close_when_quiet(quiet).await });
@@ -170,6 +176,9 @@ pub(super) fn register(
         addr,
         direction: conn.direction,
     });
+    shared.metrics.connection_opened(conn.direction);
+    let watched = (shared.clone(), conn.clone());
+    tokio::spawn(async move { watched.0.metrics.watch_connection(&watched.1.conn).await });
     tokio::spawn(serve_connection(shared.clone(), conn.clone(), admitted));
     conn
 }
@@ -190,9 +199,11 @@ async fn serve_connection(shared: Arc<Shared>, entry: Arc<Connection>, admitted:
                         let remote = Remote { peer: entry.peer, addr: conn.remote_address() };
                         let permit = shared.requests.clone().try_acquire_owned().ok();
                         tokio::spawn(async move {
+                            let metrics = &shared.metrics;
+                            let _active = metrics.stream_opened(StreamKind::Request, ConnectionDirection::Inbound);
                             let busy = busy_reason(&shared, permit.is_some());
                             let limits = &shared.serve_limits;
-                            rpc::serve_request(&shared.router, remote, limits, busy, send, recv).await;
+                            rpc::serve_request(&shared.router, metrics, remote, limits, busy, send, recv).await;
                             drop((permit, guard));
                         });
                     }
@@ -204,15 +215,18 @@ async fn serve_connection(shared: Arc<Shared>, entry: Arc<Connection>, admitted:
                         let shared = shared.clone();
                         let remote = Remote { peer: entry.peer, addr: conn.remote_address() };
                         tokio::spawn(async move {
+                            let metrics = &shared.metrics;
+                            let _active = metrics.stream_opened(StreamKind::OneWay, ConnectionDirection::Inbound);
                             // One-way messages wait for a free slot rather than being dropped.
                             let wait = shared.serve_limits.request_timeout;
                             let permit = tokio::time::timeout(wait, shared.requests.clone().acquire_owned()).await;
                             let Ok(Ok(permit)) = permit else {
                                 warn!(peer = %remote.peer, "dropped a one-way message: node busy or shutting down");
+                                metrics.stream_failed("busy");
                                 let _ = recv.stop(code::BUSY.into());
                                 return;
                             };
-                            rpc::serve_message(&shared.router, remote, &shared.serve_limits, recv).await;
+                            rpc::serve_message(&shared.router, metrics, remote, &shared.serve_limits, recv).await;
                             drop((permit, guard));
                         });
                     }
@@ -223,6 +237,12 @@ async fn serve_connection(shared: Arc<Shared>, entry: Arc<Connection>, admitted:
         shared.peers.remove(&entry);
         let reason = entry.disconnect_reason(&reason);
         debug!("connection closed: {reason}");
+        shared.metrics.connection_closed();
+        match reason {
+            DisconnectReason::IdleTimeout => shared.metrics.connection_failed(ConnectionFailure::TimedOut),
+            DisconnectReason::Lost(_) => shared.metrics.connection_failed(ConnectionFailure::Lost),
+            _ => {}
+        }
         shared.emit(PeerEvent::Disconnected {
             peer: entry.peer,
             addr: conn.remote_address(),

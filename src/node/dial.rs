@@ -14,7 +14,7 @@ use super::accept::register;
 use super::Shared;
 use crate::error::Error;
 use crate::identity::PeerId;
-use crate::metrics::Counters;
+use crate::metrics::ConnectionFailure;
 use crate::peers::{Connection, ConnectionDirection};
 use crate::rpc;
 use crate::tls;
@@ -51,13 +51,24 @@ pub(super) async fn connection_to(
             reason: format!("this node is {why}"),
         })?;
     let limit = shared.config.limits.connect_timeout;
-    let (conn, confirmed) = tokio::time::timeout(limit, dial(shared, peer, addr))
+    let dialed = tokio::time::timeout(limit, dial(shared, peer, addr))
         .await
         .map_err(|_| Error::Connect {
             peer,
             addr,
             reason: format!("no answer within connect_timeout ({limit:?})"),
-        })??;
+        })
+        .and_then(|dialed| dialed);
+    let (conn, confirmed) = dialed.inspect_err(|e| {
+        shared.metrics.connection_failed(match e {
+            Error::PeerIdMismatch { .. } => ConnectionFailure::PeerIdMismatch,
+            Error::Refused { .. } => ConnectionFailure::Refused,
+            Error::Connect { reason, .. } if reason.starts_with("no answer") => {
+                ConnectionFailure::TimedOut
+            }
+            _ => ConnectionFailure::HandshakeFailed,
+        })
+    })?;
     let dialer = shared.peer_id;
     let direction = ConnectionDirection::Outbound;
     let conn = Connection::new(conn, peer, direction, dialer, confirmed);
@@ -142,19 +153,14 @@ async fn dial(
     if shared.config.node.zero_rtt {
         match connecting.into_0rtt() {
             Ok((conn, accepted)) => {
-                Counters::add(&shared.counters.zero_rtt_attempted);
+                shared.metrics.zero_rtt("attempted");
                 let (confirmed_tx, confirmed) = watch::channel(false);
                 let watched = conn.clone();
                 let node = shared.clone();
                 tokio::spawn(async move {
-                    let counters = &node.counters;
                     let accepted = accepted.await;
-                    let counter = if accepted {
-                        &counters.zero_rtt_accepted
-                    } else {
-                        &counters.zero_rtt_rejected
-                    };
-                    Counters::add(counter);
+                    node.metrics
+                        .zero_rtt(if accepted { "accepted" } else { "rejected" });
                     if watched.close_reason().is_none() {
                         confirmed_tx.send_replace(true);
                     }
@@ -212,7 +218,7 @@ pub(super) async fn keep_connected(shared: Arc<Shared>, peer: PeerId) {
             Ok(conn) => {
                 let id = conn.conn.stable_id();
                 if previous.is_some_and(|old| old != id) {
-                    Counters::add(&shared.counters.reconnects);
+                    shared.metrics.reconnected();
                     info!(peer = %peer, "reconnected to known peer");
                 }
                 previous = Some(id);

@@ -20,8 +20,8 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::error::Error;
 use crate::identity::{Keypair, PeerAddr, PeerId};
-use crate::metrics::{Counters, NodeStats};
-use crate::peers::{DisconnectReason, PeerEvent, Peers};
+use crate::metrics::{Metrics, NodeStats, Side, StreamKind};
+use crate::peers::{ConnectionDirection, DisconnectReason, PeerEvent, Peers};
 use crate::router::{Handler, HandlerError, Router};
 use crate::rpc::{self, ServeLimits};
 use crate::tls::TlsConfigs;
@@ -160,6 +160,16 @@ impl NodeBuilder {
             source,
         })?;
 
+        let metrics_listener = match config.node.metrics_addr {
+            Some(addr) => Some(
+                crate::metrics::http::bind(addr)
+                    .await
+                    .map_err(|source| Error::MetricsBind { addr, source })?,
+            ),
+            None => None,
+        };
+        let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+
         let mut router = self.router;
         let with_system = self.system_routes;
         let (shutdown, _) = watch::channel(false);
@@ -185,7 +195,9 @@ impl NodeBuilder {
                 client_config,
                 peers: Peers::new(keypair.peer_id()),
                 events: broadcast::channel(1024).0,
-                counters: Counters::default(),
+                metrics: Metrics::default(),
+                metrics_addr,
+                background: Mutex::new(Vec::new()),
                 known: Mutex::new(HashMap::new()),
                 closing: AtomicBool::new(false),
                 shutdown,
@@ -193,6 +205,20 @@ impl NodeBuilder {
             }
         });
         tokio::spawn(accept::accept_loop(shared.clone()));
+        if let Some(listener) = metrics_listener {
+            let node = Arc::downgrade(&shared);
+            let render = move || {
+                node.upgrade()
+                    .map(|n| n.metrics.encode())
+                    .unwrap_or_default()
+            };
+            let task = tokio::spawn(crate::metrics::http::serve(listener, render));
+            shared
+                .background
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(task);
+        }
         info!(peer_id = %shared.peer_id, %local_addr, "node listening");
         let node = Node { shared };
         for peer in node.shared.config.node.peers.clone() {
@@ -215,7 +241,11 @@ struct Shared {
     peers: Peers,
     admission: accept::Admission,
     events: broadcast::Sender<PeerEvent>,
-    counters: Counters,
+    metrics: Metrics,
+    /// Where the metrics endpoint listens, if it is on.
+    metrics_addr: Option<SocketAddr>,
+    /// Tasks that end with the node (the metrics endpoint).
+    background: Mutex<Vec<JoinHandle<()>>>,
     /// The reconnect task of each known peer.
     known: Mutex<HashMap<PeerId, JoinHandle<()>>>,
     /// One permit per running handler.
@@ -326,9 +356,20 @@ impl Node {
         self.shared.peers.connected_peers()
     }
 
+    /// The address of the metrics endpoint (`http://<addr>/metrics`), if it is on.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.shared.metrics_addr
+    }
+
+    /// The node's metrics in the OpenMetrics text format, for serving from an HTTP
+    /// server of your own.
+    pub fn metrics_text(&self) -> String {
+        self.shared.metrics.encode()
+    }
+
     /// The node's counters.
     pub fn stats(&self) -> NodeStats {
-        self.shared.counters.snapshot(self.connection_count())
+        self.shared.metrics.snapshot(self.connection_count())
     }
 
     /// Subscribes to connection events. A subscriber that falls more than 1024 events
@@ -422,25 +463,13 @@ impl Node {
         let timeout = options
             .timeout
             .unwrap_or(self.shared.config.limits.request_timeout);
-        let deadline = Instant::now() + timeout;
         let limit = self.shared.config.limits.max_response_size;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let conn = dial::ready_connection(
-                &self.shared,
-                peer,
-                route,
-                deadline,
-                timeout,
-                options.idempotent,
-            )
-            .await?;
-            match rpc::request(&conn, route, body.clone(), limit, deadline, timeout).await {
-                Err(failure) if failure.retry && attempt < 3 => continue,
-                result => return result.map_err(|f| f.error),
-            }
-        }
+        let (kind, idempotent) = (StreamKind::Request, options.idempotent);
+        self.with_retries(kind, peer, route, timeout, idempotent, |conn, deadline| {
+            let body = body.clone();
+            async move { rpc::request(&conn, route, body, limit, deadline, timeout).await }
+        })
+        .await
     }
 
     /// Sends a one-way message to `route` on `peer`. Returns once the peer's QUIC stack
@@ -458,17 +487,60 @@ impl Node {
         check_route(route)?;
         let body = body.into();
         let timeout = self.shared.config.limits.request_timeout;
+        self.with_retries(
+            StreamKind::OneWay,
+            peer,
+            route,
+            timeout,
+            false,
+            |conn, deadline| {
+                let body = body.clone();
+                async move { rpc::send(&conn, route, body, deadline, timeout).await }
+            },
+        )
+        .await
+    }
+
+    /// Runs `attempt` on a connection to `peer` that is ready for it, once more (twice at
+    /// most) when a failure says the peer never processed it, all within `timeout`; and
+    /// records the outcome in the metrics.
+    async fn with_retries<T, F, Fut>(
+        &self,
+        kind: StreamKind,
+        peer: PeerId,
+        route: &str,
+        timeout: Duration,
+        idempotent: bool,
+        attempt: F,
+    ) -> Result<T, Error>
+    where
+        F: Fn(Arc<crate::peers::Connection>, Instant) -> Fut,
+        Fut: std::future::Future<Output = Result<T, rpc::Failure>>,
+    {
         let deadline = Instant::now() + timeout;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let conn =
-                dial::ready_connection(&self.shared, peer, route, deadline, timeout, false).await?;
-            match rpc::send(&conn, route, body.clone(), deadline, timeout).await {
-                Err(failure) if failure.retry && attempt < 3 => continue,
-                result => return result.map_err(|f| f.error),
+        let metrics = &self.shared.metrics;
+        let _active = metrics.stream_opened(kind, ConnectionDirection::Outbound);
+        let started = std::time::Instant::now();
+        let mut tries = 0;
+        let result = loop {
+            tries += 1;
+            let ready =
+                dial::ready_connection(&self.shared, peer, route, deadline, timeout, idempotent);
+            let conn = match ready.await {
+                Ok(conn) => conn,
+                Err(e) => break Err(e),
+            };
+            match attempt(conn, deadline).await {
+                Err(failure) if failure.retry && tries < 3 => continue,
+                result => break result.map_err(|f| f.error),
             }
+        };
+        let status = client_status(&result);
+        metrics.request_done(Side::Client, route, status, started.elapsed());
+        if status != "ok" {
+            metrics.stream_failed(status);
         }
+        result
     }
 
     /// Moves the node to a new UDP socket bound to `addr` (path migration). Every
@@ -484,7 +556,7 @@ impl Node {
             .local_addr
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = new;
-        Counters::add(&self.shared.counters.rebinds);
+        self.shared.metrics.rebound();
         info!(%new, "rebound to a new socket");
         Ok(new)
     }
@@ -506,6 +578,14 @@ impl Node {
             warn!("shutdown: {running} requests still running after {grace:?}; closing anyway");
         }
         shared.requests.close();
+        for task in shared
+            .background
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            task.abort();
+        }
         shared
             .endpoint
             .close(code::CLOSE_SHUTDOWN.into(), b"node shutting down");
@@ -528,9 +608,37 @@ impl Drop for Node {
         {
             task.abort();
         }
+        for task in self
+            .shared
+            .background
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            task.abort();
+        }
         self.shared
             .endpoint
             .close(code::CLOSE_SHUTDOWN.into(), b"node dropped");
+    }
+}
+
+/// The `status` label of a request this node sent.
+fn client_status<T>(result: &Result<T, Error>) -> &'static str {
+    match result {
+        Ok(_) => "ok",
+        Err(Error::Remote { status, .. }) => match status {
+            crate::wire::Status::UnknownRoute => "unknown_route",
+            crate::wire::Status::BadRequest => "bad_request",
+            crate::wire::Status::HandlerError => "handler_error",
+            crate::wire::Status::Busy => "busy",
+            _ => "error",
+        },
+        Err(Error::TooLarge { .. }) => "too_large",
+        Err(Error::Timeout { .. }) => "timed_out",
+        Err(Error::ConnectionLost { .. }) => "connection_lost",
+        Err(Error::Protocol { .. }) => "protocol_error",
+        Err(_) => "connect_failed",
     }
 }
 
@@ -563,13 +671,14 @@ fn add_system_routes(router: &mut Router, node: Weak<Shared>) {
 }
 
 fn system_info(node: &Shared) -> String {
-    // All values are hex, digits or socket addresses: nothing needs JSON escaping.
-    format!(
-        "{{\"peer_id\":\"{}\",\"version\":\"{}\",\"listen\":\"{}\",\"connections\":{},\"uptime_secs\":{:.3}}}",
-        node.peer_id,
-        env!("CARGO_PKG_VERSION"),
-        node.local_addr(),
-        node.peers.connection_count(),
-        node.started.elapsed().as_secs_f64()
-    )
+    let stats = node.metrics.snapshot(node.peers.connection_count());
+    serde_json::json!({
+        "peer_id": node.peer_id.to_string(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "listen": node.local_addr().to_string(),
+        "connections": stats.connections,
+        "uptime_secs": node.started.elapsed().as_secs_f64(),
+        "stats": stats,
+    })
+    .to_string()
 }

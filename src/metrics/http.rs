@@ -1,0 +1,110 @@
+//! A minimal HTTP/1.1 endpoint that serves `GET /metrics`. Hand-written on tokio rather
+//! than pulling in an HTTP stack for one route: it reads at most 8 KiB of request head
+//! within 5 s, answers, and closes the connection. At most 32 scrapes are served at once.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tracing::debug;
+
+const MAX_HEAD: usize = 8 * 1024;
+const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_SCRAPES: usize = 32;
+
+/// The OpenMetrics text content type.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Serves `render()` at `/metrics` on `listener` until the task is dropped.
+pub async fn serve<F>(listener: TcpListener, render: F)
+where
+    F: Fn() -> String + Send + Sync + 'static,
+{
+    let render = Arc::new(render);
+    let slots = Arc::new(Semaphore::new(MAX_SCRAPES));
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                debug!("metrics endpoint: accept failed: {e}");
+                // Out of file descriptors and the like: do not spin.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            continue; // over the limit: drop the connection
+        };
+        let render = render.clone();
+        tokio::spawn(async move {
+            if let Err(e) = respond(stream, &*render).await {
+                debug!(%peer, "metrics scrape failed: {e}");
+            }
+            drop(slot);
+        });
+    }
+}
+
+async fn respond(
+    mut stream: TcpStream,
+    render: &(dyn Fn() -> String + Send + Sync),
+) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(1024);
+    let read = tokio::time::timeout(HEAD_TIMEOUT, async {
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            if head.len() >= MAX_HEAD {
+                return Err(std::io::Error::other("request head too large"));
+            }
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                return Err(std::io::Error::other(
+                    "connection closed before the request head",
+                ));
+            }
+            head.extend_from_slice(&buf[..n]);
+        }
+        Ok(())
+    })
+    .await;
+    match read {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(e),
+        Err(_) => return Err(std::io::Error::other("request head not received in time")),
+    }
+    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
+    let mut parts = line.split(|&b| b == b' ');
+    let (method, path) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    );
+    let (status, content_type, body) = match (method, path) {
+        (b"GET", b"/metrics") => ("200 OK", CONTENT_TYPE, render()),
+        (b"GET", _) => (
+            "404 Not Found",
+            "text/plain",
+            "only /metrics is served here\n".into(),
+        ),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "only GET is served here\n".into(),
+        ),
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    tokio::time::timeout(HEAD_TIMEOUT, stream.write_all(response.as_bytes()))
+        .await
+        .map_err(|_| std::io::Error::other("scraper did not read the answer in time"))??;
+    stream.shutdown().await
+}
+
+/// Binds the metrics endpoint.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
