@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use quinn::{ConnectionError, ReadError, RecvStream, SendStream, VarInt, WriteError};
+use tokio::sync::Semaphore;
 use tokio::time::{timeout_at, Instant};
 use tracing::{debug, warn, Instrument};
 
@@ -577,12 +578,14 @@ impl Outcome {
 
 /// Answers one request stream (the answer is BUSY with the reason when `busy` is set),
 /// and records it in the metrics and a `request` span.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn serve_request(
     router: &Router,
     metrics: &Metrics,
     remote: Remote,
     limits: &ServeLimits,
-    busy: Option<&'static str>,
+    slots: &Arc<Semaphore>,
+    closing: bool,
     send: SendStream,
     recv: RecvStream,
 ) {
@@ -595,7 +598,7 @@ pub(crate) async fn serve_request(
         status = tracing::field::Empty,
         duration_us = tracing::field::Empty,
     );
-    let outcome = answer_request(router, remote, limits, busy, send, recv)
+    let outcome = answer_request(router, remote, limits, slots, closing, send, recv)
         .instrument(span.clone())
         .await;
     let took = started.elapsed();
@@ -612,14 +615,15 @@ async fn answer_request(
     router: &Router,
     remote: Remote,
     limits: &ServeLimits,
-    busy: Option<&'static str>,
+    slots: &Arc<Semaphore>,
+    closing: bool,
     mut send: SendStream,
     mut recv: RecvStream,
 ) -> Outcome {
     let deadline = Instant::now() + limits.request_timeout;
-    if let Some(why) = busy {
-        let msg = why.to_string();
-        let (status, stop) = (Status::Busy, code::BUSY);
+    if closing {
+        let msg = "the node is shutting down".to_string();
+        let (status, stop) = (Status::Busy, code::SHUTTING_DOWN);
         refuse(&mut send, &mut recv, status, stop, msg, deadline).await;
         return Outcome::new("unknown", "busy");
     }
@@ -666,6 +670,19 @@ async fn answer_request(
         }
     };
 
+    // A slot for the handler is taken only now, with the whole request read: a peer that
+    // stalls while sending holds its own stream, never a slot others need.
+    let Ok(_slot) = slots.clone().try_acquire_owned() else {
+        let msg = "the node is at its limit of concurrent requests (max_concurrent_requests); retry later";
+        answer(
+            &mut send,
+            Status::Busy,
+            Bytes::from_static(msg.as_bytes()),
+            deadline,
+        )
+        .await;
+        return Outcome::new(&route, "busy");
+    };
     let ctx = RequestContext {
         peer: remote.peer,
         remote_addr: remote.addr,
@@ -714,11 +731,12 @@ pub(crate) async fn serve_message(
     metrics: &Metrics,
     remote: Remote,
     limits: &ServeLimits,
+    slots: &Arc<Semaphore>,
     recv: RecvStream,
 ) {
     let started = std::time::Instant::now();
     let span = tracing::debug_span!("message", peer = %remote.peer.short(), stream = %recv.id());
-    let outcome = deliver_message(router, remote, limits, recv)
+    let outcome = deliver_message(router, remote, limits, slots, recv)
         .instrument(span)
         .await;
     metrics.request_done(
@@ -736,6 +754,7 @@ async fn deliver_message(
     router: &Router,
     remote: Remote,
     limits: &ServeLimits,
+    slots: &Arc<Semaphore>,
     mut recv: RecvStream,
 ) -> Outcome {
     let deadline = Instant::now() + limits.request_timeout;
@@ -779,6 +798,12 @@ async fn deliver_message(
             stop(&mut recv, code::TIMED_OUT);
             return Outcome::new(&route, "timed_out");
         }
+    };
+    // As for requests, a handler slot is taken once the message is read. With no answer to
+    // say BUSY in, the message waits for a slot until its deadline.
+    let Ok(Ok(_slot)) = timeout_at(deadline, slots.clone().acquire_owned()).await else {
+        warn!(peer = %remote.peer, "dropped a one-way message on {route:?}: node at max_concurrent_requests or shutting down");
+        return Outcome::new(&route, "busy");
     };
     let ctx = RequestContext {
         peer: remote.peer,

@@ -197,37 +197,28 @@ async fn serve_connection(shared: Arc<Shared>, entry: Arc<Connection>, admitted:
                         let guard = entry.stream_guard();
                         let shared = shared.clone();
                         let remote = Remote { peer: entry.peer, addr: conn.remote_address() };
-                        let permit = shared.requests.clone().try_acquire_owned().ok();
                         tokio::spawn(async move {
                             let metrics = &shared.metrics;
                             let _active = metrics.stream_opened(StreamKind::Request, ConnectionDirection::Inbound);
-                            let busy = busy_reason(&shared, permit.is_some());
-                            let limits = &shared.serve_limits;
-                            rpc::serve_request(&shared.router, metrics, remote, limits, busy, send, recv).await;
-                            drop((permit, guard));
+                            let closing = shared.is_closing();
+                            let (limits, slots) = (&shared.serve_limits, &shared.requests);
+                            rpc::serve_request(&shared.router, metrics, remote, limits, slots, closing, send, recv).await;
+                            drop(guard);
                         });
                     }
                     Err(e) => break e,
                 },
                 uni = conn.accept_uni() => match uni {
-                    Ok(mut recv) => {
+                    Ok(recv) => {
                         let guard = entry.stream_guard();
                         let shared = shared.clone();
                         let remote = Remote { peer: entry.peer, addr: conn.remote_address() };
                         tokio::spawn(async move {
                             let metrics = &shared.metrics;
                             let _active = metrics.stream_opened(StreamKind::OneWay, ConnectionDirection::Inbound);
-                            // One-way messages wait for a free slot rather than being dropped.
-                            let wait = shared.serve_limits.request_timeout;
-                            let permit = tokio::time::timeout(wait, shared.requests.clone().acquire_owned()).await;
-                            let Ok(Ok(permit)) = permit else {
-                                warn!(peer = %remote.peer, "dropped a one-way message: node busy or shutting down");
-                                metrics.stream_failed("busy");
-                                let _ = recv.stop(code::BUSY.into());
-                                return;
-                            };
-                            rpc::serve_message(&shared.router, metrics, remote, &shared.serve_limits, recv).await;
-                            drop((permit, guard));
+                            let (limits, slots) = (&shared.serve_limits, &shared.requests);
+                            rpc::serve_message(&shared.router, metrics, remote, limits, slots, recv).await;
+                            drop(guard);
                         });
                     }
                     Err(e) => break e,
@@ -253,14 +244,4 @@ async fn serve_connection(shared: Arc<Shared>, entry: Arc<Connection>, admitted:
     }
     .instrument(span)
     .await
-}
-
-fn busy_reason(shared: &Shared, has_permit: bool) -> Option<&'static str> {
-    if shared.is_closing() {
-        Some("the node is shutting down")
-    } else if !has_permit {
-        Some("the node is at its limit of concurrent requests (max_concurrent_requests); retry later")
-    } else {
-        None
-    }
 }
