@@ -34,6 +34,7 @@
 pub mod config;
 pub mod error;
 pub mod identity;
+pub mod link;
 mod metrics;
 mod node;
 mod peers;

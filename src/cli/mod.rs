@@ -3,6 +3,7 @@
 mod client;
 mod demo;
 mod keys;
+mod link;
 mod node;
 
 use std::path::PathBuf;
@@ -45,6 +46,9 @@ enum Command {
     /// Configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Relay UDP between a client and a server through an impaired link (loss, delay,
+    /// jitter, reordering, duplication, rate cap). Prints its address, then stats on exit.
+    Link(link::LinkArgs),
 }
 
 #[derive(Subcommand)]
@@ -81,6 +85,7 @@ pub fn main() -> ExitCode {
                     Command::Send(args) => client::send(args).await,
                     Command::Ping(args) => client::ping(args).await,
                     Command::Demo(args) => demo::run(args).await,
+                    Command::Link(args) => link::run(args).await,
                     Command::Keygen { .. } | Command::Id { .. } | Command::Config(_) => {
                         unreachable!("handled without a runtime")
                     }

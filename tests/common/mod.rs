@@ -178,3 +178,31 @@ pub fn config() -> rustorium_p2p::Config {
     config.node.listen = "127.0.0.1:0".parse().unwrap();
     config
 }
+
+/// A deterministic byte generator for test bodies (SplitMix64).
+pub struct Bytes64(pub u64);
+
+impl Bytes64 {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// `len` pseudo-random bytes.
+    pub fn body(&mut self, len: usize) -> rustorium_p2p::Bytes {
+        let mut out = Vec::with_capacity(len + 8);
+        while out.len() < len {
+            out.extend_from_slice(&self.next_u64().to_le_bytes());
+        }
+        out.truncate(len);
+        out.into()
+    }
+}
+
+/// SHA-256 of `bytes`, to compare bodies by hash.
+pub fn digest(bytes: &[u8]) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, bytes).as_ref().to_vec()
+}
