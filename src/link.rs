@@ -76,13 +76,22 @@ impl Default for LinkConfig {
 impl LinkConfig {
     fn validate(&self) -> std::io::Result<()> {
         let bad = |msg: String| Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, msg));
-        for (name, value) in [("loss", self.loss), ("reorder", self.reorder), ("duplicate", self.duplicate)] {
+        for (name, value) in [
+            ("loss", self.loss),
+            ("reorder", self.reorder),
+            ("duplicate", self.duplicate),
+        ] {
             if !(0.0..1.0).contains(&value) {
-                return bad(format!("{name} must be at least 0 and below 1, got {value}"));
+                return bad(format!(
+                    "{name} must be at least 0 and below 1, got {value}"
+                ));
             }
         }
         if self.burst < 1.0 || !self.burst.is_finite() {
-            return bad(format!("burst must be at least 1 packet, got {}", self.burst));
+            return bad(format!(
+                "burst must be at least 1 packet, got {}",
+                self.burst
+            ));
         }
         if self.rate == Some(0) {
             return bad("rate must be more than 0 bits per second".into());
@@ -131,12 +140,17 @@ pub struct Link {
 
 impl Link {
     /// Starts a link that listens on `listen` for the client and forwards to `to`.
-    pub async fn start(listen: SocketAddr, to: SocketAddr, config: LinkConfig) -> std::io::Result<Link> {
+    pub async fn start(
+        listen: SocketAddr,
+        to: SocketAddr,
+        config: LinkConfig,
+    ) -> std::io::Result<Link> {
         config.validate()?;
         let client_side = Arc::new(UdpSocket::bind(listen).await?);
         let listen = client_side.local_addr()?;
         let upstream_bind = SocketAddr::new(listen.ip(), 0);
-        let (upstream, upstream_rx) = watch::channel(Arc::new(UdpSocket::bind(upstream_bind).await?));
+        let (upstream, upstream_rx) =
+            watch::channel(Arc::new(UdpSocket::bind(upstream_bind).await?));
         let shared = Arc::new(Shared {
             blackhole: AtomicBool::new(false),
             counters: Counters::default(),
@@ -152,7 +166,10 @@ impl Link {
                 Impairment::new(&config, config.seed ^ 0x5eed_0001),
                 to_server,
             )),
-            tokio::spawn(deliver(server_queue, Target::Server(upstream_rx.clone(), to))),
+            tokio::spawn(deliver(
+                server_queue,
+                Target::Server(upstream_rx.clone(), to),
+            )),
             // server -> link -> client
             tokio::spawn(receive_from_server(
                 upstream_rx,
@@ -160,7 +177,10 @@ impl Link {
                 Impairment::new(&config, config.seed ^ 0x5eed_0002),
                 to_client,
             )),
-            tokio::spawn(deliver(client_queue, Target::Client(client_side, shared.clone()))),
+            tokio::spawn(deliver(
+                client_queue,
+                Target::Client(client_side, shared.clone()),
+            )),
         ];
         Ok(Link {
             listen,
@@ -389,12 +409,16 @@ impl Impairment {
                 c.dropped.fetch_add(1, Ordering::Relaxed);
                 return;
             }
-            self.next_free = depart + Duration::from_secs_f64(bytes.len() as f64 * 8.0 / rate as f64);
+            self.next_free =
+                depart + Duration::from_secs_f64(bytes.len() as f64 * 8.0 / rate as f64);
         }
         let mut at = depart + self.delay;
         if !self.jitter.is_zero() {
             let swing = self.jitter.mul_f64(self.rng.next_f64() * 2.0);
-            at = (at + swing).checked_sub(self.jitter).unwrap_or(depart).max(depart);
+            at = (at + swing)
+                .checked_sub(self.jitter)
+                .unwrap_or(depart)
+                .max(depart);
         }
         if self.reorder > 0.0 && self.rng.next_f64() < self.reorder {
             at += self.delay.max(Duration::from_millis(1));
@@ -467,7 +491,11 @@ pub fn parse_rate(text: &str) -> Result<u64, String> {
         "kbit" | "kbps" => 1e3,
         "mbit" | "mbps" => 1e6,
         "gbit" | "gbps" => 1e9,
-        other => return Err(format!("unknown rate unit {other:?} (use bit, kbit, Mbit or Gbit)")),
+        other => {
+            return Err(format!(
+                "unknown rate unit {other:?} (use bit, kbit, Mbit or Gbit)"
+            ))
+        }
     };
     let bits = value * scale;
     if bits < 1.0 {
@@ -498,7 +526,11 @@ mod tests {
     #[test]
     fn loss_rate_and_burst_length_match_the_config() {
         for (loss, burst) in [(0.01, 1.0), (0.05, 1.0), (0.10, 4.0)] {
-            let config = LinkConfig { loss, burst, ..LinkConfig::default() };
+            let config = LinkConfig {
+                loss,
+                burst,
+                ..LinkConfig::default()
+            };
             let mut imp = Impairment::new(&config, 42);
             let n = 200_000;
             let fates: Vec<bool> = (0..n).map(|_| imp.lost()).collect();
@@ -506,7 +538,10 @@ mod tests {
             assert!((lost - loss).abs() < loss * 0.15, "loss {lost} for {loss}");
             let bursts = fates.windows(2).filter(|w| !w[0] && w[1]).count().max(1);
             let mean = fates.iter().filter(|l| **l).count() as f64 / bursts as f64;
-            assert!((mean - burst).abs() < burst * 0.2 + 0.1, "burst {mean} for {burst}");
+            assert!(
+                (mean - burst).abs() < burst * 0.2 + 0.1,
+                "burst {mean} for {burst}"
+            );
         }
     }
 

@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use common::{digest, Bytes64, WAIT};
 use rustorium_p2p::link::{Link, LinkConfig};
-use rustorium_p2p::{Bytes, Config, DisconnectReason, Error, Node, PeerAddr, PeerEvent, RequestContext};
+use rustorium_p2p::{
+    Bytes, Config, DisconnectReason, Error, Node, PeerAddr, PeerEvent, RequestContext,
+};
 use tokio::sync::broadcast;
 
 /// Message bodies the `note` handler received, by body digest (to count duplicates).
@@ -55,7 +57,12 @@ fn big_config() -> Config {
 /// `requests` echo requests (bodies of random length up to 64 KiB, `concurrency` at a
 /// time), one `transfer`-byte echo, and `notes` one-way messages; checks that every answer
 /// matches by hash and every message arrived exactly once.
-async fn exercise(link: LinkConfig, requests: usize, transfer: usize, notes: usize) -> (Node, Link) {
+async fn exercise(
+    link: LinkConfig,
+    requests: usize,
+    transfer: usize,
+    notes: usize,
+) -> (Node, Link) {
     let (client, server, link, seen) = over_link(link, big_config()).await;
     let client = Arc::new(client);
     let peer = server.peer_id();
@@ -71,16 +78,28 @@ async fn exercise(link: LinkConfig, requests: usize, transfer: usize, notes: usi
         });
         while tasks.len() >= 32 {
             let (i, sent, got) = tasks.join_next().await.unwrap().unwrap();
-            assert_eq!(got.unwrap_or_else(|e| panic!("request {i}: {e}")), sent, "request {i}");
+            assert_eq!(
+                got.unwrap_or_else(|e| panic!("request {i}: {e}")),
+                sent,
+                "request {i}"
+            );
         }
     }
     while let Some(done) = tasks.join_next().await {
         let (i, sent, got) = done.unwrap();
-        assert_eq!(got.unwrap_or_else(|e| panic!("request {i}: {e}")), sent, "request {i}");
+        assert_eq!(
+            got.unwrap_or_else(|e| panic!("request {i}: {e}")),
+            sent,
+            "request {i}"
+        );
     }
     let big = gen.body(transfer);
     let answer = client.request(peer, "echo", big.clone()).await.unwrap();
-    assert_eq!(digest(&answer), digest(&big), "{transfer}-byte transfer intact");
+    assert_eq!(
+        digest(&answer),
+        digest(&big),
+        "{transfer}-byte transfer intact"
+    );
 
     let mut sent = Vec::new();
     for i in 0..notes {
@@ -92,12 +111,18 @@ async fn exercise(link: LinkConfig, requests: usize, transfer: usize, notes: usi
     // the time a request sent after it on the same connection is answered... unless the
     // streams are handled in parallel, so wait for the count (bounded).
     let deadline = tokio::time::Instant::now() + WAIT;
-    while seen.lock().unwrap().values().sum::<usize>() < notes && tokio::time::Instant::now() < deadline {
+    while seen.lock().unwrap().values().sum::<usize>() < notes
+        && tokio::time::Instant::now() < deadline
+    {
         client.request(peer, "echo", "").await.unwrap();
     }
     let seen = seen.lock().unwrap();
     for d in &sent {
-        assert_eq!(seen.get(d), Some(&1), "a one-way message was lost or duplicated");
+        assert_eq!(
+            seen.get(d),
+            Some(&1),
+            "a one-way message was lost or duplicated"
+        );
     }
     assert_eq!(seen.len(), notes);
     drop(seen);
@@ -118,7 +143,10 @@ fn lossy(loss: f64) -> LinkConfig {
 async fn five_percent_loss_with_reordering_and_duplication_loses_nothing() {
     let (client, link) = exercise(lossy(0.05), 200, 2 << 20, 100).await;
     let stats = link.stats();
-    assert!(stats.dropped > 0 && stats.duplicated > 0 && stats.reordered > 0, "{stats:?}");
+    assert!(
+        stats.dropped > 0 && stats.duplicated > 0 && stats.reordered > 0,
+        "{stats:?}"
+    );
     // quinn saw the losses, and the loss metric says so.
     let deadline = tokio::time::Instant::now() + WAIT;
     let mut events = client.events();
@@ -170,10 +198,16 @@ async fn latency_tracks_the_link_round_trip() {
     let median = times[times.len() / 2];
     // One round trip per request: not less than the link's, not two of them.
     assert!(median >= Duration::from_millis(15), "median {median:?}");
-    assert!(median < Duration::from_millis(40), "median {median:?}: more than one round trip");
+    assert!(
+        median < Duration::from_millis(40),
+        "median {median:?}: more than one round trip"
+    );
 }
 
-async fn wait_event(events: &mut broadcast::Receiver<PeerEvent>, want: impl Fn(&PeerEvent) -> bool) -> PeerEvent {
+async fn wait_event(
+    events: &mut broadcast::Receiver<PeerEvent>,
+    want: impl Fn(&PeerEvent) -> bool,
+) -> PeerEvent {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         match tokio::time::timeout_at(deadline, events.recv()).await {
@@ -204,16 +238,34 @@ async fn a_partition_fails_requests_clearly_and_heals() {
     let started = std::time::Instant::now();
     let err = client.request(peer, "echo", "during").await.unwrap_err();
     assert!(
-        matches!(err, Error::Timeout { .. } | Error::ConnectionLost { .. } | Error::Connect { .. }),
+        matches!(
+            err,
+            Error::Timeout { .. } | Error::ConnectionLost { .. } | Error::Connect { .. }
+        ),
         "{err:?}"
     );
-    assert!(started.elapsed() < Duration::from_secs(5), "failed within its timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "failed within its timeout"
+    );
     let gone = wait_event(&mut events, |e| matches!(e, PeerEvent::Disconnected { .. })).await;
-    assert!(matches!(gone, PeerEvent::Disconnected { reason: DisconnectReason::IdleTimeout, .. }), "{gone:?}");
+    assert!(
+        matches!(
+            gone,
+            PeerEvent::Disconnected {
+                reason: DisconnectReason::IdleTimeout,
+                ..
+            }
+        ),
+        "{gone:?}"
+    );
 
     link.set_blackhole(false);
     wait_event(&mut events, |e| matches!(e, PeerEvent::Connected { .. })).await;
-    assert_eq!(client.request(peer, "echo", "after").await.unwrap(), "after");
+    assert_eq!(
+        client.request(peer, "echo", "after").await.unwrap(),
+        "after"
+    );
 }
 
 #[tokio::test]
@@ -233,10 +285,21 @@ async fn a_nat_rebinding_mid_transfer_keeps_the_connection() {
         tokio::task::yield_now().await;
     }
     let new_source = link.rebind_upstream().await.unwrap();
-    let answer = tokio::time::timeout(Duration::from_secs(60), transfer).await.unwrap().unwrap();
-    assert_eq!(digest(&answer.unwrap()), digest(&body), "transfer intact across the rebinding");
+    let answer = tokio::time::timeout(Duration::from_secs(60), transfer)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        digest(&answer.unwrap()),
+        digest(&body),
+        "transfer intact across the rebinding"
+    );
     let after = client.request(peer, "addr", "").await.unwrap();
     assert_ne!(before, after);
-    assert_eq!(after, new_source.to_string(), "the server sees the new source address");
+    assert_eq!(
+        after,
+        new_source.to_string(),
+        "the server sees the new source address"
+    );
     assert_eq!(client.connection_count(), 1);
 }

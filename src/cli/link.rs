@@ -58,7 +58,11 @@ pub async fn run(args: LinkArgs) -> anyhow::Result<ExitCode> {
     writeln!(stdout, "{}", link.local_addr())?;
     stdout.flush()?;
     drop(stdout);
-    eprintln!("relaying {} -> {}; Ctrl-C stops", link.local_addr(), args.to);
+    eprintln!(
+        "relaying {} -> {}; Ctrl-C stops",
+        link.local_addr(),
+        args.to
+    );
     tokio::signal::ctrl_c().await?;
     let s = link.stats();
     println!(

@@ -110,6 +110,8 @@ pub enum ClientCert {
     None,
     Ed25519,
     EcdsaP256,
+    /// Ed25519, but valid only in 2000.
+    Expired,
 }
 
 /// A self-signed certificate and its key.
@@ -140,6 +142,17 @@ pub fn raw_client(cert: ClientCert, alpn: &[u8]) -> (quinn::Endpoint, quinn::Cli
         ClientCert::EcdsaP256 => {
             let (c, k) = certificate(&rcgen::PKCS_ECDSA_P256_SHA256);
             builder.with_client_auth_cert(vec![c], k).unwrap()
+        }
+        ClientCert::Expired => {
+            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+            let mut params = rcgen::CertificateParams::new(vec!["rustorium".to_string()]).unwrap();
+            params.not_before = rcgen::date_time_ymd(2000, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2001, 1, 1);
+            let cert = params.self_signed(&key).unwrap();
+            let der = PrivatePkcs8KeyDer::from(key.serialize_der());
+            builder
+                .with_client_auth_cert(vec![cert.der().clone()], PrivateKeyDer::Pkcs8(der))
+                .unwrap()
         }
     };
     tls.alpn_protocols = vec![alpn.to_vec()];
@@ -204,5 +217,7 @@ impl Bytes64 {
 
 /// SHA-256 of `bytes`, to compare bodies by hash.
 pub fn digest(bytes: &[u8]) -> Vec<u8> {
-    ring::digest::digest(&ring::digest::SHA256, bytes).as_ref().to_vec()
+    ring::digest::digest(&ring::digest::SHA256, bytes)
+        .as_ref()
+        .to_vec()
 }
