@@ -49,26 +49,33 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} does not start with a number"))?;
-    let scale: f64 = match unit.trim() {
-        "" | "B" => 1.0,
-        "KB" | "kB" => 1e3,
-        "KiB" => 1024.0,
-        "MB" => 1e6,
-        "MiB" => 1024.0 * 1024.0,
-        "GB" => 1e9,
-        "GiB" => 1024.0 * 1024.0 * 1024.0,
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" | "kB" => 1_000,
+        "KiB" => 1 << 10,
+        "MB" => 1_000_000,
+        "MiB" => 1 << 20,
+        "GB" => 1_000_000_000,
+        "GiB" => 1 << 30,
         other => {
             return Err(format!(
                 "unknown size unit {other:?} in {text:?} (use B, KB, KiB, MB, MiB, GB or GiB)"
             ))
         }
     };
-    let bytes = value * scale;
-    if bytes.fract() != 0.0 || !(0.0..=u64::MAX as f64).contains(&bytes) {
-        return Err(format!("{text:?} is not a whole number of bytes"));
+    let too_large = || format!("{text:?} is too large");
+    if let Ok(whole) = number.parse::<u64>() {
+        return whole.checked_mul(scale).ok_or_else(too_large);
+    }
+    // A decimal number ("1.25MB"): exact enough at these sizes, and must come out whole.
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} does not start with a number"))?;
+    let bytes = value * scale as f64;
+    if bytes.fract() != 0.0 || !(0.0..9.0e15).contains(&bytes) {
+        return Err(format!(
+            "{text:?} is not a whole number of bytes (or is too large)"
+        ));
     }
     Ok(bytes as u64)
 }
