@@ -403,7 +403,9 @@ pub(crate) fn connection_error(peer: PeerId, addr: SocketAddr, err: &ConnectionE
         ConnectionError::TimedOut => {
             "no answer from the peer within the idle timeout (peer down or unreachable)".into()
         }
-        ConnectionError::LocallyClosed => return Error::Shutdown,
+        ConnectionError::LocallyClosed => {
+            "this node closed the connection (shutdown, disconnect, or a 0-RTT handshake that did not complete in time)".into()
+        }
         ConnectionError::Reset => "the peer reset the connection (it may have restarted)".into(),
         other => other.to_string(),
     };

@@ -212,6 +212,24 @@ async fn a_known_peer_that_crashes_and_restarts_is_reconnected() {
     .await;
     assert_eq!(a.request(b_addr.peer_id, "sys/ping", "").await.unwrap(), "");
 
+    // Traffic keeps flowing while the peer dies.
+    let a = Arc::new(a);
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let traffic = tokio::spawn({
+        let (a, peer) = (a.clone(), b_addr.peer_id);
+        async move {
+            let mut errors = Vec::new();
+            for i in 0..100_000u32 {
+                if stop_rx.try_recv().is_ok() {
+                    break;
+                }
+                if let Err(e) = a.request(peer, "sys/echo", i.to_string()).await {
+                    errors.push(e);
+                }
+            }
+            errors
+        }
+    });
     drop(b); // SIGKILL: no close frame, the connection just goes silent
     let gone = wait_event(&mut events, "disconnect", |e| {
         matches!(e, PeerEvent::Disconnected { .. })
@@ -221,6 +239,36 @@ async fn a_known_peer_that_crashes_and_restarts_is_reconnected() {
         PeerEvent::Disconnected { reason, .. } => assert_eq!(reason, DisconnectReason::IdleTimeout),
         other => unreachable!("{other:?}"),
     }
+    let _ = stop_tx.send(());
+    let errors = tokio::time::timeout(WAIT, traffic).await.unwrap().unwrap();
+    assert!(
+        !errors.is_empty(),
+        "requests in flight when the peer died failed"
+    );
+    for e in &errors {
+        assert!(
+            matches!(
+                e,
+                Error::Timeout { .. } | Error::ConnectionLost { .. } | Error::Connect { .. }
+            ),
+            "unclear error: {e:?}"
+        );
+    }
+    // Nothing of the dead connection is left behind.
+    let gauge = |name: &str| {
+        let text = a.metrics_text();
+        let prefix = format!("rustorium_p2p_{name} ");
+        let found = text
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()).map(str::to_string));
+        found.unwrap()
+    };
+    assert_eq!(gauge("connections_active"), "0");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while gauge("streams_active") != "0" && tokio::time::Instant::now() < deadline {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(gauge("streams_active"), "0");
 
     let (_b, again) = NodeProcess::start(&key, &b_addr.addr.to_string());
     assert_eq!(again, b_addr.to_string(), "same key, same address");
@@ -245,8 +293,10 @@ async fn a_known_peer_that_crashes_and_restarts_is_reconnected() {
     assert!(a.known_peers().is_empty());
 }
 
-/// A node whose `seen` route records whether each request came as 0-RTT data.
-async fn early_data_node() -> (Node, Arc<Mutex<Vec<bool>>>) {
+/// A node whose `seen` route records whether each request came as 0-RTT data, and a link
+/// with a 20 ms round trip in front of it (so a request is surely sent before the
+/// handshake completes).
+async fn early_data_node() -> (Node, Arc<Mutex<Vec<bool>>>, rustorium_p2p::link::Link) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let log = seen.clone();
     let node = Node::builder()
@@ -257,15 +307,22 @@ async fn early_data_node() -> (Node, Arc<Mutex<Vec<bool>>>) {
         .bind()
         .await
         .unwrap();
-    (node, seen)
+    let mut config = rustorium_p2p::link::LinkConfig::default();
+    config.delay = Duration::from_millis(10);
+    let link =
+        rustorium_p2p::link::Link::start("127.0.0.1:0".parse().unwrap(), node.local_addr(), config)
+            .await
+            .unwrap();
+    (node, seen, link)
 }
 
 #[tokio::test]
 async fn a_reconnect_uses_0rtt_for_idempotent_requests_only() {
-    let (b, seen) = early_data_node().await;
+    let (b, seen, link) = early_data_node().await;
+    let b_addr = rustorium_p2p::PeerAddr::new(b.peer_id(), link.local_addr());
     let a = Node::builder().bind().await.unwrap();
     let mut events = a.events();
-    a.connect(&b.peer_addr()).await.unwrap();
+    a.connect(&b_addr).await.unwrap();
     a.request(b.peer_id(), "seen", "first").await.unwrap(); // session tickets arrive
     assert_eq!(
         a.stats().zero_rtt_attempted,
@@ -290,6 +347,10 @@ async fn a_reconnect_uses_0rtt_for_idempotent_requests_only() {
     assert_eq!(*seen.lock().unwrap(), vec![false, true]);
 
     // A request not marked idempotent waits for the handshake: never early data.
+    wait_event(&mut events, "reconnection", |e| {
+        matches!(e, PeerEvent::Connected { .. })
+    })
+    .await;
     a.disconnect(&b.peer_id());
     wait_event(&mut events, "disconnect", |e| {
         matches!(e, PeerEvent::Disconnected { .. })

@@ -164,28 +164,56 @@ pub(super) fn register(
     admitted: Admitted,
 ) -> Arc<Connection> {
     let addr = conn.conn.remote_address();
-    debug!(peer = %conn.peer, %addr, direction = ?conn.direction, "connected");
+    debug!(peer = %conn.peer, %addr, direction = ?conn.direction, "connection up");
     if let Some(loser) = shared.peers.insert(conn.clone()) {
         shared.metrics.duplicate_closed();
         debug!(peer = %loser.peer, "two connections to one peer: retiring one");
         let quiet = (loser.conn.rtt() * 4).max(Duration::from_millis(100));
         tokio::spawn(async move { loser.close_when_quiet(quiet).await });
     }
-    shared.emit(PeerEvent::Connected {
-        peer: conn.peer,
-        addr,
-        direction: conn.direction,
-    });
-    shared.metrics.connection_opened(conn.direction);
-    let watched = (shared.clone(), conn.clone());
-    tokio::spawn(async move { watched.0.metrics.watch_connection(&watched.1.conn).await });
     tokio::spawn(serve_connection(shared.clone(), conn.clone(), admitted));
     conn
+}
+
+/// Waits for the handshake of a connection dialed with 0-RTT (already in the pool, so
+/// idempotent requests can use it) for up to `connect_timeout`; then announces the
+/// connection. Returns `false` if it never completed. (An incoming resumed connection is
+/// served at once: its ticket names the peer, and its 0-RTT requests are answered as such.)
+async fn announce(shared: &Arc<Shared>, entry: &Arc<Connection>) -> bool {
+    if entry.direction == ConnectionDirection::Outbound && !entry.is_confirmed() {
+        let limit = shared.config.limits.connect_timeout;
+        let failure = match tokio::time::timeout(limit, entry.confirmed()).await {
+            Ok(true) => None,
+            Ok(false) => Some(ConnectionFailure::HandshakeFailed),
+            Err(_) => {
+                let why = DisconnectReason::Lost("handshake timed out".into());
+                entry.close(why, code::CLOSE_SHUTDOWN, b"handshake timed out");
+                Some(ConnectionFailure::TimedOut)
+            }
+        };
+        if let Some(failure) = failure {
+            shared.peers.remove(entry);
+            shared.metrics.connection_failed(failure);
+            return false;
+        }
+    }
+    shared.emit(PeerEvent::Connected {
+        peer: entry.peer,
+        addr: entry.conn.remote_address(),
+        direction: entry.direction,
+    });
+    shared.metrics.connection_opened(entry.direction);
+    let watched = (shared.clone(), entry.clone());
+    tokio::spawn(async move { watched.0.metrics.watch_connection(&watched.1.conn).await });
+    true
 }
 
 /// Accepts the peer's streams on one connection until it closes, each request in its own
 /// task.
 async fn serve_connection(shared: Arc<Shared>, entry: Arc<Connection>, admitted: Admitted) {
+    if !announce(&shared, &entry).await {
+        return;
+    }
     let conn = &entry.conn;
     let span = tracing::debug_span!("connection", peer = %entry.peer.short(), remote = %conn.remote_address(), direction = ?entry.direction);
     async {
