@@ -235,3 +235,56 @@ async fn node_keeps_its_peer_flags_connected() {
     assert!(b.connected_peers().contains(&a_id));
     assert!(a.terminate().success());
 }
+
+#[test]
+fn the_link_command_relays_with_impairments() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProcess::start(dir.path(), &[]);
+    let node_addr = node.peer_addr.split('@').nth(1).unwrap().to_string();
+    let mut link = Command::new(BIN)
+        .args(["link", "--listen", "127.0.0.1:0", "--to", &node_addr])
+        .args([
+            "--loss",
+            "2%",
+            "--delay",
+            "2ms",
+            "--jitter",
+            "1ms",
+            "--reorder",
+            "1%",
+            "--seed",
+            "5",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let link_out = link.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(link_out).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let relay = rx.recv_timeout(WAIT);
+    let via = relay.map(|line| format!("{}@{}", node.peer_id(), line.trim()));
+    let out = via
+        .as_ref()
+        .map(|via| run(&["request", via, "sys/echo", "--data", "through the link"]));
+    let _ = link.kill();
+    let _ = link.wait();
+    let out = out.expect("the link printed no address");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "through the link");
+
+    let bad = run(&[
+        "link",
+        "--listen",
+        "127.0.0.1:0",
+        "--to",
+        &node_addr,
+        "--loss",
+        "150%",
+    ]);
+    assert_eq!(bad.status.code(), Some(2), "a bad flag is a usage error");
+}

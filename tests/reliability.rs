@@ -181,6 +181,16 @@ async fn full_loss_suite_1_5_and_10_percent() {
 }
 
 #[tokio::test]
+#[ignore = "full size: run in release by .ci/run"]
+async fn full_suite_at_20ms_round_trip_with_jitter() {
+    let mut link = lossy(0.01);
+    link.delay = Duration::from_millis(10);
+    link.jitter = Duration::from_millis(5);
+    let (_, link) = exercise(link, 2000, 20 << 20, 500).await;
+    eprintln!("20 ms RTT, 5 ms jitter, 1% loss: {:?}", link.stats());
+}
+
+#[tokio::test]
 async fn latency_tracks_the_link_round_trip() {
     let mut link = LinkConfig::default();
     link.delay = Duration::from_millis(10); // 20 ms round trip

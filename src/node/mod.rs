@@ -147,7 +147,7 @@ impl NodeBuilder {
             addr: config.node.listen,
             source,
         };
-        let socket = std::net::UdpSocket::bind(config.node.listen).map_err(bind_error)?;
+        let socket = config.bind_socket(config.node.listen).map_err(bind_error)?;
         let endpoint = quinn::Endpoint::new(
             config.quinn_endpoint(),
             Some(server_config),
@@ -548,7 +548,7 @@ impl Node {
     /// Returns the new local address.
     pub fn rebind(&self, addr: SocketAddr) -> Result<SocketAddr, Error> {
         let bind_error = |source| Error::Bind { addr, source };
-        let socket = std::net::UdpSocket::bind(addr).map_err(bind_error)?;
+        let socket = self.shared.config.bind_socket(addr).map_err(bind_error)?;
         self.shared.endpoint.rebind(socket).map_err(bind_error)?;
         let new = self.shared.endpoint.local_addr().map_err(bind_error)?;
         *self
