@@ -8,6 +8,8 @@ use clap::Args;
 use rustorium_p2p::{Bytes, Node, RequestContext, RequestOptions};
 use tokio::sync::mpsc;
 
+use super::join_all;
+
 #[derive(Args)]
 pub struct DemoArgs {
     /// How many nodes (2 to 16).
@@ -309,33 +311,6 @@ async fn reconnect_and_rebind(server: &Node) -> Result<(), String> {
     } else {
         Err(format!("{} requests failed across the rebind", 200 - ok))
     }
-}
-
-/// Runs futures concurrently on this task and returns their outputs in order.
-async fn join_all<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
-    let mut set = Vec::new();
-    for future in futures {
-        set.push(Box::pin(future));
-    }
-    let mut outputs: Vec<Option<F::Output>> = (0..set.len()).map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (slot, future) in outputs.iter_mut().zip(set.iter_mut()) {
-            if slot.is_none() {
-                match future.as_mut().poll(cx) {
-                    std::task::Poll::Ready(out) => *slot = Some(out),
-                    std::task::Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending {
-            std::task::Poll::Pending
-        } else {
-            std::task::Poll::Ready(())
-        }
-    })
-    .await;
-    outputs.into_iter().flatten().collect()
 }
 
 fn micros(d: Duration) -> String {

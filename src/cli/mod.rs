@@ -1,5 +1,6 @@
 //! Command-line interface: argument parsing and dispatch to one module per command group.
 
+mod bench;
 mod client;
 mod demo;
 mod keys;
@@ -46,6 +47,8 @@ enum Command {
     /// Configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Measure our stack side by side with raw quinn and TCP + TLS on 127.0.0.1.
+    Bench(bench::BenchArgs),
     /// Relay UDP between a client and a server through an impaired link (loss, delay,
     /// jitter, reordering, duplication, rate cap). Prints its address, then stats on exit.
     Link(link::LinkArgs),
@@ -86,6 +89,7 @@ pub fn main() -> ExitCode {
                     Command::Ping(args) => client::ping(args).await,
                     Command::Demo(args) => demo::run(args).await,
                     Command::Link(args) => link::run(args).await,
+                    Command::Bench(args) => bench::run(args).await,
                     Command::Keygen { .. } | Command::Id { .. } | Command::Config(_) => {
                         unreachable!("handled without a runtime")
                     }
@@ -120,4 +124,33 @@ pub(crate) fn init_logging(default_level: &str, format: rustorium_p2p::LogFormat
         rustorium_p2p::LogFormat::Json => builder.json().init(),
         _ => builder.init(),
     }
+}
+
+/// Runs futures concurrently on this task and returns their outputs in order.
+pub(crate) async fn join_all<F: std::future::Future>(
+    futures: impl Iterator<Item = F>,
+) -> Vec<F::Output> {
+    let mut set = Vec::new();
+    for future in futures {
+        set.push(Box::pin(future));
+    }
+    let mut outputs: Vec<Option<F::Output>> = (0..set.len()).map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (slot, future) in outputs.iter_mut().zip(set.iter_mut()) {
+            if slot.is_none() {
+                match future.as_mut().poll(cx) {
+                    std::task::Poll::Ready(out) => *slot = Some(out),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    outputs.into_iter().flatten().collect()
 }

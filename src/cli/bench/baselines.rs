@@ -1,0 +1,290 @@
+//! The two baselines the bench measures our stack against, written here so that all
+//! three do the same work: raw quinn (same rustls ring provider, one bidirectional stream
+//! per request, the body until FIN each way) and TCP + TLS 1.3 with tokio-rustls (one
+//! persistent connection, u32-length-prefixed frames, answers in order).
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
+
+/// The largest body a baseline server accepts (bulk transfers).
+const MAX_BODY: usize = 1 << 31;
+
+/// Bodies above this are bulk uploads: the servers answer them with nothing, as our
+/// `sink` route does, so that all three stacks do the same work.
+const ECHO_LIMIT: usize = 64 * 1024;
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A self-signed Ed25519 certificate, as our nodes use.
+fn certificate() -> anyhow::Result<(CertificateDer<'static>, PrivateKeyDer<'static>)> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
+    let cert = rcgen::CertificateParams::new(vec!["bench".to_string()])?.self_signed(&key)?;
+    let der = PrivatePkcs8KeyDer::from(key.serialize_der());
+    Ok((cert.der().clone(), PrivateKeyDer::Pkcs8(der)))
+}
+
+fn server_tls(alpn: &[u8]) -> anyhow::Result<rustls::ServerConfig> {
+    let (cert, key) = certificate()?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)?;
+    config.alpn_protocols = vec![alpn.to_vec()];
+    config.max_early_data_size = u32::MAX;
+    Ok(config)
+}
+
+fn client_tls(alpn: &[u8]) -> anyhow::Result<rustls::ClientConfig> {
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAny))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    config.enable_early_data = true;
+    Ok(config)
+}
+
+/// The baselines skip certificate checks (they measure transport cost, not PKI); they
+/// still verify nothing else is amiss by answering with the right bytes.
+#[derive(Debug)]
+struct AcceptAny;
+
+impl ServerCertVerifier for AcceptAny {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        vec![SignatureScheme::ED25519]
+    }
+}
+
+// ------------------------------------------------------------------ raw quinn
+
+/// A raw quinn echo server: each bidirectional stream's bytes come back on it.
+pub struct QuinnServer {
+    pub endpoint: quinn::Endpoint,
+}
+
+impl QuinnServer {
+    pub fn start() -> anyhow::Result<QuinnServer> {
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(server_tls(b"bench")?)?;
+        let config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse()?)?;
+        let accept = endpoint.clone();
+        tokio::spawn(async move {
+            while let Some(incoming) = accept.accept().await {
+                tokio::spawn(async move {
+                    let Ok(connecting) = incoming.accept() else {
+                        return;
+                    };
+                    let conn = match connecting.into_0rtt() {
+                        Ok((conn, _)) => conn,
+                        Err(connecting) => match connecting.await {
+                            Ok(conn) => conn,
+                            Err(_) => return,
+                        },
+                    };
+                    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                        tokio::spawn(async move {
+                            if let Ok(body) = recv.read_to_end(MAX_BODY).await {
+                                if body.len() <= ECHO_LIMIT {
+                                    let _ = send.write_all(&body).await;
+                                }
+                                let _ = send.finish();
+                            }
+                        });
+                    }
+                });
+            }
+        });
+        Ok(QuinnServer { endpoint })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.endpoint.local_addr().expect("bound")
+    }
+}
+
+/// A raw quinn client endpoint (keeps session tickets for 0-RTT).
+pub struct QuinnClient {
+    endpoint: quinn::Endpoint,
+    config: quinn::ClientConfig,
+}
+
+impl QuinnClient {
+    pub fn new() -> anyhow::Result<QuinnClient> {
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(client_tls(b"bench")?)?;
+        let config = quinn::ClientConfig::new(Arc::new(crypto));
+        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+        Ok(QuinnClient { endpoint, config })
+    }
+
+    /// Connects; with `zero_rtt`, uses 0-RTT when a ticket is at hand.
+    pub async fn connect(
+        &self,
+        to: SocketAddr,
+        zero_rtt: bool,
+    ) -> anyhow::Result<quinn::Connection> {
+        let connecting = self
+            .endpoint
+            .connect_with(self.config.clone(), to, "bench")?;
+        if zero_rtt {
+            match connecting.into_0rtt() {
+                Ok((conn, _)) => return Ok(conn),
+                Err(connecting) => return Ok(connecting.await?),
+            }
+        }
+        Ok(connecting.await?)
+    }
+}
+
+/// One request on its own stream.
+pub async fn quinn_call(conn: &quinn::Connection, body: Bytes) -> anyhow::Result<Bytes> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    send.write_chunk(body).await?;
+    send.finish()?;
+    Ok(recv.read_to_end(MAX_BODY).await?.into())
+}
+
+// ------------------------------------------------------------------ TCP + TLS
+
+/// A TCP + TLS 1.3 echo server: each length-prefixed frame comes back, in order.
+pub struct TcpServer {
+    pub addr: SocketAddr,
+}
+
+impl TcpServer {
+    pub async fn start() -> anyhow::Result<TcpServer> {
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_tls(b"bench")?));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let _ = tcp.set_nodelay(true);
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let (mut read, mut write) = tokio::io::split(tls);
+                    loop {
+                        let Ok(len) = read.read_u32().await else {
+                            return;
+                        };
+                        let mut body = vec![0u8; len as usize];
+                        if read.read_exact(&mut body).await.is_err() {
+                            return;
+                        }
+                        let answer = if body.len() <= ECHO_LIMIT {
+                            &body[..]
+                        } else {
+                            &[]
+                        };
+                        if write.write_u32(answer.len() as u32).await.is_err()
+                            || write.write_all(answer).await.is_err()
+                            || write.flush().await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Ok(TcpServer { addr })
+    }
+}
+
+type Pending = Arc<Mutex<VecDeque<oneshot::Sender<Bytes>>>>;
+
+/// A TCP + TLS client: one connection, requests pipelined, answers matched in order.
+pub struct TcpClient {
+    write: tokio::sync::Mutex<
+        tokio::io::WriteHalf<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+    >,
+    pending: Pending,
+}
+
+impl TcpClient {
+    pub async fn connect(to: SocketAddr) -> anyhow::Result<TcpClient> {
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client_tls(b"bench")?));
+        let tcp = tokio::net::TcpStream::connect(to).await?;
+        tcp.set_nodelay(true)?;
+        let name = ServerName::try_from("bench").context("server name")?;
+        let tls = connector.connect(name, tcp).await?;
+        let (mut read, write) = tokio::io::split(tls);
+        let pending: Pending = Arc::default();
+        let answers = pending.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok(len) = read.read_u32().await else {
+                    return;
+                };
+                let mut body = vec![0u8; len as usize];
+                if read.read_exact(&mut body).await.is_err() {
+                    return;
+                }
+                let next = answers
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .pop_front();
+                if let Some(tx) = next {
+                    let _ = tx.send(body.into());
+                }
+            }
+        });
+        Ok(TcpClient {
+            write: tokio::sync::Mutex::new(write),
+            pending,
+        })
+    }
+
+    pub async fn call(&self, body: Bytes) -> anyhow::Result<Bytes> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut write = self.write.lock().await;
+            self.pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push_back(tx);
+            write.write_u32(body.len() as u32).await?;
+            write.write_all(&body).await?;
+            write.flush().await?;
+        }
+        rx.await.context("connection closed")
+    }
+}
