@@ -49,6 +49,9 @@ enum Command {
     Config(ConfigCommand),
     /// Measure our stack side by side with raw quinn and TCP + TLS on 127.0.0.1.
     Bench(bench::BenchArgs),
+    /// A server for the bench's scale scenarios (started by `bench` itself).
+    #[command(hide = true)]
+    BenchServer(bench::scale::ServerArgs),
     /// Relay UDP between a client and a server through an impaired link (loss, delay,
     /// jitter, reordering, duplication, rate cap). Prints its address, then stats on exit.
     Link(link::LinkArgs),
@@ -90,6 +93,7 @@ pub fn main() -> ExitCode {
                     Command::Demo(args) => demo::run(args).await,
                     Command::Link(args) => link::run(args).await,
                     Command::Bench(args) => bench::run(args).await,
+                    Command::BenchServer(args) => bench::scale::serve(args).await,
                     Command::Keygen { .. } | Command::Id { .. } | Command::Config(_) => {
                         unreachable!("handled without a runtime")
                     }

@@ -102,8 +102,18 @@ pub struct QuinnServer {
 
 impl QuinnServer {
     pub fn start() -> anyhow::Result<QuinnServer> {
+        Self::start_with_streams(100) // quinn's defaults
+    }
+
+    /// With both stream limits at `streams`.
+    pub fn start_with_streams(streams: u32) -> anyhow::Result<QuinnServer> {
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(server_tls(b"bench")?)?;
-        let config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        let mut transport = quinn::TransportConfig::default();
+        transport
+            .max_concurrent_bidi_streams(streams.into())
+            .max_concurrent_uni_streams(streams.into());
+        config.transport_config(Arc::new(transport));
         let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse()?)?;
         let accept = endpoint.clone();
         tokio::spawn(async move {

@@ -4,6 +4,7 @@
 //! compare on a shared, noisy machine.
 
 mod baselines;
+pub mod scale;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -98,7 +99,7 @@ struct Stacks {
     _tcp_server: TcpServer,
 }
 
-fn bench_config() -> Config {
+pub(crate) fn bench_config() -> Config {
     let mut config = Config::default();
     config.node.listen = "127.0.0.1:0".parse().expect("literal");
     config.limits.max_request_size = 1 << 31;
@@ -255,6 +256,50 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             false,
             full,
         );
+    }
+
+    // 5 and 6. Idle connections: memory, file descriptors, handshake rate.
+    let sizes: &[usize] = if args.quick { &[20] } else { &[1000, 10_000] };
+    for &n in sizes {
+        for (stack, name) in [(0, "rustorium"), (1, "quinn")] {
+            progress(&format!("{n} connections to one {name} server"));
+            let s = scale::measure(name, n).await?;
+            add(
+                format!("{n} conns: server memory per conn"),
+                stack,
+                "KiB",
+                false,
+                s.server_kib,
+            );
+            add(
+                format!("{n} conns: client memory per conn"),
+                stack,
+                "KiB",
+                false,
+                s.client_kib,
+            );
+            add(
+                format!("{n} conns: handshakes per second"),
+                stack,
+                "conn/s",
+                true,
+                s.handshakes_per_sec,
+            );
+            add(
+                format!("{n} conns: set-up p99"),
+                stack,
+                "µs",
+                false,
+                s.setup_p99_us,
+            );
+            add(
+                format!("{n} conns: server open fds (before: {})", s.server_fds.1),
+                stack,
+                "fds",
+                false,
+                s.server_fds.0 as f64,
+            );
+        }
     }
 
     print_table(&figures, args.quick);
