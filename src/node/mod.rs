@@ -564,6 +564,7 @@ impl Node {
     /// Stops accepting connections and requests, lets running requests finish (up to
     /// `shutdown_grace`), then closes every connection with code `SHUTDOWN` (0) and
     /// waits (bounded) for the peers to be told.
+    #[tracing::instrument(skip_all, fields(peer_id = %self.shared.peer_id.short()))]
     pub async fn shutdown(&self) {
         let shared = &self.shared;
         if shared.closing.swap(true, Ordering::SeqCst) {
