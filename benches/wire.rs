@@ -19,7 +19,9 @@ fn wire(c: &mut Criterion) {
     c.bench_function("decode_header 255-byte route", |b| {
         b.iter(|| decode_header(black_box(&long)))
     });
-    c.bench_function("decode_status", |b| b.iter(|| decode_status(black_box(&[0, 1, 2]))));
+    c.bench_function("decode_status", |b| {
+        b.iter(|| decode_status(black_box(&[0, 1, 2])))
+    });
 }
 
 criterion_group!(benches, wire);

@@ -41,7 +41,8 @@ pub struct LinkConfig {
     pub burst: f64,
     /// One-way delay.
     pub delay: Duration,
-    /// Each packet's delay varies uniformly by up to this much either way.
+    /// Each packet's delay varies uniformly by up to this much either way (packets keep
+    /// their order: a packet is never delivered before one sent earlier).
     pub jitter: Duration,
     /// Fraction of packets held back (by one more `delay`, at least 1 ms) so that later
     /// ones overtake them.
@@ -350,6 +351,8 @@ struct Impairment {
     rate: Option<u64>,
     queue: usize,
     next_free: Instant,
+    /// When the last packet not chosen for reordering is due.
+    last_at: Instant,
     seq: u64,
 }
 
@@ -375,6 +378,7 @@ impl Impairment {
             rate: config.rate,
             queue: config.queue,
             next_free: Instant::now(),
+            last_at: Instant::now(),
             seq: 0,
         }
     }
@@ -419,7 +423,11 @@ impl Impairment {
                 .checked_sub(self.jitter)
                 .unwrap_or(depart)
                 .max(depart);
+            // Jitter varies the delay but keeps the order, as on one path through a
+            // queue; reordering is its own setting.
+            at = at.max(self.last_at);
         }
+        self.last_at = self.last_at.max(at);
         if self.reorder > 0.0 && self.rng.next_f64() < self.reorder {
             at += self.delay.max(Duration::from_millis(1));
             c.reordered.fetch_add(1, Ordering::Relaxed);
