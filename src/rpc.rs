@@ -18,7 +18,7 @@ use crate::error::{Direction, Error};
 use crate::identity::PeerId;
 use crate::metrics::{Metrics, Side};
 use crate::peers::Connection;
-use crate::router::{call_handler, RequestContext, Router};
+use crate::router::{call_handler, Handler, RequestContext, Router};
 use crate::wire::{self, code, HeaderError, Status};
 
 /// Limits that the answering side applies.
@@ -578,6 +578,110 @@ impl Outcome {
     }
 }
 
+/// Why an incoming request or message was not read in full.
+enum Refusal {
+    /// The header is malformed.
+    Malformed(HeaderError),
+    /// No handler for the route.
+    UnknownRoute(String),
+    /// The body is over `max_request_size`.
+    TooLarge(String, usize),
+    /// The peer did not send it all within `request_timeout` (route, if known).
+    TimedOut(Option<String>),
+    /// The stream broke (route, if known).
+    Broken(Option<String>),
+}
+
+impl Refusal {
+    /// The STOP_SENDING code to send, if any.
+    fn stop_code(&self) -> Option<u32> {
+        match self {
+            Refusal::Malformed(_) => Some(code::BAD_REQUEST),
+            Refusal::UnknownRoute(_) => Some(code::UNKNOWN_ROUTE),
+            Refusal::TooLarge(..) => Some(code::TOO_LARGE),
+            Refusal::TimedOut(_) => Some(code::TIMED_OUT),
+            Refusal::Broken(_) => None,
+        }
+    }
+
+    /// The answer to send (status and message), if one can be sent.
+    fn answer(&self) -> Option<(Status, String)> {
+        match self {
+            Refusal::Malformed(e) => {
+                Some((Status::BadRequest, format!("malformed request header: {e}")))
+            }
+            Refusal::UnknownRoute(route) => Some((
+                Status::UnknownRoute,
+                format!("no handler for route {route:?}"),
+            )),
+            Refusal::TooLarge(_, limit) => Some((
+                Status::TooLarge,
+                format!("request body exceeds the peer's max_request_size of {limit} bytes"),
+            )),
+            Refusal::TimedOut(_) | Refusal::Broken(_) => None,
+        }
+    }
+
+    /// The route and status labels for metrics.
+    fn outcome(&self) -> Outcome {
+        let known = |route: &Option<String>| route.clone().unwrap_or_else(|| "malformed".into());
+        match self {
+            Refusal::Malformed(_) => Outcome::new("malformed", "bad_request"),
+            Refusal::UnknownRoute(_) => Outcome::new("unknown", "unknown_route"),
+            Refusal::TooLarge(route, _) => Outcome::new(route, "too_large"),
+            Refusal::TimedOut(route) => Outcome {
+                route: known(route),
+                status: "timed_out",
+            },
+            Refusal::Broken(route) => Outcome {
+                route: known(route),
+                status: "stream_error",
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.answer() {
+            Some((_, message)) => f.write_str(&message),
+            None if matches!(self, Refusal::TimedOut(_)) => f.write_str("the peer was too slow"),
+            None => f.write_str("the stream broke"),
+        }
+    }
+}
+
+/// Reads a request or message: its header, its handler, and its whole body, by `deadline`.
+async fn read_request<'r>(
+    router: &'r Router,
+    recv: &mut RecvStream,
+    limits: &ServeLimits,
+    deadline: Instant,
+) -> Result<(String, &'r Arc<dyn Handler>, Bytes), Refusal> {
+    let (route, first) = match timeout_at(deadline, read_header(recv)).await {
+        Ok(Ok(header)) => header,
+        Ok(Err(HeaderFailure::Malformed(e))) => return Err(Refusal::Malformed(e)),
+        Ok(Err(HeaderFailure::Read(e))) => {
+            debug!("stream failed: {e}");
+            return Err(Refusal::Broken(None));
+        }
+        Err(_) => return Err(Refusal::TimedOut(None)),
+    };
+    let Some(handler) = router.get(&route) else {
+        return Err(Refusal::UnknownRoute(route));
+    };
+    let limit = usize::try_from(limits.max_request_size).unwrap_or(usize::MAX);
+    match timeout_at(deadline, read_body(recv, first, limit)).await {
+        Ok(Ok(body)) => Ok((route, handler, body)),
+        Ok(Err(BodyError::TooLarge)) => Err(Refusal::TooLarge(route, limit)),
+        Ok(Err(BodyError::Read(e))) => {
+            debug!("stream failed: {e}");
+            Err(Refusal::Broken(Some(route)))
+        }
+        Err(_) => Err(Refusal::TimedOut(Some(route))),
+    }
+}
+
 /// Answers one request stream (the answer is BUSY with the reason when `busy` is set),
 /// and records it in the metrics and a `request` span.
 #[allow(clippy::too_many_arguments)]
@@ -629,49 +733,25 @@ async fn answer_request(
         refuse(&mut send, &mut recv, status, stop, msg, deadline).await;
         return Outcome::new("unknown", "busy");
     }
-    let (route, first) = match timeout_at(deadline, read_header(&mut recv)).await {
-        Ok(Ok(header)) => header,
-        Ok(Err(HeaderFailure::Malformed(e))) => {
-            debug!(peer = %remote.peer, "malformed request header: {e}");
-            let msg = format!("malformed request header: {e}");
-            let (status, stop) = (Status::BadRequest, code::BAD_REQUEST);
-            refuse(&mut send, &mut recv, status, stop, msg, deadline).await;
-            return Outcome::new("malformed", "bad_request");
-        }
-        Ok(Err(HeaderFailure::Read(e))) => {
-            debug!("request stream failed: {e}");
-            return Outcome::new("malformed", "stream_error");
-        }
-        Err(_) => {
-            give_up(&mut send, &mut recv);
-            return Outcome::new("malformed", "timed_out");
-        }
-    };
-    let Some(handler) = router.get(&route) else {
-        let msg = format!("no handler for route {route:?}");
-        let (status, stop) = (Status::UnknownRoute, code::UNKNOWN_ROUTE);
-        refuse(&mut send, &mut recv, status, stop, msg, deadline).await;
-        return Outcome::new("unknown", "unknown_route");
-    };
-    let limit = usize::try_from(limits.max_request_size).unwrap_or(usize::MAX);
-    let body = match timeout_at(deadline, read_body(&mut recv, first, limit)).await {
-        Ok(Ok(body)) => body,
-        Ok(Err(BodyError::TooLarge)) => {
-            let msg = format!("request body exceeds the peer's max_request_size of {limit} bytes");
-            let (status, stop) = (Status::TooLarge, code::TOO_LARGE);
-            refuse(&mut send, &mut recv, status, stop, msg, deadline).await;
-            return Outcome::new(&route, "too_large");
-        }
-        Ok(Err(BodyError::Read(e))) => {
-            debug!("request stream failed: {e}");
-            return Outcome::new(&route, "stream_error");
-        }
-        Err(_) => {
-            give_up(&mut send, &mut recv);
-            return Outcome::new(&route, "timed_out");
+    let (route, handler, body) = match read_request(router, &mut recv, limits, deadline).await {
+        Ok(read) => read,
+        Err(refusal) => {
+            debug!(peer = %remote.peer, "request refused: {refusal}");
+            if let Some(stop) = refusal.stop_code() {
+                let _ = recv.stop(VarInt::from_u32(stop));
+            }
+            match refusal.answer() {
+                Some((status, message)) => {
+                    answer(&mut send, status, Bytes::from(message), deadline).await
+                }
+                None if matches!(refusal, Refusal::TimedOut(_)) => {
+                    let _ = send.reset(VarInt::from_u32(code::TIMED_OUT));
+                }
+                None => {}
+            }
+            return refusal.outcome();
         }
     };
-
     // A slot for the handler is taken only now, with the whole request read: a peer that
     // stalls while sending holds its own stream, never a slot others need.
     let Ok(_slot) = slots.clone().try_acquire_owned() else {
@@ -720,13 +800,6 @@ async fn answer_request(
     }
 }
 
-/// The peer took too long to send its request: drop the stream at both ends.
-fn give_up(send: &mut SendStream, recv: &mut RecvStream) {
-    debug!("peer too slow sending its request; dropping the stream");
-    let _ = recv.stop(VarInt::from_u32(code::TIMED_OUT));
-    let _ = send.reset(VarInt::from_u32(code::TIMED_OUT));
-}
-
 /// Delivers one one-way message to its handler, and records it.
 pub(crate) async fn serve_message(
     router: &Router,
@@ -760,45 +833,14 @@ async fn deliver_message(
     mut recv: RecvStream,
 ) -> Outcome {
     let deadline = Instant::now() + limits.request_timeout;
-    let stop = |recv: &mut RecvStream, code: u32| {
-        let _ = recv.stop(VarInt::from_u32(code));
-    };
-    let (route, first) = match timeout_at(deadline, read_header(&mut recv)).await {
-        Ok(Ok(header)) => header,
-        Ok(Err(HeaderFailure::Malformed(e))) => {
-            warn!(peer = %remote.peer, "dropped a one-way message: malformed header: {e}");
-            stop(&mut recv, code::BAD_REQUEST);
-            return Outcome::new("malformed", "bad_request");
-        }
-        Ok(Err(HeaderFailure::Read(e))) => {
-            debug!("message stream failed: {e}");
-            return Outcome::new("malformed", "stream_error");
-        }
-        Err(_) => {
-            stop(&mut recv, code::TIMED_OUT);
-            return Outcome::new("malformed", "timed_out");
-        }
-    };
-    let Some(handler) = router.get(&route) else {
-        warn!(peer = %remote.peer, "dropped a one-way message for unknown route {route:?}");
-        stop(&mut recv, code::UNKNOWN_ROUTE);
-        return Outcome::new("unknown", "unknown_route");
-    };
-    let limit = usize::try_from(limits.max_request_size).unwrap_or(usize::MAX);
-    let body = match timeout_at(deadline, read_body(&mut recv, first, limit)).await {
-        Ok(Ok(body)) => body,
-        Ok(Err(BodyError::TooLarge)) => {
-            warn!(peer = %remote.peer, "dropped a one-way message on {route:?}: over max_request_size ({limit} bytes)");
-            stop(&mut recv, code::TOO_LARGE);
-            return Outcome::new(&route, "too_large");
-        }
-        Ok(Err(BodyError::Read(e))) => {
-            debug!("message stream failed: {e}");
-            return Outcome::new(&route, "stream_error");
-        }
-        Err(_) => {
-            stop(&mut recv, code::TIMED_OUT);
-            return Outcome::new(&route, "timed_out");
+    let (route, handler, body) = match read_request(router, &mut recv, limits, deadline).await {
+        Ok(read) => read,
+        Err(refusal) => {
+            warn!(peer = %remote.peer, "dropped a one-way message: {refusal}");
+            if let Some(stop) = refusal.stop_code() {
+                let _ = recv.stop(VarInt::from_u32(stop));
+            }
+            return refusal.outcome();
         }
     };
     // As for requests, a handler slot is taken once the message is read. With no answer to

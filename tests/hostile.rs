@@ -14,16 +14,6 @@ use rustorium_p2p::Node;
 /// Tests here measure the whole process's memory, so they run one at a time.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Resident memory of this process, in KiB.
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// The value of an unlabelled metric in a node's exposition.
 fn metric(node: &Node, name: &str) -> f64 {
     let text = node.metrics_text();
@@ -57,7 +47,7 @@ async fn a_hundred_thousand_random_datagrams_change_nothing() {
     let server = server.bind().await.unwrap();
     let good = Arc::new(Node::builder().bind().await.unwrap());
     good.connect(&server.peer_addr()).await.unwrap();
-    let rss_before = rss_kib();
+    let rss_before = common::rss_kib();
 
     let target = server.local_addr();
     let flood = tokio::spawn(async move {
@@ -87,7 +77,7 @@ async fn a_hundred_thousand_random_datagrams_change_nothing() {
         1,
         "no connection came out of the noise"
     );
-    let grown = rss_kib().saturating_sub(rss_before);
+    let grown = common::rss_kib().saturating_sub(rss_before);
     assert!(grown < 64 * 1024, "memory grew by {grown} KiB");
 }
 
@@ -177,7 +167,7 @@ async fn ten_thousand_stalled_streams_do_not_starve_other_peers() {
     let server = server.config(config).bind().await.unwrap();
     let good = Arc::new(Node::builder().bind().await.unwrap());
     good.connect(&server.peer_addr()).await.unwrap();
-    let rss_before = rss_kib();
+    let rss_before = common::rss_kib();
 
     // 100 connections, each opening its 100 allowed streams and sending one header byte.
     let mut attackers = Vec::new();
@@ -194,7 +184,7 @@ async fn ten_thousand_stalled_streams_do_not_starve_other_peers() {
     assert_eq!(stalled.len(), 10_000);
     // The good peer is served while all 10,000 streams hang.
     good_traffic(good.clone(), server.peer_id(), 200).await;
-    let grown = rss_kib().saturating_sub(rss_before);
+    let grown = common::rss_kib().saturating_sub(rss_before);
     assert!(
         grown < 256 * 1024,
         "memory grew by {grown} KiB for 10,000 stalled streams"

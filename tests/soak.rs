@@ -10,15 +10,6 @@ use std::time::{Duration, Instant};
 
 use rustorium_p2p::Node;
 
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 fn open_files_limit() -> u64 {
     let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
     limits
@@ -98,12 +89,12 @@ async fn a_thousand_connections_ten_in_flight_each_for_a_minute() {
     // Memory after a warm-up third, and at the end.
     let warm = tokio::time::sleep(Duration::from_secs(secs / 3));
     warm.await;
-    let rss_warm = rss_kib();
+    let rss_warm = common::rss_kib();
     let mut slowest = Duration::ZERO;
     while let Some(result) = tasks.join_next().await {
         slowest = slowest.max(result.unwrap());
     }
-    let rss_end = rss_kib();
+    let rss_end = common::rss_kib();
     let total = done.load(Ordering::Relaxed);
     eprintln!(
         "soak: {total} requests in {secs} s ({:.0}/s) over {CLIENTS} connections, slowest {slowest:?}; RSS {rss_warm} KiB after warm-up, {rss_end} KiB at the end",

@@ -44,21 +44,12 @@ impl Body {
     }
 }
 
+/// What `request` and `send` take.
 #[derive(Args)]
-pub struct RequestArgs {
+pub struct MessageArgs {
     #[command(flatten)]
     target: Target,
     /// The route, for example sys/echo.
-    route: String,
-    #[command(flatten)]
-    body: Body,
-}
-
-#[derive(Args)]
-pub struct SendArgs {
-    #[command(flatten)]
-    target: Target,
-    /// The route.
     route: String,
     #[command(flatten)]
     body: Body,
@@ -109,7 +100,7 @@ fn local_for(remote: SocketAddr) -> SocketAddr {
     }
 }
 
-pub async fn request(args: RequestArgs) -> anyhow::Result<ExitCode> {
+pub async fn request(args: MessageArgs) -> anyhow::Result<ExitCode> {
     let body = args.body.load()?;
     let node = connect(&args.target).await?;
     let answer = node
@@ -123,7 +114,7 @@ pub async fn request(args: RequestArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
+pub async fn send(args: MessageArgs) -> anyhow::Result<ExitCode> {
     let body = args.body.load()?;
     let node = connect(&args.target).await?;
     let sent = node.send(args.target.peer.peer_id, &args.route, body).await;

@@ -37,9 +37,9 @@ enum Command {
     /// Run a node until Ctrl-C or SIGTERM. Prints its PeerAddr as the first line on stdout.
     Node(node::NodeArgs),
     /// Send a request and print the answer body to stdout.
-    Request(client::RequestArgs),
+    Request(client::MessageArgs),
     /// Send a one-way message.
-    Send(client::SendArgs),
+    Send(client::MessageArgs),
     /// Measure round-trip times of `sys/ping` requests.
     Ping(client::PingArgs),
     /// Start a small network on loopback, have every node request every other, print a table.
