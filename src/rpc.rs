@@ -712,9 +712,6 @@ pub(crate) async fn serve_request(
     span.record("status", outcome.status);
     span.record("duration_us", took.as_micros() as u64);
     metrics.request_done(Side::Server, &outcome.route, outcome.status, took);
-    if outcome.status != "ok" {
-        metrics.stream_failed(outcome.status);
-    }
 }
 
 async fn answer_request(
@@ -820,9 +817,6 @@ pub(crate) async fn serve_message(
         outcome.status,
         started.elapsed(),
     );
-    if outcome.status != "ok" {
-        metrics.stream_failed(outcome.status);
-    }
 }
 
 async fn deliver_message(

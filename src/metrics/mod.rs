@@ -367,8 +367,11 @@ impl Metrics {
             .inc();
     }
 
-    /// Records a finished request.
+    /// Records a finished request (and, unless its status is `ok`, a stream error).
     pub fn request_done(&self, side: Side, route: &str, status: &'static str, took: Duration) {
+        if status != "ok" {
+            self.stream_failed(status);
+        }
         let side = side.label();
         let labels = RequestLabels {
             route: route.to_string(),

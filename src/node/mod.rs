@@ -537,9 +537,6 @@ impl Node {
         };
         let status = client_status(&result);
         metrics.request_done(Side::Client, route, status, started.elapsed());
-        if status != "ok" {
-            metrics.stream_failed(status);
-        }
         result
     }
 
