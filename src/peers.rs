@@ -248,6 +248,9 @@ struct PeerEntry {
     current: Option<Arc<Connection>>,
     /// The last known address to dial.
     addr: Option<SocketAddr>,
+    /// The address was only learned from the peer dialing us (not given by the
+    /// application), so the entry goes when the peer's last connection does.
+    learned: bool,
     /// Held while dialing this peer.
     dial_lock: Arc<tokio::sync::Mutex<()>>,
 }
@@ -290,13 +293,15 @@ impl Peers {
         self.lock().peers.get(peer)?.addr
     }
 
-    /// Remembers where `peer` can be dialed. With `only_if_unknown`, keeps an address
-    /// that is already known.
+    /// Remembers where `peer` can be dialed. With `only_if_unknown` (an address learned
+    /// from an incoming connection), keeps an address that is already known, and the
+    /// entry is forgotten with the peer's last connection.
     pub fn set_addr(&self, peer: PeerId, addr: SocketAddr, only_if_unknown: bool) {
         let mut inner = self.lock();
         let entry = inner.peers.entry(peer).or_default();
         if !(only_if_unknown && entry.addr.is_some()) {
             entry.addr = Some(addr);
+            entry.learned = only_if_unknown;
         }
     }
 
@@ -360,7 +365,18 @@ impl Peers {
                 }
                 entry.current = replacement;
             }
+            // Forget peers that only ever dialed us, so that a stream of new PeerIds
+            // (keys cost nothing to make) cannot grow this map without bound.
+            if entry.current.is_none() && (entry.learned || entry.addr.is_none()) {
+                inner.peers.remove(&conn.peer);
+            }
         }
+    }
+
+    /// Number of peers the pool holds any state for.
+    #[cfg(test)]
+    pub fn entries(&self) -> usize {
+        self.lock().peers.len()
     }
 
     /// Number of open connections (retired ones included until they close).

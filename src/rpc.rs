@@ -60,7 +60,16 @@ struct Target<'a> {
     route: &'a str,
 }
 
-impl Target<'_> {
+impl<'a> Target<'a> {
+    fn new(conn: &'a Connection, route: &'a str) -> Self {
+        Target {
+            conn,
+            peer: conn.peer,
+            addr: conn.conn.remote_address(),
+            route,
+        }
+    }
+
     fn lost(&self, err: &ConnectionError) -> Failure {
         Failure {
             error: connection_error(self.peer, self.addr, err),
@@ -133,12 +142,7 @@ pub(crate) async fn request(
     timeout: Duration,
 ) -> Result<Bytes, Failure> {
     let _active = conn.stream_guard();
-    let target = Target {
-        conn,
-        peer: conn.peer,
-        addr: conn.conn.remote_address(),
-        route,
-    };
+    let target = Target::new(conn, route);
     let (send, recv) = match timeout_at(deadline, conn.conn.open_bi()).await {
         Ok(Ok(streams)) => streams,
         Ok(Err(e)) => return Err(target.lost(&e)),
@@ -310,12 +314,7 @@ pub(crate) async fn send(
     timeout: Duration,
 ) -> Result<(), Failure> {
     let _active = conn.stream_guard();
-    let target = Target {
-        conn,
-        peer: conn.peer,
-        addr: conn.conn.remote_address(),
-        route,
-    };
+    let target = Target::new(conn, route);
     let work = async {
         let mut stream = conn.conn.open_uni().await.map_err(|e| target.lost(&e))?;
         let header = Bytes::from(wire::encode_header(route));
@@ -472,7 +471,10 @@ async fn read_body(recv: &mut RecvStream, first: Bytes, limit: usize) -> Result<
     let mut joined: Option<BytesMut> = None;
     loop {
         // Ask for at most one byte past the limit, so an over-long body is noticed.
-        let chunk = match recv.read_chunk(limit - total + 1, true).await {
+        let chunk = match recv
+            .read_chunk((limit - total).saturating_add(1), true)
+            .await
+        {
             Ok(Some(chunk)) => chunk.bytes,
             Ok(None) => break,
             Err(e) => return Err(BodyError::Read(e)),

@@ -680,3 +680,93 @@ fn system_info(node: &Shared) -> String {
     })
     .to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A certificate for `key` that expired in 2001.
+    fn expired_certificate(key: &Keypair) -> Vec<u8> {
+        let der = rustls::pki_types::PrivatePkcs8KeyDer::from(key.pkcs8_der());
+        let signing =
+            rcgen::KeyPair::from_pkcs8_der_and_sign_algo(&der, &rcgen::PKCS_ED25519).unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["rustorium".to_string()]).unwrap();
+        params.not_before = rcgen::date_time_ymd(2000, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2001, 1, 1);
+        params.self_signed(&signing).unwrap().der().to_vec()
+    }
+
+    #[tokio::test]
+    async fn a_dialer_whose_certificate_is_refused_is_told_so() {
+        let server = Node::builder()
+            .route("echo", |_ctx, body| async move { Ok(body) })
+            .bind()
+            .await
+            .unwrap();
+        let key = Keypair::generate();
+        let mut builder = Node::builder();
+        builder.certificate = Some(expired_certificate(&key));
+        let client = builder.keypair(key).bind().await.unwrap();
+
+        // The handshake may look finished to the dialer before the acceptor has checked
+        // its certificate, so the refusal may surface at connect() or at the first request.
+        let result = match client.connect(&server.peer_addr()).await {
+            Ok(()) => client
+                .request(server.peer_id(), "echo", "x")
+                .await
+                .map(drop),
+            Err(e) => Err(e),
+        };
+        match result {
+            Err(Error::CertificateRejected { peer, reason, .. }) => {
+                assert_eq!(peer, server.peer_id());
+                assert!(reason.contains("expired"), "{reason}");
+            }
+            other => panic!("expected CertificateRejected, got {other:?}"),
+        }
+        assert_eq!(server.connection_count(), 0);
+
+        // The acceptor goes on serving a peer with a good certificate.
+        let good = Node::builder().bind().await.unwrap();
+        good.connect(&server.peer_addr()).await.unwrap();
+        assert_eq!(
+            good.request(server.peer_id(), "echo", "y").await.unwrap(),
+            "y"
+        );
+    }
+
+    #[tokio::test]
+    async fn peers_that_only_dialed_us_are_forgotten_when_they_leave() {
+        let server = Node::builder()
+            .route("echo", |_ctx, body| async move { Ok(body) })
+            .bind()
+            .await
+            .unwrap();
+        let mut events = server.events();
+        for _ in 0..20 {
+            let client = Node::builder().bind().await.unwrap();
+            client.connect(&server.peer_addr()).await.unwrap();
+            client.request(server.peer_id(), "echo", "x").await.unwrap();
+            client.shutdown().await;
+        }
+        let mut gone = 0;
+        while gone < 20 {
+            let event = tokio::time::timeout(Duration::from_secs(10), events.recv()).await;
+            if let Ok(Ok(PeerEvent::Disconnected { .. })) = event {
+                gone += 1;
+            } else if event.is_err() {
+                panic!("only {gone} of 20 disconnects seen");
+            }
+        }
+        assert_eq!(server.connection_count(), 0);
+        assert_eq!(
+            server.shared.peers.entries(),
+            0,
+            "no state left for departed peers"
+        );
+        // An address the application gave is kept.
+        let known = Keypair::generate().peer_id();
+        server.add_address(PeerAddr::new(known, "127.0.0.1:9".parse().unwrap()));
+        assert_eq!(server.shared.peers.entries(), 1);
+    }
+}
