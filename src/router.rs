@@ -126,16 +126,17 @@ where
 /// Route name to handler.
 #[derive(Clone, Default)]
 pub(crate) struct Router {
-    routes: HashMap<String, Arc<dyn Handler>>,
+    routes: HashMap<Arc<str>, Arc<dyn Handler>>,
 }
 
 impl Router {
     pub fn insert(&mut self, route: String, handler: Arc<dyn Handler>) {
-        self.routes.insert(route, handler);
+        self.routes.insert(route.into(), handler);
     }
 
-    pub fn get(&self, route: &str) -> Option<&Arc<dyn Handler>> {
-        self.routes.get(route)
+    /// The handler for `route`, with the route's shared name.
+    pub fn get(&self, route: &str) -> Option<(&Arc<str>, &Arc<dyn Handler>)> {
+        self.routes.get_key_value(route)
     }
 }
 

@@ -56,7 +56,6 @@ impl From<Error> for Failure {
 struct Target<'a> {
     conn: &'a Connection,
     peer: PeerId,
-    addr: SocketAddr,
     route: &'a str,
 }
 
@@ -65,14 +64,13 @@ impl<'a> Target<'a> {
         Target {
             conn,
             peer: conn.peer,
-            addr: conn.conn.remote_address(),
             route,
         }
     }
 
     fn lost(&self, err: &ConnectionError) -> Failure {
         Failure {
-            error: connection_error(self.peer, self.addr, err),
+            error: connection_error(self.peer, self.conn.conn.remote_address(), err),
             retry: is_duplicate_close(err),
         }
     }
@@ -143,26 +141,21 @@ pub(crate) async fn request(
 ) -> Result<Bytes, Failure> {
     let _active = conn.stream_guard();
     let target = Target::new(conn, route);
-    let (send, recv) = match timeout_at(deadline, conn.conn.open_bi()).await {
-        Ok(Ok(streams)) => streams,
-        Ok(Err(e)) => return Err(target.lost(&e)),
-        Err(_) => return Err(target.timed_out(timeout)),
-    };
-    let mut streams = CancelOnDrop {
-        send,
-        recv,
-        armed: true,
-    };
-    let result = timeout_at(
-        deadline,
-        exchange(&mut streams, &target, body, max_response_size),
-    )
-    .await
-    .unwrap_or_else(|_| Err(target.timed_out(timeout)));
-    if !matches!(&result, Err(f) if matches!(f.error, Error::Timeout { .. })) {
+    // One timer for the whole exchange; the deadline dropping the work resets the stream.
+    let work = async {
+        let (send, recv) = conn.conn.open_bi().await.map_err(|e| target.lost(&e))?;
+        let mut streams = CancelOnDrop {
+            send,
+            recv,
+            armed: true,
+        };
+        let result = exchange(&mut streams, &target, body, max_response_size).await;
         streams.armed = false;
-    }
-    result
+        result
+    };
+    timeout_at(deadline, work)
+        .await
+        .unwrap_or_else(|_| Err(target.timed_out(timeout)))
 }
 
 /// Resets both halves of a request stream unless the exchange completed.
@@ -188,8 +181,8 @@ async fn exchange(
     max_response_size: u64,
 ) -> Result<Bytes, Failure> {
     let (peer, route) = (target.peer, target.route);
-    let header = Bytes::from(wire::encode_header(route));
-    let stopped = match streams.send.write_all_chunks(&mut [header, body]).await {
+    let header = wire::encode_header(route);
+    let stopped = match write_framed(&mut streams.send, &header, body).await {
         Ok(()) => {
             let _ = streams.send.finish();
             None
@@ -293,15 +286,42 @@ enum AnswerError {
 }
 
 async fn read_answer(recv: &mut RecvStream, limit: usize) -> Result<(Status, Bytes), AnswerError> {
-    // The status byte, then the body. `limit` bounds the body; +1 for the status byte.
-    let all = read_body(recv, Bytes::new(), limit.saturating_add(1))
+    // The status byte comes in the first chunk; the body is the rest of it and of the stream
+    // (so a body that arrives in one piece after the status byte is not copied).
+    let first = loop {
+        match recv.read_chunk(limit.saturating_add(1), true).await {
+            Ok(Some(chunk)) if chunk.bytes.is_empty() => continue,
+            Ok(Some(chunk)) => break chunk.bytes,
+            Ok(None) => break Bytes::new(),
+            Err(e) => return Err(AnswerError::Read(e)),
+        }
+    };
+    let status = wire::decode_status(&first).map_err(AnswerError::Decode)?;
+    let body = read_body(recv, first.slice(1..), limit)
         .await
         .map_err(|e| match e {
             BodyError::TooLarge => AnswerError::TooLarge,
             BodyError::Read(e) => AnswerError::Read(e),
         })?;
-    let status = wire::decode_status(&all).map_err(AnswerError::Decode)?;
-    Ok((status, all.slice(1..)))
+    Ok((status, body))
+}
+
+/// Bodies up to this size are copied behind their prefix (header or status byte) and
+/// written as one chunk: one STREAM frame, and one read on the other side. Larger ones go
+/// as a second chunk, uncopied.
+const COALESCE_LIMIT: usize = 4096;
+
+/// Writes `prefix` then `body` on `send` (without finishing it).
+async fn write_framed(send: &mut SendStream, prefix: &[u8], body: Bytes) -> Result<(), WriteError> {
+    if body.len() <= COALESCE_LIMIT {
+        let mut joined = BytesMut::with_capacity(prefix.len() + body.len());
+        joined.extend_from_slice(prefix);
+        joined.extend_from_slice(&body);
+        send.write_all_chunks(&mut [joined.freeze()]).await
+    } else {
+        let prefix = Bytes::copy_from_slice(prefix);
+        send.write_all_chunks(&mut [prefix, body]).await
+    }
 }
 
 /// Sends one message on a new unidirectional stream and waits until the peer's QUIC
@@ -317,8 +337,8 @@ pub(crate) async fn send(
     let target = Target::new(conn, route);
     let work = async {
         let mut stream = conn.conn.open_uni().await.map_err(|e| target.lost(&e))?;
-        let header = Bytes::from(wire::encode_header(route));
-        let stop = match stream.write_all_chunks(&mut [header, body]).await {
+        let header = wire::encode_header(route);
+        let stop = match write_framed(&mut stream, &header, body).await {
             Ok(()) => {
                 let _ = stream.finish();
                 match stream.stopped().await {
@@ -497,15 +517,16 @@ async fn read_body(recv: &mut RecvStream, first: Bytes, limit: usize) -> Result<
     Ok(joined.map_or(single, BytesMut::freeze))
 }
 
-/// Reads a route header. Returns the route and whatever body bytes came with it.
-async fn read_header(recv: &mut RecvStream) -> Result<(String, Bytes), HeaderFailure> {
+/// Reads a route header. Returns what `resolve` makes of the route, and whatever body
+/// bytes came with the header.
+async fn read_header<T>(
+    recv: &mut RecvStream,
+    resolve: impl FnOnce(&str) -> T,
+) -> Result<(T, Bytes), HeaderFailure> {
     let mut pending = Bytes::new();
     loop {
         match wire::decode_header(&pending) {
-            Ok(Some((route, len))) => {
-                let route = route.to_string();
-                return Ok((route, pending.slice(len..)));
-            }
+            Ok(Some((route, len))) => return Ok((resolve(route), pending.slice(len..))),
             Ok(None) => {}
             Err(e) => return Err(HeaderFailure::Malformed(e)),
         }
@@ -532,15 +553,8 @@ enum HeaderFailure {
 
 /// Writes an answer (status byte, body, FIN) within `deadline`.
 async fn answer(send: &mut SendStream, status: Status, body: Bytes, deadline: Instant) {
-    let status_byte = Bytes::from_static(match status {
-        Status::Ok => &[0],
-        Status::UnknownRoute => &[1],
-        Status::TooLarge => &[2],
-        Status::BadRequest => &[3],
-        Status::HandlerError => &[4],
-        Status::Busy => &[5],
-    });
-    match timeout_at(deadline, send.write_all_chunks(&mut [status_byte, body])).await {
+    let status_byte = [wire::encode_status(status)];
+    match timeout_at(deadline, write_framed(send, &status_byte, body)).await {
         Ok(Ok(())) => {
             let _ = send.finish();
         }
@@ -567,14 +581,22 @@ async fn refuse(
 /// How serving a stream ended, for metrics and logs: the route label (a registered
 /// route, `unknown`, or `malformed`) and a status.
 struct Outcome {
-    route: String,
+    route: Arc<str>,
     status: &'static str,
 }
 
 impl Outcome {
-    fn new(route: &str, status: &'static str) -> Self {
+    fn new(route: &Arc<str>, status: &'static str) -> Self {
         Outcome {
-            route: route.to_string(),
+            route: route.clone(),
+            status,
+        }
+    }
+
+    /// For a stream whose route is not a registered one.
+    fn unregistered(label: &'static str, status: &'static str) -> Self {
+        Outcome {
+            route: Arc::from(label),
             status,
         }
     }
@@ -587,11 +609,11 @@ enum Refusal {
     /// No handler for the route.
     UnknownRoute(String),
     /// The body is over `max_request_size`.
-    TooLarge(String, usize),
+    TooLarge(Arc<str>, usize),
     /// The peer did not send it all within `request_timeout` (route, if known).
-    TimedOut(Option<String>),
+    TimedOut(Option<Arc<str>>),
     /// The stream broke (route, if known).
-    Broken(Option<String>),
+    Broken(Option<Arc<str>>),
 }
 
 impl Refusal {
@@ -626,10 +648,10 @@ impl Refusal {
 
     /// The route and status labels for metrics.
     fn outcome(&self) -> Outcome {
-        let known = |route: &Option<String>| route.clone().unwrap_or_else(|| "malformed".into());
+        let known = |route: &Option<Arc<str>>| route.clone().unwrap_or_else(|| "malformed".into());
         match self {
-            Refusal::Malformed(_) => Outcome::new("malformed", "bad_request"),
-            Refusal::UnknownRoute(_) => Outcome::new("unknown", "unknown_route"),
+            Refusal::Malformed(_) => Outcome::unregistered("malformed", "bad_request"),
+            Refusal::UnknownRoute(_) => Outcome::unregistered("unknown", "unknown_route"),
             Refusal::TooLarge(route, _) => Outcome::new(route, "too_large"),
             Refusal::TimedOut(route) => Outcome {
                 route: known(route),
@@ -653,34 +675,44 @@ impl std::fmt::Display for Refusal {
     }
 }
 
-/// Reads a request or message: its header, its handler, and its whole body, by `deadline`.
+/// Reads a request or message: its header, its handler, and its whole body, by `deadline`
+/// (one timer for both).
 async fn read_request<'r>(
     router: &'r Router,
     recv: &mut RecvStream,
     limits: &ServeLimits,
     deadline: Instant,
-) -> Result<(String, &'r Arc<dyn Handler>, Bytes), Refusal> {
-    let (route, first) = match timeout_at(deadline, read_header(recv)).await {
-        Ok(Ok(header)) => header,
-        Ok(Err(HeaderFailure::Malformed(e))) => return Err(Refusal::Malformed(e)),
-        Ok(Err(HeaderFailure::Read(e))) => {
-            debug!("stream failed: {e}");
-            return Err(Refusal::Broken(None));
+) -> Result<(Arc<str>, &'r Arc<dyn Handler>, Bytes), Refusal> {
+    let mut route_read: Option<Arc<str>> = None;
+    let work = async {
+        let resolve = |route: &str| router.get(route).ok_or_else(|| route.to_string());
+        let (handler, first) = match read_header(recv, resolve).await {
+            Ok((Ok((route, handler)), first)) => {
+                route_read = Some(route.clone());
+                (handler, first)
+            }
+            Ok((Err(unknown), _)) => return Err(Refusal::UnknownRoute(unknown)),
+            Err(HeaderFailure::Malformed(e)) => return Err(Refusal::Malformed(e)),
+            Err(HeaderFailure::Read(e)) => {
+                debug!("stream failed: {e}");
+                return Err(Refusal::Broken(None));
+            }
+        };
+        let limit = usize::try_from(limits.max_request_size).unwrap_or(usize::MAX);
+        let route = || route_read.clone();
+        match read_body(recv, first, limit).await {
+            Ok(body) => Ok((handler, body)),
+            Err(BodyError::TooLarge) => Err(Refusal::TooLarge(route().unwrap_or_default(), limit)),
+            Err(BodyError::Read(e)) => {
+                debug!("stream failed: {e}");
+                Err(Refusal::Broken(route()))
+            }
         }
-        Err(_) => return Err(Refusal::TimedOut(None)),
     };
-    let Some(handler) = router.get(&route) else {
-        return Err(Refusal::UnknownRoute(route));
-    };
-    let limit = usize::try_from(limits.max_request_size).unwrap_or(usize::MAX);
-    match timeout_at(deadline, read_body(recv, first, limit)).await {
-        Ok(Ok(body)) => Ok((route, handler, body)),
-        Ok(Err(BodyError::TooLarge)) => Err(Refusal::TooLarge(route, limit)),
-        Ok(Err(BodyError::Read(e))) => {
-            debug!("stream failed: {e}");
-            Err(Refusal::Broken(Some(route)))
-        }
-        Err(_) => Err(Refusal::TimedOut(Some(route))),
+    match timeout_at(deadline, work).await {
+        Ok(Ok((handler, body))) => Ok((route_read.unwrap_or_default(), handler, body)),
+        Ok(Err(refusal)) => Err(refusal),
+        Err(_) => Err(Refusal::TimedOut(route_read)),
     }
 }
 
@@ -710,7 +742,7 @@ pub(crate) async fn serve_request(
         .instrument(span.clone())
         .await;
     let took = started.elapsed();
-    span.record("route", outcome.route.as_str());
+    span.record("route", &*outcome.route);
     span.record("status", outcome.status);
     span.record("duration_us", took.as_micros() as u64);
     metrics.request_done(Side::Server, &outcome.route, outcome.status, took);
@@ -730,7 +762,7 @@ async fn answer_request(
         let msg = "the node is shutting down".to_string();
         let (status, stop) = (Status::Busy, code::SHUTTING_DOWN);
         refuse(&mut send, &mut recv, status, stop, msg, deadline).await;
-        return Outcome::new("unknown", "busy");
+        return Outcome::unregistered("unknown", "busy");
     }
     let (route, handler, body) = match read_request(router, &mut recv, limits, deadline).await {
         Ok(read) => read,
@@ -767,7 +799,7 @@ async fn answer_request(
     let ctx = RequestContext {
         peer: remote.peer,
         remote_addr: remote.addr,
-        route: Arc::from(route.as_str()),
+        route: route.clone(),
         one_way: false,
         early_data: recv.is_0rtt(),
     };
@@ -848,7 +880,7 @@ async fn deliver_message(
     let ctx = RequestContext {
         peer: remote.peer,
         remote_addr: remote.addr,
-        route: Arc::from(route.as_str()),
+        route: route.clone(),
         one_way: true,
         early_data: recv.is_0rtt(),
     };

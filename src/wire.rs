@@ -192,6 +192,11 @@ pub enum ResponseError {
     UnknownStatus(u8),
 }
 
+/// The status byte that starts a response.
+pub fn encode_status(status: Status) -> u8 {
+    status as u8
+}
+
 /// Decodes the status byte that starts a response.
 pub fn decode_status(buf: &[u8]) -> Result<Status, ResponseError> {
     let &byte = buf.first().ok_or(ResponseError::Empty)?;

@@ -9,7 +9,9 @@
 
 pub(crate) mod http;
 
+use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
+use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -31,11 +33,18 @@ fn direction_label(d: ConnectionDirection) -> &'static str {
     }
 }
 
+fn direction_index(d: ConnectionDirection) -> usize {
+    match d {
+        ConnectionDirection::Inbound => 0,
+        ConnectionDirection::Outbound => 1,
+    }
+}
+
 /// What a stream carries.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum StreamKind {
-    Request,
-    OneWay,
+    Request = 0,
+    OneWay = 1,
 }
 
 impl StreamKind {
@@ -85,9 +94,9 @@ struct OutcomeLabels {
 #[derive(Clone, Copy)]
 pub(crate) enum Side {
     /// This node answered it.
-    Server,
+    Server = 0,
     /// This node sent it.
-    Client,
+    Client = 1,
 }
 
 impl Side {
@@ -130,7 +139,22 @@ pub(crate) struct Metrics {
     rebinds: Counter,
     duplicates_closed: Counter,
     reconnects: Counter,
+    /// The four `streams_opened` counters, resolved once (kind × direction).
+    stream_counters: [[Counter; 2]; 2],
+    /// Per route, the `ok` request counter and the duration histogram of each side,
+    /// resolved once: the path every successful request takes, without hashing a label
+    /// set or allocating one.
+    routes: RwLock<HashMap<Box<str>, RouteHandles>>,
 }
+
+/// The metrics a successful request on one route updates, indexed by [`Side`].
+struct RouteHandles {
+    ok: [Counter; 2],
+    duration: [Histogram; 2],
+}
+
+/// At most this many routes get resolved handles; any others take the slower path.
+const MAX_CACHED_ROUTES: usize = 1024;
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -157,7 +181,19 @@ impl Default for Metrics {
             rebinds: Counter::default(),
             duplicates_closed: Counter::default(),
             reconnects: Counter::default(),
+            stream_counters: Default::default(),
+            routes: RwLock::default(),
         };
+        for kind in [StreamKind::Request, StreamKind::OneWay] {
+            for direction in [ConnectionDirection::Inbound, ConnectionDirection::Outbound] {
+                let labels = StreamLabels {
+                    kind: kind.label(),
+                    direction: direction_label(direction),
+                };
+                m.stream_counters[kind as usize][direction_index(direction)] =
+                    m.streams_opened.get_or_create(&labels).clone();
+            }
+        }
         let r = &mut m.registry;
         r.register(
             "connections_opened",
@@ -352,11 +388,7 @@ impl Metrics {
         kind: StreamKind,
         direction: ConnectionDirection,
     ) -> ActiveStream<'_> {
-        let labels = StreamLabels {
-            kind: kind.label(),
-            direction: direction_label(direction),
-        };
-        self.streams_opened.get_or_create(&labels).inc();
+        self.stream_counters[kind as usize][direction_index(direction)].inc();
         self.streams_active.inc();
         ActiveStream(&self.streams_active)
     }
@@ -369,7 +401,15 @@ impl Metrics {
 
     /// Records a finished request (and, unless its status is `ok`, a stream error).
     pub fn request_done(&self, side: Side, route: &str, status: &'static str, took: Duration) {
-        if status != "ok" {
+        if status == "ok" {
+            let record = |handles: &RouteHandles| {
+                handles.ok[side as usize].inc();
+                handles.duration[side as usize].observe(took.as_secs_f64());
+            };
+            if self.with_route_handles(route, record) {
+                return;
+            }
+        } else {
             self.stream_failed(status);
         }
         let side = side.label();
@@ -386,6 +426,45 @@ impl Metrics {
         self.request_duration
             .get_or_create(&route)
             .observe(took.as_secs_f64());
+    }
+
+    /// Runs `record` with the resolved handles for `route`, resolving them on first use
+    /// (up to [`MAX_CACHED_ROUTES`] routes). `false` if the route has none.
+    fn with_route_handles(&self, route: &str, record: impl FnOnce(&RouteHandles)) -> bool {
+        let cached = self.routes.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(handles) = cached.get(route) {
+            record(handles);
+            return true;
+        }
+        let full = cached.len() >= MAX_CACHED_ROUTES;
+        drop(cached);
+        if full {
+            return false;
+        }
+        let resolve = |side: Side| {
+            let labels = RequestLabels {
+                route: route.to_string(),
+                status: "ok",
+                side: side.label(),
+            };
+            let ok = self.requests.get_or_create(&labels).clone();
+            let route = RouteLabels {
+                route: labels.route,
+                side: side.label(),
+            };
+            (ok, self.request_duration.get_or_create(&route).clone())
+        };
+        let (server, client) = (resolve(Side::Server), resolve(Side::Client));
+        let handles = RouteHandles {
+            ok: [server.0, client.0],
+            duration: [server.1, client.1],
+        };
+        record(&handles);
+        self.routes
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(route.into(), handles);
+        true
     }
 
     pub fn zero_rtt(&self, outcome: &'static str) {

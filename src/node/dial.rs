@@ -86,6 +86,12 @@ pub(super) async fn ready_connection(
     timeout: Duration,
     idempotent: bool,
 ) -> Result<Arc<Connection>, Error> {
+    // The common case, without a timer.
+    if let Some(conn) = shared.peers.live(&peer) {
+        if (idempotent || conn.is_confirmed()) && !shared.is_closing() {
+            return Ok(conn);
+        }
+    }
     let timed_out = || Error::Timeout {
         peer,
         route: route.to_string(),

@@ -29,6 +29,24 @@ pub struct BenchArgs {
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Run only these scenarios (comma-separated; all by default).
+    #[arg(long, value_delimiter = ',', value_enum)]
+    only: Vec<Scenario>,
+}
+
+/// The scenario groups of the bench.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Scenario {
+    /// Sequential 64-byte requests: p50, p99, p99.9.
+    Latency,
+    /// Requests per second at 1 to 256 in flight.
+    Rate,
+    /// Bulk transfers.
+    Bulk,
+    /// Connection set-up: full handshake and 0-RTT.
+    Setup,
+    /// Memory, file descriptors and handshake rate at 1,000 and 10,000 connections.
+    Scale,
 }
 
 /// Sizes of one run.
@@ -170,11 +188,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         }),
     };
     let progress = |what: &str| eprintln!("bench: {what}");
+    let wanted = |s: Scenario| args.only.is_empty() || args.only.contains(&s);
 
     for rep in 0..repeat {
         progress(&format!("repetition {} of {repeat}", rep + 1));
         // 1. Sequential 64-byte requests.
-        for (stack, name) in STACKS.iter().enumerate() {
+        for (stack, name) in STACKS
+            .iter()
+            .enumerate()
+            .filter(|_| wanted(Scenario::Latency))
+        {
             let body = Bytes::from(vec![7u8; 64]);
             let mut times = Vec::with_capacity(plan.sequential);
             for _ in 0..plan.sequential {
@@ -191,7 +214,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             }
         }
         // 2. Requests per second at several concurrencies on one connection.
-        for size in [64usize, 1024] {
+        for size in [64usize, 1024]
+            .into_iter()
+            .filter(|_| wanted(Scenario::Rate))
+        {
             for in_flight in [1usize, 16, 64, 256] {
                 for stack in 0..3 {
                     let rate =
@@ -207,7 +233,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             }
         }
         // 3. Bulk upload.
-        for stack in 0..3 {
+        for stack in (0..3).filter(|_| wanted(Scenario::Bulk)) {
             let gbits = bulk(&stacks, stack, plan.bulk_bytes).await?;
             add(
                 "bulk upload, one connection".into(),
@@ -218,6 +244,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             );
         }
         // 4. Connection set-up: full handshake and 0-RTT reconnect, each to first answer.
+        if !wanted(Scenario::Setup) {
+            continue;
+        }
         let (full, zero) = our_setup(plan.setups).await?;
         add(
             "set-up: full handshake + first answer".into(),
@@ -259,7 +288,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
 
     // 5 and 6. Idle connections: memory, file descriptors, handshake rate.
-    let sizes: &[usize] = if args.quick { &[20] } else { &[1000, 10_000] };
+    let sizes: &[usize] = match (args.quick, wanted(Scenario::Scale)) {
+        (_, false) => &[],
+        (true, true) => &[20],
+        (false, true) => &[1000, 10_000],
+    };
     for &n in sizes {
         for (stack, name) in [(0, "rustorium"), (1, "quinn")] {
             progress(&format!("{n} connections to one {name} server"));
