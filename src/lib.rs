@@ -40,6 +40,7 @@ mod node;
 mod peers;
 mod router;
 mod rpc;
+mod stream_budget;
 mod tls;
 pub mod wire;
 

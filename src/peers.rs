@@ -21,6 +21,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::identity::PeerId;
+use crate::stream_budget::{StreamBudget, StreamDir};
 use crate::wire::code;
 
 /// Two connections to one peer whose older one is younger than this (or than 8 round
@@ -135,6 +136,8 @@ pub(crate) struct Connection {
     closed_by_us: Mutex<Option<DisconnectReason>>,
     /// `true` once the handshake is complete (at once, unless dialed with 0-RTT).
     confirmed: watch::Receiver<bool>,
+    /// The streams the peer may open at once, raised as it uses them.
+    budget: StreamBudget,
 }
 
 impl Connection {
@@ -144,6 +147,7 @@ impl Connection {
         direction: ConnectionDirection,
         dialer: PeerId,
         confirmed: watch::Receiver<bool>,
+        budget: StreamBudget,
     ) -> Arc<Self> {
         Arc::new(Connection {
             conn,
@@ -156,6 +160,7 @@ impl Connection {
             retired: AtomicBool::new(false),
             closed_by_us: Mutex::new(None),
             confirmed,
+            budget,
         })
     }
 
@@ -163,7 +168,22 @@ impl Connection {
     pub fn stream_guard(self: &Arc<Self>) -> StreamGuard {
         self.active.fetch_add(1, Ordering::SeqCst);
         self.touch();
-        StreamGuard(self.clone())
+        StreamGuard(self.clone(), None)
+    }
+
+    /// Counts a stream the peer opened as in progress until the guard is dropped, and lets
+    /// the peer open more at once if it is using most of what it may.
+    pub fn peer_stream_guard(self: &Arc<Self>, dir: StreamDir) -> StreamGuard {
+        if let Some(limit) = self.budget.opened(dir) {
+            let limit = quinn::VarInt::from_u32(limit);
+            match dir {
+                StreamDir::Bi => self.conn.set_max_concurrent_bi_streams(limit),
+                StreamDir::Uni => self.conn.set_max_concurrent_uni_streams(limit),
+            }
+        }
+        let mut guard = self.stream_guard();
+        guard.1 = Some(dir);
+        guard
     }
 
     /// Records stream activity now.
@@ -232,13 +252,17 @@ impl Connection {
     }
 }
 
-/// Marks a stream as in progress on its connection while alive.
-pub(crate) struct StreamGuard(Arc<Connection>);
+/// Marks a stream as in progress on its connection while alive (and, for a stream the
+/// peer opened, as using the peer's stream budget).
+pub(crate) struct StreamGuard(Arc<Connection>, Option<StreamDir>);
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
         self.0.touch();
         self.0.active.fetch_sub(1, Ordering::SeqCst);
+        if let Some(dir) = self.1 {
+            self.0.budget.closed(dir);
+        }
     }
 }
 

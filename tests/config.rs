@@ -287,3 +287,52 @@ async fn idle_timeout_closes_a_silent_connection_and_keep_alive_holds_one() {
     );
     assert_eq!(kept.connection_count(), 1, "no redial was needed");
 }
+
+/// A connection advertises few streams at first (to save memory) and raises the limit as
+/// the peer uses them: 300 requests can still all be running at once under a limit of 1000.
+#[tokio::test]
+async fn stream_limit_grows_to_the_configured_maximum_under_load() {
+    const IN_FLIGHT: usize = 300;
+    let running = Arc::new(AtomicUsize::new(0));
+    let all_running = Arc::new(tokio::sync::Notify::new());
+    let mut config = common::config();
+    config.transport.max_concurrent_bidi_streams = 1000;
+    config.limits.max_concurrent_requests = 1000;
+    let (r, all) = (running.clone(), all_running.clone());
+    let b = Node::builder()
+        .config(config)
+        .route("hold", move |_ctx, body: Bytes| {
+            let (r, all) = (r.clone(), all.clone());
+            async move {
+                let released = all.notified();
+                if r.fetch_add(1, Ordering::SeqCst) + 1 == IN_FLIGHT {
+                    all.notify_waiters();
+                } else {
+                    released.await;
+                }
+                Ok(body)
+            }
+        })
+        .bind()
+        .await
+        .unwrap();
+    let a = Arc::new(Node::builder().bind().await.unwrap());
+    a.connect(&b.peer_addr()).await.unwrap();
+    let mut requests = tokio::task::JoinSet::new();
+    for i in 0..IN_FLIGHT {
+        let (a, peer) = (a.clone(), b.peer_id());
+        requests.spawn(async move { a.request(peer, "hold", i.to_string()).await });
+    }
+    // Every handler waits until all 300 are running; a limit stuck below 300 never gets there.
+    let finished = tokio::time::timeout(WAIT, async {
+        while let Some(done) = requests.join_next().await {
+            done.unwrap().unwrap();
+        }
+    })
+    .await;
+    assert!(
+        finished.is_ok(),
+        "only {} of {IN_FLIGHT} requests ever ran at once",
+        running.load(Ordering::SeqCst)
+    );
+}

@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
 use crate::identity::{PeerAddr, PeerId};
+use crate::stream_budget::{initial_limit, StreamBudget};
 
 /// The default ALPN protocol name.
 pub const DEFAULT_ALPN: &str = "rustorium";
@@ -176,8 +177,13 @@ pub enum CongestionController {
 #[non_exhaustive]
 pub struct TransportSettings {
     /// Requests a peer may have open at once on one connection. Default 100.
+    ///
+    /// quinn keeps state for every stream a peer may open, so a connection advertises at
+    /// most 32 at first and doubles that, up to this maximum, whenever the peer has three
+    /// quarters of it in use.
     pub max_concurrent_bidi_streams: u32,
     /// One-way messages a peer may have open at once on one connection. Default 1000.
+    /// Grows from 32 like `max_concurrent_bidi_streams`.
     pub max_concurrent_uni_streams: u32,
     /// A connection silent this long is closed. Default 30 s.
     #[serde(with = "units::duration")]
@@ -348,13 +354,20 @@ impl Config {
         }
     }
 
+    /// A new connection's budget of streams the peer may open, up to the configured limits.
+    pub(crate) fn stream_budget(&self) -> StreamBudget {
+        let t = &self.transport;
+        StreamBudget::new(t.max_concurrent_bidi_streams, t.max_concurrent_uni_streams)
+    }
+
     /// The quinn transport settings these values map to.
     pub(crate) fn quinn_transport(&self) -> quinn::TransportConfig {
         let t = &self.transport;
         let mut transport = quinn::TransportConfig::default();
         transport
-            .max_concurrent_bidi_streams(t.max_concurrent_bidi_streams.into())
-            .max_concurrent_uni_streams(t.max_concurrent_uni_streams.into())
+            // Advertised small at first, raised per connection as the peer uses them.
+            .max_concurrent_bidi_streams(initial_limit(t.max_concurrent_bidi_streams).into())
+            .max_concurrent_uni_streams(initial_limit(t.max_concurrent_uni_streams).into())
             .max_idle_timeout(quinn::IdleTimeout::try_from(t.max_idle_timeout).ok())
             .keep_alive_interval(t.keep_alive_interval)
             .initial_rtt(t.initial_rtt)

@@ -13,6 +13,7 @@ use super::Shared;
 use crate::metrics::{ConnectionFailure, StreamKind};
 use crate::peers::{Connection, ConnectionDirection, DisconnectReason, PeerEvent};
 use crate::rpc::{self, Remote};
+use crate::stream_budget::StreamDir;
 use crate::tls;
 use crate::wire::code;
 
@@ -152,7 +153,14 @@ async fn accept_one(shared: Arc<Shared>, incoming: quinn::Incoming, admitted: Ad
         }
     };
     let direction = ConnectionDirection::Inbound;
-    let conn = Connection::new(conn, peer, direction, peer, confirmed);
+    let conn = Connection::new(
+        conn,
+        peer,
+        direction,
+        peer,
+        confirmed,
+        shared.config.stream_budget(),
+    );
     register(&shared, conn, admitted);
 }
 
@@ -222,7 +230,7 @@ async fn serve_connection(shared: Arc<Shared>, entry: Arc<Connection>, admitted:
                 biased;
                 bi = conn.accept_bi() => match bi {
                     Ok((send, recv)) => {
-                        let guard = entry.stream_guard();
+                        let guard = entry.peer_stream_guard(StreamDir::Bi);
                         let shared = shared.clone();
                         let remote = Remote { peer: entry.peer, addr: conn.remote_address() };
                         tokio::spawn(async move {
@@ -238,7 +246,7 @@ async fn serve_connection(shared: Arc<Shared>, entry: Arc<Connection>, admitted:
                 },
                 uni = conn.accept_uni() => match uni {
                     Ok(recv) => {
-                        let guard = entry.stream_guard();
+                        let guard = entry.peer_stream_guard(StreamDir::Uni);
                         let shared = shared.clone();
                         let remote = Remote { peer: entry.peer, addr: conn.remote_address() };
                         tokio::spawn(async move {

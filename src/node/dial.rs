@@ -71,7 +71,14 @@ pub(super) async fn connection_to(
     })?;
     let dialer = shared.peer_id;
     let direction = ConnectionDirection::Outbound;
-    let conn = Connection::new(conn, peer, direction, dialer, confirmed);
+    let conn = Connection::new(
+        conn,
+        peer,
+        direction,
+        dialer,
+        confirmed,
+        shared.config.stream_budget(),
+    );
     let entry = register(shared, conn, admitted);
     Ok(entry)
 }
