@@ -288,3 +288,74 @@ fn the_link_command_relays_with_impairments() {
     ]);
     assert_eq!(bad.status.code(), Some(2), "a bad flag is a usage error");
 }
+
+#[test]
+fn bench_writes_its_table_json_and_charts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (json, plots) = (dir.path().join("bench.json"), dir.path().join("plots"));
+    let out = run(&[
+        "bench",
+        "--quick",
+        "--repeat",
+        "1",
+        "--only",
+        "latency,setup",
+        "--json",
+        json.to_str().unwrap(),
+        "--plot",
+        plots.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let table = stdout(&out);
+    assert!(table.contains("64 B sequential, p50"), "{table}");
+    assert!(
+        table.contains("set-up at 20 ms RTT: 0-RTT reconnect"),
+        "{table}"
+    );
+    let figures: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let stacks: std::collections::BTreeSet<&str> = figures
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["stack"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        stacks.into_iter().collect::<Vec<_>>(),
+        ["quinn", "rustorium", "tcp+tls"]
+    );
+    for chart in ["latency_cdf.svg", "setup.svg"] {
+        let svg = std::fs::read_to_string(plots.join(chart)).unwrap();
+        assert!(
+            svg.starts_with("<svg") && svg.contains("rustorium"),
+            "{chart}"
+        );
+    }
+}
+
+#[test]
+fn bench_target_measures_a_running_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProcess::start(dir.path(), &[]);
+    let out = run(&[
+        "bench",
+        "--quick",
+        "--repeat",
+        "1",
+        "--only",
+        "latency,rate",
+        "--target",
+        &node.peer_addr,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let table = stdout(&out);
+    let p50 = table
+        .lines()
+        .find(|l| l.starts_with("64 B sequential, p50"))
+        .unwrap_or_else(|| panic!("{table}"));
+    // Our column has a figure; the baselines do not run against a remote node.
+    let cells: Vec<&str> = p50.split_whitespace().collect();
+    assert!(cells.contains(&"-"), "{p50}");
+    assert!(!cells[5].starts_with('-'), "{p50}");
+    node.terminate();
+}

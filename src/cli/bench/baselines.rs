@@ -102,11 +102,11 @@ pub struct QuinnServer {
 
 impl QuinnServer {
     pub fn start() -> anyhow::Result<QuinnServer> {
-        Self::start_with_streams(100) // quinn's defaults
+        Self::start_with_streams(100, "127.0.0.1:0".parse()?) // quinn's defaults
     }
 
-    /// With both stream limits at `streams`.
-    pub fn start_with_streams(streams: u32) -> anyhow::Result<QuinnServer> {
+    /// With both stream limits at `streams`, listening on `listen`.
+    pub fn start_with_streams(streams: u32, listen: SocketAddr) -> anyhow::Result<QuinnServer> {
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(server_tls(b"bench")?)?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         let mut transport = quinn::TransportConfig::default();
@@ -114,7 +114,7 @@ impl QuinnServer {
             .max_concurrent_bidi_streams(streams.into())
             .max_concurrent_uni_streams(streams.into());
         config.transport_config(Arc::new(transport));
-        let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse()?)?;
+        let endpoint = quinn::Endpoint::server(config, listen)?;
         let accept = endpoint.clone();
         tokio::spawn(async move {
             while let Some(incoming) = accept.accept().await {

@@ -4,19 +4,21 @@
 //! compare on a shared, noisy machine.
 
 mod baselines;
+mod plot;
 pub mod scale;
+mod scenarios;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Args;
-use rustorium_p2p::{Bytes, Config, Node, PeerId, RequestOptions};
+use indicatif::{ProgressBar, ProgressStyle};
+use rustorium_p2p::{Bytes, Config, PeerAddr};
 
 use super::join_all;
-use baselines::{quinn_call, QuinnClient, QuinnServer, TcpClient, TcpServer};
+use scenarios::{Shape, Stacks, STACKS};
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -29,6 +31,16 @@ pub struct BenchArgs {
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Also write SVG charts to this directory: latency CDFs, request rates, bulk
+    /// throughput, memory per connection.
+    #[arg(long, value_name = "DIR")]
+    plot: Option<PathBuf>,
+    /// Run the client scenarios (latency, rate, bulk, set-up) against this node instead of
+    /// a local one; only our stack is measured. Bulk needs the node to accept 1 GiB
+    /// requests (`max_request_size`); `rustorium-p2p bench-server --stack rustorium
+    /// --listen ADDR` does.
+    #[arg(long, value_name = "PEERADDR")]
+    target: Option<PeerAddr>,
     /// Run only these scenarios (comma-separated; all by default).
     #[arg(long, value_delimiter = ',', value_enum)]
     only: Vec<Scenario>,
@@ -41,9 +53,9 @@ enum Scenario {
     Latency,
     /// Requests per second at 1 to 256 in flight.
     Rate,
-    /// Bulk transfers.
+    /// Bulk transfers: one stream, 8 streams, 4 connections.
     Bulk,
-    /// Connection set-up: full handshake and 0-RTT.
+    /// Connection set-up: full handshake and 0-RTT, on loopback and at 20 ms RTT.
     Setup,
     /// Memory, file descriptors and handshake rate at 1,000 and 10,000 connections.
     Scale,
@@ -55,6 +67,8 @@ struct Plan {
     rate_requests: usize,
     bulk_bytes: usize,
     setups: usize,
+    link_setups: usize,
+    scale: &'static [usize],
 }
 
 impl Plan {
@@ -65,6 +79,8 @@ impl Plan {
                 rate_requests: 200,
                 bulk_bytes: 2 << 20,
                 setups: 3,
+                link_setups: 2,
+                scale: &[20],
             }
         } else {
             Plan {
@@ -72,10 +88,17 @@ impl Plan {
                 rate_requests: 40_000,
                 bulk_bytes: 1 << 30,
                 setups: 50,
+                link_setups: 20,
+                scale: &[1000, 10_000],
             }
         }
     }
 }
+
+const RATE_SIZES: [usize; 2] = [64, 1024];
+const IN_FLIGHT: [usize; 4] = [1, 16, 64, 256];
+/// One-way delay of the link for the set-up scenario: 20 ms round trip.
+const LINK_DELAY: Duration = Duration::from_millis(10);
 
 /// One figure for one stack, one value per repetition.
 #[derive(serde::Serialize)]
@@ -104,17 +127,32 @@ impl Figure {
     }
 }
 
-const STACKS: [&str; 3] = ["rustorium", "quinn", "tcp+tls"];
+/// The figures of a run.
+#[derive(Default)]
+struct Results {
+    figures: Vec<Figure>,
+    /// The last repetition's sequential latencies, per stack (for the CDF chart).
+    latencies: Vec<(&'static str, Vec<Duration>)>,
+}
 
-/// The three stacks, each with a server on loopback and a connected client.
-struct Stacks {
-    ours: Arc<Node>,
-    peer: PeerId,
-    _server: Node,
-    quinn: quinn::Connection,
-    _quinn_server: QuinnServer,
-    tcp: Arc<TcpClient>,
-    _tcp_server: TcpServer,
+impl Results {
+    fn add(&mut self, scenario: String, stack: usize, unit: &'static str, value: f64) {
+        let higher = matches!(unit, "req/s" | "Gbit/s" | "conn/s");
+        match self
+            .figures
+            .iter_mut()
+            .find(|f| f.scenario == scenario && f.stack == STACKS[stack])
+        {
+            Some(f) => f.values.push(value),
+            None => self.figures.push(Figure {
+                scenario,
+                stack: STACKS[stack],
+                unit,
+                higher_is_better: higher,
+                values: vec![value],
+            }),
+        }
+    }
 }
 
 pub(crate) fn bench_config() -> Config {
@@ -128,339 +166,171 @@ pub(crate) fn bench_config() -> Config {
     config
 }
 
-async fn our_server() -> anyhow::Result<Node> {
-    Ok(Node::builder()
-        .config(bench_config())
-        .route("echo", |_ctx, body| async move { Ok(body) })
-        .route("sink", |_ctx, _body| async move { Ok(Bytes::new()) })
-        .bind()
-        .await?)
-}
-
-impl Stacks {
-    async fn start() -> anyhow::Result<Stacks> {
-        let server = our_server().await?;
-        let ours = Arc::new(Node::builder().config(bench_config()).bind().await?);
-        ours.connect(&server.peer_addr()).await?;
-        let quinn_server = QuinnServer::start()?;
-        let quinn = QuinnClient::new()?
-            .connect(quinn_server.addr(), false)
-            .await?;
-        let tcp_server = TcpServer::start().await?;
-        let tcp = Arc::new(TcpClient::connect(tcp_server.addr).await?);
-        Ok(Stacks {
-            peer: server.peer_id(),
-            ours,
-            _server: server,
-            quinn,
-            _quinn_server: quinn_server,
-            tcp,
-            _tcp_server: tcp_server,
-        })
-    }
-
-    /// One echo request on stack `which`.
-    async fn call(&self, which: usize, body: Bytes) -> anyhow::Result<Bytes> {
-        match which {
-            0 => Ok(self.ours.request(self.peer, "echo", body).await?),
-            1 => quinn_call(&self.quinn, body).await,
-            _ => self.tcp.call(body).await,
-        }
-    }
-}
-
 pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let plan = Plan::new(args.quick);
     let repeat = args.repeat.max(1);
-    let stacks = Stacks::start().await?;
-    let mut figures: Vec<Figure> = Vec::new();
-    let mut add = |scenario: String, stack: usize, unit, higher: bool, value: f64| match figures
-        .iter_mut()
-        .find(|f| f.scenario == scenario && f.stack == STACKS[stack])
-    {
-        Some(f) => f.values.push(value),
-        None => figures.push(Figure {
-            scenario,
-            stack: STACKS[stack],
-            unit,
-            higher_is_better: higher,
-            values: vec![value],
-        }),
-    };
-    let progress = |what: &str| eprintln!("bench: {what}");
     let wanted = |s: Scenario| args.only.is_empty() || args.only.contains(&s);
+    let stacks = Stacks::start(args.target).await?;
+    let ran: Vec<usize> = (0..3).filter(|&s| stacks.has(s)).collect();
+    let local = args.target.is_none();
+    let n = ran.len() as u64;
+    let per_repetition = [
+        (Scenario::Latency, n),
+        (
+            Scenario::Rate,
+            n * (RATE_SIZES.len() * IN_FLIGHT.len()) as u64,
+        ),
+        (Scenario::Bulk, n * Shape::ALL.len() as u64),
+        (Scenario::Setup, n + if local { 2 } else { 0 }),
+    ]
+    .iter()
+    .filter(|(s, _)| wanted(*s))
+    .map(|(_, steps)| steps)
+    .sum::<u64>();
+    let scale_steps = if local && wanted(Scenario::Scale) {
+        plan.scale.len() as u64 * 2
+    } else {
+        0
+    };
+    let bar = ProgressBar::new(per_repetition * repeat as u64 + scale_steps);
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
+            .expect("literal template")
+            .progress_chars("=> "),
+    );
+    let step = |what: String| {
+        bar.set_message(what);
+        bar.inc(1);
+    };
+    let mut results = Results::default();
+    let payload = if wanted(Scenario::Bulk) {
+        Bytes::from(vec![9u8; plan.bulk_bytes])
+    } else {
+        Bytes::new()
+    };
 
-    for rep in 0..repeat {
-        progress(&format!("repetition {} of {repeat}", rep + 1));
+    for rep in 1..=repeat {
+        let of = format!("({rep} of {repeat})");
         // 1. Sequential 64-byte requests.
-        for (stack, name) in STACKS
-            .iter()
-            .enumerate()
-            .filter(|_| wanted(Scenario::Latency))
-        {
-            let body = Bytes::from(vec![7u8; 64]);
-            let mut times = Vec::with_capacity(plan.sequential);
-            for _ in 0..plan.sequential {
-                let start = Instant::now();
-                let answer = stacks.call(stack, body.clone()).await?;
-                times.push(start.elapsed());
-                anyhow::ensure!(answer == body, "{name} answered other bytes");
-            }
-            times.sort();
+        for &stack in ran.iter().filter(|_| wanted(Scenario::Latency)) {
+            step(format!("latency, {} {of}", STACKS[stack]));
+            let times = scenarios::sequential(&stacks, stack, plan.sequential).await?;
             let at = |q: f64| times[((times.len() as f64 * q) as usize).min(times.len() - 1)];
             for (name, q) in [("p50", 0.5), ("p99", 0.99), ("p99.9", 0.999)] {
                 let scenario = format!("64 B sequential, {name}");
-                add(scenario, stack, "µs", false, at(q).as_secs_f64() * 1e6);
+                results.add(scenario, stack, "µs", at(q).as_secs_f64() * 1e6);
+            }
+            if rep == repeat {
+                results.latencies.push((STACKS[stack], times));
             }
         }
         // 2. Requests per second at several concurrencies on one connection.
-        for size in [64usize, 1024]
-            .into_iter()
-            .filter(|_| wanted(Scenario::Rate))
-        {
-            for in_flight in [1usize, 16, 64, 256] {
-                for stack in 0..3 {
-                    let rate =
-                        request_rate(&stacks, stack, size, in_flight, plan.rate_requests).await?;
-                    add(
-                        format!("{size} B, {in_flight} in flight"),
+        for size in RATE_SIZES.into_iter().filter(|_| wanted(Scenario::Rate)) {
+            for in_flight in IN_FLIGHT {
+                for &stack in &ran {
+                    step(format!(
+                        "{size} B x {in_flight} in flight, {} {of}",
+                        STACKS[stack]
+                    ));
+                    let rate = scenarios::request_rate(
+                        &stacks,
                         stack,
-                        "req/s",
-                        true,
-                        rate,
-                    );
+                        size,
+                        in_flight,
+                        plan.rate_requests,
+                    )
+                    .await?;
+                    let scenario = format!("{size} B, {in_flight} in flight");
+                    results.add(scenario, stack, "req/s", rate);
                 }
             }
         }
         // 3. Bulk upload.
-        for stack in (0..3).filter(|_| wanted(Scenario::Bulk)) {
-            let gbits = bulk(&stacks, stack, plan.bulk_bytes).await?;
-            add(
-                "bulk upload, one connection".into(),
-                stack,
-                "Gbit/s",
-                true,
-                gbits,
-            );
+        for shape in Shape::ALL.into_iter().filter(|_| wanted(Scenario::Bulk)) {
+            for &stack in &ran {
+                step(format!("bulk, {}, {} {of}", shape.name(), STACKS[stack]));
+                let gbits = scenarios::bulk(&stacks, stack, shape, &payload).await?;
+                let scenario = format!("bulk {}, {}", size_label(plan.bulk_bytes), shape.name());
+                results.add(scenario, stack, "Gbit/s", gbits);
+            }
         }
-        // 4. Connection set-up: full handshake and 0-RTT reconnect, each to first answer.
-        if !wanted(Scenario::Setup) {
-            continue;
+        // 4. Connection set-up: full handshake and 0-RTT reconnect, each to first answer;
+        // on loopback, and (locally) across a link with 20 ms round trips.
+        if wanted(Scenario::Setup) {
+            let mut runs: Vec<(usize, Option<Duration>, usize)> =
+                ran.iter().map(|&s| (s, None, plan.setups)).collect();
+            if local {
+                runs.push((0, Some(LINK_DELAY), plan.link_setups));
+                runs.push((1, Some(LINK_DELAY), plan.link_setups));
+            }
+            for (stack, delay, count) in runs {
+                let at = if delay.is_some() { " at 20 ms RTT" } else { "" };
+                step(format!("set-up{at}, {} {of}", STACKS[stack]));
+                let setup = scenarios::setup(stack, count, delay, args.target.as_ref()).await?;
+                let full = format!("set-up{at}: full handshake + first answer");
+                results.add(full, stack, "µs", setup.full);
+                if let Some(zero) = setup.zero_rtt {
+                    let scenario = format!("set-up{at}: 0-RTT reconnect + first answer");
+                    results.add(scenario, stack, "µs", zero);
+                }
+            }
         }
-        let (full, zero) = our_setup(plan.setups).await?;
-        add(
-            "set-up: full handshake + first answer".into(),
-            0,
-            "µs",
-            false,
-            full,
-        );
-        add(
-            "set-up: 0-RTT reconnect + first answer".into(),
-            0,
-            "µs",
-            false,
-            zero,
-        );
-        let (full, zero) = quinn_setup(plan.setups).await?;
-        add(
-            "set-up: full handshake + first answer".into(),
-            1,
-            "µs",
-            false,
-            full,
-        );
-        add(
-            "set-up: 0-RTT reconnect + first answer".into(),
-            1,
-            "µs",
-            false,
-            zero,
-        );
-        let full = tcp_setup(plan.setups).await?;
-        add(
-            "set-up: full handshake + first answer".into(),
-            2,
-            "µs",
-            false,
-            full,
-        );
     }
 
     // 5 and 6. Idle connections: memory, file descriptors, handshake rate.
-    let sizes: &[usize] = match (args.quick, wanted(Scenario::Scale)) {
-        (_, false) => &[],
-        (true, true) => &[20],
-        (false, true) => &[1000, 10_000],
-    };
-    for &n in sizes {
+    for &n in plan
+        .scale
+        .iter()
+        .filter(|_| local && wanted(Scenario::Scale))
+    {
         for (stack, name) in [(0, "rustorium"), (1, "quinn")] {
-            progress(&format!("{n} connections to one {name} server"));
+            step(format!("{n} connections to one {name} server"));
             let s = scale::measure(name, n).await?;
-            add(
+            results.add(
                 format!("{n} conns: server memory per conn"),
                 stack,
                 "KiB",
-                false,
                 s.server_kib,
             );
-            add(
+            results.add(
                 format!("{n} conns: client memory per conn"),
                 stack,
                 "KiB",
-                false,
                 s.client_kib,
             );
-            add(
-                format!("{n} conns: handshakes per second"),
-                stack,
-                "conn/s",
-                true,
-                s.handshakes_per_sec,
-            );
-            add(
+            let rate = format!("{n} conns: handshakes per second");
+            results.add(rate, stack, "conn/s", s.handshakes_per_sec);
+            results.add(
                 format!("{n} conns: set-up p99"),
                 stack,
                 "µs",
-                false,
                 s.setup_p99_us,
             );
-            add(
-                format!("{n} conns: server open fds (before: {})", s.server_fds.1),
-                stack,
-                "fds",
-                false,
-                s.server_fds.0 as f64,
-            );
+            let fds = format!("{n} conns: server open fds (before: {})", s.server_fds.1);
+            results.add(fds, stack, "fds", s.server_fds.0 as f64);
         }
     }
+    bar.finish_and_clear();
 
-    print_table(&figures, args.quick);
+    print_table(&results.figures, args.quick);
     if let Some(path) = &args.json {
-        let json = serde_json::to_string_pretty(&figures)?;
+        let json = serde_json::to_string_pretty(&results.figures)?;
         std::fs::write(path, json).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if let Some(dir) = &args.plot {
+        let written = plot::write_all(dir, &results)?;
+        for file in written {
+            eprintln!("bench: wrote {}", file.display());
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-async fn request_rate(
-    stacks: &Stacks,
-    stack: usize,
-    size: usize,
-    in_flight: usize,
-    total: usize,
-) -> anyhow::Result<f64> {
-    let body = Bytes::from(vec![3u8; size]);
-    let per_worker = total.div_ceil(in_flight);
-    let start = Instant::now();
-    let workers = (0..in_flight).map(|_| {
-        let body = body.clone();
-        async move {
-            for _ in 0..per_worker {
-                let answer = stacks.call(stack, body.clone()).await?;
-                anyhow::ensure!(answer.len() == body.len(), "short answer");
-            }
-            Ok::<_, anyhow::Error>(())
-        }
-    });
-    for result in join_all(workers).await {
-        result?;
+fn size_label(bytes: usize) -> String {
+    match bytes {
+        b if b >= 1 << 30 => format!("{} GiB", b >> 30),
+        b => format!("{} MiB", b >> 20),
     }
-    Ok((per_worker * in_flight) as f64 / start.elapsed().as_secs_f64())
-}
-
-/// Uploads `bytes` and gets an empty answer: on our stack as 16 MiB requests to a sink
-/// (each its own stream), on quinn as one stream, on TCP as 16 MiB frames.
-async fn bulk(stacks: &Stacks, stack: usize, bytes: usize) -> anyhow::Result<f64> {
-    const CHUNK: usize = 16 << 20;
-    let chunk = Bytes::from(vec![9u8; CHUNK.min(bytes)]);
-    let chunks = bytes.div_ceil(chunk.len());
-    let start = Instant::now();
-    match stack {
-        0 => {
-            for _ in 0..chunks {
-                stacks
-                    .ours
-                    .request(stacks.peer, "sink", chunk.clone())
-                    .await?;
-            }
-        }
-        1 => {
-            let (mut send, mut recv) = stacks.quinn.open_bi().await?;
-            for _ in 0..chunks {
-                send.write_chunk(chunk.clone()).await?;
-            }
-            send.finish()?;
-            recv.read_to_end(16).await?;
-        }
-        _ => {
-            for _ in 0..chunks {
-                stacks.tcp.call(chunk.clone()).await?;
-            }
-        }
-    }
-    Ok((chunks * chunk.len()) as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e9)
-}
-
-async fn our_setup(n: usize) -> anyhow::Result<(f64, f64)> {
-    let server = our_server().await?;
-    let (mut full, mut zero) = (Vec::new(), Vec::new());
-    for _ in 0..n {
-        let client = Node::builder().config(bench_config()).bind().await?;
-        let start = Instant::now();
-        client.add_address(server.peer_addr());
-        client
-            .request(server.peer_id(), "echo", Bytes::from_static(b"x"))
-            .await?;
-        full.push(start.elapsed());
-        let mut events = client.events();
-        client.disconnect(&server.peer_id());
-        let _ = tokio::time::timeout(Duration::from_secs(5), events.recv()).await;
-        let start = Instant::now();
-        let options = RequestOptions::new().idempotent(true);
-        client
-            .request_with(server.peer_id(), "echo", Bytes::from_static(b"x"), options)
-            .await?;
-        zero.push(start.elapsed());
-        client.shutdown().await;
-    }
-    Ok((median_us(full), median_us(zero)))
-}
-
-async fn quinn_setup(n: usize) -> anyhow::Result<(f64, f64)> {
-    let server = QuinnServer::start()?;
-    let (mut full, mut zero) = (Vec::new(), Vec::new());
-    for _ in 0..n {
-        let client = QuinnClient::new()?;
-        let start = Instant::now();
-        let conn = client.connect(server.addr(), false).await?;
-        quinn_call(&conn, Bytes::from_static(b"x")).await?;
-        full.push(start.elapsed());
-        conn.close(0u32.into(), b"");
-        let start = Instant::now();
-        let conn = client.connect(server.addr(), true).await?;
-        quinn_call(&conn, Bytes::from_static(b"x")).await?;
-        zero.push(start.elapsed());
-        conn.close(0u32.into(), b"");
-    }
-    Ok((median_us(full), median_us(zero)))
-}
-
-async fn tcp_setup(n: usize) -> anyhow::Result<f64> {
-    let server = TcpServer::start().await?;
-    let mut full = Vec::new();
-    for _ in 0..n {
-        let start = Instant::now();
-        let client = TcpClient::connect(server.addr).await?;
-        client.call(Bytes::from_static(b"x")).await?;
-        full.push(start.elapsed());
-    }
-    Ok(median_us(full))
-}
-
-fn median_us(mut times: Vec<Duration>) -> f64 {
-    times.sort();
-    times[times.len() / 2].as_secs_f64() * 1e6
 }
 
 fn print_table(figures: &[Figure], quick: bool) {
@@ -468,7 +338,7 @@ fn print_table(figures: &[Figure], quick: bool) {
         println!("(--quick: tiny sizes, the figures mean nothing)");
     }
     println!(
-        "{:<44} {:>22} {:>22} {:>22} {:>9} {:>9}",
+        "{:<52} {:>22} {:>22} {:>22} {:>9} {:>9}",
         "scenario (median of runs, [min-max])",
         "rustorium",
         "quinn",
@@ -476,13 +346,7 @@ fn print_table(figures: &[Figure], quick: bool) {
         "vs quinn",
         "vs tcp"
     );
-    let mut scenarios: Vec<&str> = Vec::new();
-    for f in figures {
-        if !scenarios.contains(&f.scenario.as_str()) {
-            scenarios.push(&f.scenario);
-        }
-    }
-    for scenario in scenarios {
+    for scenario in scenarios_in_order(figures) {
         let get = |stack| {
             figures
                 .iter()
@@ -502,7 +366,7 @@ fn print_table(figures: &[Figure], quick: bool) {
         };
         let unit = ours.map_or("", |f| f.unit);
         println!(
-            "{:<44} {:>22} {:>22} {:>22} {:>9} {:>9}",
+            "{:<52} {:>22} {:>22} {:>22} {:>9} {:>9}",
             format!("{scenario} ({unit})"),
             cell(ours),
             cell(get("quinn")),
@@ -512,8 +376,19 @@ fn print_table(figures: &[Figure], quick: bool) {
         );
     }
     println!(
-        "ratios: ours / baseline (for µs lower is better, for req/s and Gbit/s higher is better)"
+        "ratios: ours / baseline (for µs, KiB and fds lower is better; for req/s, Gbit/s and conn/s higher is better)"
     );
+}
+
+/// The scenarios, in the order they were first measured.
+fn scenarios_in_order(figures: &[Figure]) -> Vec<&str> {
+    let mut scenarios: Vec<&str> = Vec::new();
+    for f in figures {
+        if !scenarios.contains(&f.scenario.as_str()) {
+            scenarios.push(&f.scenario);
+        }
+    }
+    scenarios
 }
 
 fn short(v: f64) -> String {

@@ -12,6 +12,7 @@ use clap::Args;
 use rustorium_p2p::{Bytes, Config, Node, PeerAddr};
 
 use super::baselines::{quinn_call, QuinnClient, QuinnServer};
+use super::scenarios::ECHO;
 
 /// `bench-server`: a server for the scale scenarios (hidden from `--help`).
 #[derive(Args)]
@@ -19,6 +20,9 @@ pub struct ServerArgs {
     /// `rustorium` or `quinn`.
     #[arg(long)]
     stack: String,
+    /// Where to listen (a remote `bench --target` can then use it; stops when stdin ends).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: std::net::SocketAddr,
 }
 
 /// Both stream limits at 1000, as in the original design, and room for many connections.
@@ -36,16 +40,18 @@ pub fn scale_config() -> Config {
 pub async fn serve(args: ServerArgs) -> anyhow::Result<std::process::ExitCode> {
     let _keep: Box<dyn std::any::Any> = match args.stack.as_str() {
         "rustorium" => {
+            let mut config = scale_config();
+            config.node.listen = args.listen;
             let node = Node::builder()
-                .config(scale_config())
-                .route("echo", |_ctx, body| async move { Ok(body) })
+                .config(config)
+                .system_routes()
                 .bind()
                 .await?;
             println!("{}", node.peer_addr());
             Box::new(node)
         }
         "quinn" => {
-            let server = QuinnServer::start_with_streams(1000)?;
+            let server = QuinnServer::start_with_streams(1000, args.listen)?;
             println!("{}", server.addr());
             Box::new(server)
         }
@@ -110,7 +116,8 @@ pub struct Scale {
     /// Client-side resident memory per connection, KiB (our clients are whole nodes, each
     /// with its own socket and endpoint; the quinn client is one endpoint).
     pub client_kib: f64,
-    /// New connections per second (handshake + first answer), 64 dials at a time.
+    /// New connections per second (handshake + first answer), 64 dials at a time (our
+    /// client nodes are made before the clock starts).
     pub handshakes_per_sec: f64,
     /// p99 of one dial + first answer, µs.
     pub setup_p99_us: f64,
@@ -123,31 +130,35 @@ pub async fn measure(stack: &str, n: usize) -> anyhow::Result<Scale> {
     let (server, addr) = ServerProcess::start(stack)?;
     let (server_before, fds_before) = (server.rss_kib(), server.open_files());
     let client_before = rss_kib("/proc/self/status");
-    let start = Instant::now();
+    let start;
     let mut times = Vec::with_capacity(n);
     let mut keep_ours: Vec<Node> = Vec::new();
     let mut keep_quinn: Vec<quinn::Connection> = Vec::new();
     match stack {
         "rustorium" => {
             let addr: PeerAddr = addr.parse()?;
-            for batch in (0..n).collect::<Vec<_>>().chunks(64) {
-                let dials = batch.iter().map(|_| async move {
-                    let node = Node::builder().config(super::bench_config()).bind().await?;
+            let mut clients = Vec::with_capacity(n);
+            for _ in 0..n {
+                clients.push(Node::builder().config(super::bench_config()).bind().await?);
+            }
+            start = Instant::now();
+            for batch in clients.chunks(64) {
+                let dials = batch.iter().map(|node| async move {
                     let t = Instant::now();
                     node.connect(&addr).await?;
-                    node.request(addr.peer_id, "echo", Bytes::from_static(b"x"))
+                    node.request(addr.peer_id, ECHO, Bytes::from_static(b"x"))
                         .await?;
-                    Ok::<_, anyhow::Error>((node, t.elapsed()))
+                    Ok::<_, anyhow::Error>(t.elapsed())
                 });
                 for dialed in super::join_all(dials).await {
-                    let (node, took) = dialed?;
-                    times.push(took);
-                    keep_ours.push(node);
+                    times.push(dialed?);
                 }
             }
+            keep_ours = clients;
         }
         _ => {
             let client = Arc::new(QuinnClient::new()?);
+            start = Instant::now();
             let to = addr.parse()?;
             for batch in (0..n).collect::<Vec<_>>().chunks(64) {
                 let dials = batch.iter().map(|_| {
