@@ -17,7 +17,8 @@ use crate::wire::Status;
 #[derive(Debug, Clone)]
 pub struct RequestContext {
     pub(crate) peer: PeerId,
-    pub(crate) remote_addr: SocketAddr,
+    /// The connection it came on (its address is read only if asked for).
+    pub(crate) conn: quinn::Connection,
     pub(crate) route: Arc<str>,
     pub(crate) one_way: bool,
     pub(crate) early_data: bool,
@@ -29,9 +30,9 @@ impl RequestContext {
         self.peer
     }
 
-    /// The sender's UDP address.
+    /// The sender's UDP address (now: it changes if the peer migrates).
     pub fn remote_addr(&self) -> SocketAddr {
-        self.remote_addr
+        self.conn.remote_address()
     }
 
     /// The route the request was sent to.

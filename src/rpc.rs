@@ -29,10 +29,10 @@ pub(crate) struct ServeLimits {
 }
 
 /// Who is on the other end of a served stream.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub(crate) struct Remote {
     pub peer: PeerId,
-    pub addr: SocketAddr,
+    pub conn: quinn::Connection,
 }
 
 /// A failed request or message, and whether sending it again is safe because the peer
@@ -309,7 +309,7 @@ async fn read_answer(recv: &mut RecvStream, limit: usize) -> Result<(Status, Byt
 /// Bodies up to this size are copied behind their prefix (header or status byte) and
 /// written as one chunk: one STREAM frame, and one read on the other side. Larger ones go
 /// as a second chunk, uncopied.
-const COALESCE_LIMIT: usize = 4096;
+const COALESCE_LIMIT: usize = 256;
 
 /// Writes `prefix` then `body` on `send` (without finishing it).
 async fn write_framed(send: &mut SendStream, prefix: &[u8], body: Bytes) -> Result<(), WriteError> {
@@ -798,14 +798,17 @@ async fn answer_request(
     };
     let ctx = RequestContext {
         peer: remote.peer,
-        remote_addr: remote.addr,
+        conn: remote.conn,
         route: route.clone(),
         one_way: false,
         early_data: recv.is_0rtt(),
     };
     // The handler runs until it answers or the requester gives up (stops our send side).
     let cancelled = send.stopped();
+    // Biased: a handler that answers at once never registers for the stop (a lock on the
+    // connection).
     let result = tokio::select! {
+        biased;
         result = call_handler(handler.as_ref(), ctx, body) => result,
         _ = cancelled => {
             debug!("requester cancelled; handler dropped");
@@ -879,7 +882,7 @@ async fn deliver_message(
     };
     let ctx = RequestContext {
         peer: remote.peer,
-        remote_addr: remote.addr,
+        conn: remote.conn,
         route: route.clone(),
         one_way: true,
         early_data: recv.is_0rtt(),

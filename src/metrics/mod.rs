@@ -141,16 +141,16 @@ pub(crate) struct Metrics {
     reconnects: Counter,
     /// The four `streams_opened` counters, resolved once (kind × direction).
     stream_counters: [[Counter; 2]; 2],
-    /// Per route, the `ok` request counter and the duration histogram of each side,
-    /// resolved once: the path every successful request takes, without hashing a label
-    /// set or allocating one.
-    routes: RwLock<HashMap<Box<str>, RouteHandles>>,
+    /// Per side (indexed by [`Side`]) and route, the `ok` request counter and the duration
+    /// histogram, resolved once: the path every successful request takes, without hashing
+    /// a label set or allocating one.
+    routes: [RwLock<HashMap<Box<str>, RouteHandles>>; 2],
 }
 
-/// The metrics a successful request on one route updates, indexed by [`Side`].
+/// The metrics a successful request on one route and side updates.
 struct RouteHandles {
-    ok: [Counter; 2],
-    duration: [Histogram; 2],
+    ok: Counter,
+    duration: Histogram,
 }
 
 /// At most this many routes get resolved handles; any others take the slower path.
@@ -182,7 +182,7 @@ impl Default for Metrics {
             duplicates_closed: Counter::default(),
             reconnects: Counter::default(),
             stream_counters: Default::default(),
-            routes: RwLock::default(),
+            routes: Default::default(),
         };
         for kind in [StreamKind::Request, StreamKind::OneWay] {
             for direction in [ConnectionDirection::Inbound, ConnectionDirection::Outbound] {
@@ -403,10 +403,10 @@ impl Metrics {
     pub fn request_done(&self, side: Side, route: &str, status: &'static str, took: Duration) {
         if status == "ok" {
             let record = |handles: &RouteHandles| {
-                handles.ok[side as usize].inc();
-                handles.duration[side as usize].observe(took.as_secs_f64());
+                handles.ok.inc();
+                handles.duration.observe(took.as_secs_f64());
             };
-            if self.with_route_handles(route, record) {
+            if self.with_route_handles(side, route, record) {
                 return;
             }
         } else {
@@ -428,10 +428,16 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
-    /// Runs `record` with the resolved handles for `route`, resolving them on first use
-    /// (up to [`MAX_CACHED_ROUTES`] routes). `false` if the route has none.
-    fn with_route_handles(&self, route: &str, record: impl FnOnce(&RouteHandles)) -> bool {
-        let cached = self.routes.read().unwrap_or_else(|e| e.into_inner());
+    /// Runs `record` with the resolved handles for `route` on `side`, resolving them on
+    /// first use (up to [`MAX_CACHED_ROUTES`] routes). `false` if the route has none.
+    fn with_route_handles(
+        &self,
+        side: Side,
+        route: &str,
+        record: impl FnOnce(&RouteHandles),
+    ) -> bool {
+        let routes = &self.routes[side as usize];
+        let cached = routes.read().unwrap_or_else(|e| e.into_inner());
         if let Some(handles) = cached.get(route) {
             record(handles);
             return true;
@@ -441,26 +447,20 @@ impl Metrics {
         if full {
             return false;
         }
-        let resolve = |side: Side| {
-            let labels = RequestLabels {
-                route: route.to_string(),
-                status: "ok",
-                side: side.label(),
-            };
-            let ok = self.requests.get_or_create(&labels).clone();
-            let route = RouteLabels {
-                route: labels.route,
-                side: side.label(),
-            };
-            (ok, self.request_duration.get_or_create(&route).clone())
+        let labels = RequestLabels {
+            route: route.to_string(),
+            status: "ok",
+            side: side.label(),
         };
-        let (server, client) = (resolve(Side::Server), resolve(Side::Client));
-        let handles = RouteHandles {
-            ok: [server.0, client.0],
-            duration: [server.1, client.1],
+        let ok = self.requests.get_or_create(&labels).clone();
+        let route_labels = RouteLabels {
+            route: labels.route,
+            side: side.label(),
         };
+        let duration = self.request_duration.get_or_create(&route_labels).clone();
+        let handles = RouteHandles { ok, duration };
         record(&handles);
-        self.routes
+        routes
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(route.into(), handles);

@@ -232,7 +232,7 @@ async fn serve_connection(shared: Arc<Shared>, entry: Arc<Connection>, admitted:
                     Ok((send, recv)) => {
                         let guard = entry.peer_stream_guard(StreamDir::Bi);
                         let shared = shared.clone();
-                        let remote = Remote { peer: entry.peer, addr: conn.remote_address() };
+                        let remote = Remote { peer: entry.peer, conn: conn.clone() };
                         tokio::spawn(async move {
                             let metrics = &shared.metrics;
                             let _active = metrics.stream_opened(StreamKind::Request, ConnectionDirection::Inbound);
@@ -248,7 +248,7 @@ async fn serve_connection(shared: Arc<Shared>, entry: Arc<Connection>, admitted:
                     Ok(recv) => {
                         let guard = entry.peer_stream_guard(StreamDir::Uni);
                         let shared = shared.clone();
-                        let remote = Remote { peer: entry.peer, addr: conn.remote_address() };
+                        let remote = Remote { peer: entry.peer, conn: conn.clone() };
                         tokio::spawn(async move {
                             let metrics = &shared.metrics;
                             let _active = metrics.stream_opened(StreamKind::OneWay, ConnectionDirection::Inbound);
