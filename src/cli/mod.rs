@@ -52,6 +52,9 @@ enum Command {
     /// A server for the bench's scale scenarios (started by `bench` itself).
     #[command(hide = true)]
     BenchServer(bench::scale::ServerArgs),
+    /// The dialing side of the bench's scale scenarios (started by `bench` itself).
+    #[command(hide = true)]
+    BenchClient(bench::scale::ClientArgs),
     /// Relay UDP between a client and a server through an impaired link (loss, delay,
     /// jitter, reordering, duplication, rate cap). Prints its address, then stats on exit.
     Link(link::LinkArgs),
@@ -94,6 +97,7 @@ pub fn main() -> ExitCode {
                     Command::Link(args) => link::run(args).await,
                     Command::Bench(args) => bench::run(args).await,
                     Command::BenchServer(args) => bench::scale::serve(args).await,
+                    Command::BenchClient(args) => bench::scale::dial(args).await,
                     Command::Keygen { .. } | Command::Id { .. } | Command::Config(_) => {
                         unreachable!("handled without a runtime")
                     }

@@ -95,6 +95,19 @@ impl ServerCertVerifier for AcceptAny {
 
 // ------------------------------------------------------------------ raw quinn
 
+/// A UDP socket on `addr`: with the OS's default buffers, or with the 4 MiB ones our nodes
+/// ask for.
+fn udp_socket(addr: SocketAddr, big_buffers: bool) -> anyhow::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if big_buffers {
+        socket.set_recv_buffer_size(4 << 20)?;
+        socket.set_send_buffer_size(4 << 20)?;
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
 /// A raw quinn echo server: each bidirectional stream's bytes come back on it.
 pub struct QuinnServer {
     pub endpoint: quinn::Endpoint,
@@ -102,11 +115,16 @@ pub struct QuinnServer {
 
 impl QuinnServer {
     pub fn start() -> anyhow::Result<QuinnServer> {
-        Self::start_with_streams(100, "127.0.0.1:0".parse()?) // quinn's defaults
+        Self::start_with_streams(100, "127.0.0.1:0".parse()?, false) // quinn's defaults
     }
 
-    /// With both stream limits at `streams`, listening on `listen`.
-    pub fn start_with_streams(streams: u32, listen: SocketAddr) -> anyhow::Result<QuinnServer> {
+    /// With both stream limits at `streams`, listening on `listen`; with `big_buffers`, the
+    /// UDP socket buffers our nodes use (4 MiB) instead of the OS default.
+    pub fn start_with_streams(
+        streams: u32,
+        listen: SocketAddr,
+        big_buffers: bool,
+    ) -> anyhow::Result<QuinnServer> {
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(server_tls(b"bench")?)?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         let mut transport = quinn::TransportConfig::default();
@@ -114,7 +132,12 @@ impl QuinnServer {
             .max_concurrent_bidi_streams(streams.into())
             .max_concurrent_uni_streams(streams.into());
         config.transport_config(Arc::new(transport));
-        let endpoint = quinn::Endpoint::server(config, listen)?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(config),
+            udp_socket(listen, big_buffers)?,
+            Arc::new(quinn::TokioRuntime),
+        )?;
         let accept = endpoint.clone();
         tokio::spawn(async move {
             while let Some(incoming) = accept.accept().await {
@@ -158,9 +181,19 @@ pub struct QuinnClient {
 
 impl QuinnClient {
     pub fn new() -> anyhow::Result<QuinnClient> {
+        Self::with_buffers(false)
+    }
+
+    /// With `big_buffers`, the UDP socket buffers our nodes use (4 MiB).
+    pub fn with_buffers(big_buffers: bool) -> anyhow::Result<QuinnClient> {
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(client_tls(b"bench")?)?;
         let config = quinn::ClientConfig::new(Arc::new(crypto));
-        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            None,
+            udp_socket("127.0.0.1:0".parse()?, big_buffers)?,
+            Arc::new(quinn::TokioRuntime),
+        )?;
         Ok(QuinnClient { endpoint, config })
     }
 

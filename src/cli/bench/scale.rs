@@ -1,6 +1,8 @@
-//! Connection scale: memory per idle connection, file descriptors, and handshake rate,
-//! with the server in a child process of its own (`rustorium-p2p bench-server`) so that
-//! its resident memory is measured alone.
+//! Connection scale: memory per idle connection (each side), file descriptors, and
+//! handshake rate. Whatever is measured runs in a process of its own, so that its
+//! resident memory is its own: `rustorium-p2p bench-server` accepts (N client nodes of
+//! the bench dial it), and `rustorium-p2p bench-client` dials (one node, N connections,
+//! to N nodes of a `bench-server --nodes N`).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -23,6 +25,10 @@ pub struct ServerArgs {
     /// Where to listen (a remote `bench --target` can then use it; stops when stdin ends).
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: std::net::SocketAddr,
+    /// Run this many nodes (rustorium only, each on a port of its own): one PeerAddr per
+    /// line on stdout. The bench dials them all from one node to measure the dialing side.
+    #[arg(long, default_value_t = 1)]
+    nodes: usize,
 }
 
 /// Both stream limits at 1000, as in the original design, and room for many connections.
@@ -36,22 +42,26 @@ pub fn scale_config() -> Config {
     config
 }
 
-/// Runs the server until stdin closes; its first stdout line is where to reach it.
+/// Runs the server until stdin closes; its first stdout lines say where to reach it.
 pub async fn serve(args: ServerArgs) -> anyhow::Result<std::process::ExitCode> {
     let _keep: Box<dyn std::any::Any> = match args.stack.as_str() {
         "rustorium" => {
             let mut config = scale_config();
             config.node.listen = args.listen;
-            let node = Node::builder()
-                .config(config)
-                .system_routes()
-                .bind()
-                .await?;
-            println!("{}", node.peer_addr());
-            Box::new(node)
+            let mut nodes = Vec::with_capacity(args.nodes);
+            for _ in 0..args.nodes.max(1) {
+                let node = Node::builder()
+                    .config(config.clone())
+                    .system_routes()
+                    .bind()
+                    .await?;
+                println!("{}", node.peer_addr());
+                nodes.push(node);
+            }
+            Box::new(nodes)
         }
         "quinn" => {
-            let server = QuinnServer::start_with_streams(1000, args.listen)?;
+            let server = QuinnServer::start_with_streams(1000, args.listen, true)?;
             println!("{}", server.addr());
             Box::new(server)
         }
@@ -66,22 +76,155 @@ pub async fn serve(args: ServerArgs) -> anyhow::Result<std::process::ExitCode> {
     Ok(std::process::ExitCode::SUCCESS)
 }
 
-/// A running `bench-server`.
-struct ServerProcess(Child);
+/// `bench-client`: dials every PeerAddr (or, for quinn, socket address) read from stdin
+/// up to an empty line, from one node (one endpoint), and answers on stdout with its
+/// resident memory before and after, in KiB; exits when stdin closes (hidden from
+/// `--help`).
+#[derive(Args)]
+pub struct ClientArgs {
+    /// `rustorium` or `quinn`.
+    #[arg(long)]
+    stack: String,
+}
 
-impl ServerProcess {
-    fn start(stack: &str) -> anyhow::Result<(ServerProcess, String)> {
+/// Runs `bench-client`.
+pub async fn dial(args: ClientArgs) -> anyhow::Result<std::process::ExitCode> {
+    let addrs = tokio::task::spawn_blocking(|| -> std::io::Result<Vec<String>> {
+        let mut addrs = Vec::new();
+        for line in std::io::stdin().lines() {
+            let line = line?;
+            if line.trim().is_empty() {
+                break;
+            }
+            addrs.push(line.trim().to_string());
+        }
+        Ok(addrs)
+    })
+    .await??;
+    let before = rss_kib("/proc/self/status");
+    let _keep: Box<dyn std::any::Any> = match args.stack.as_str() {
+        "rustorium" => {
+            let client = Node::builder().config(scale_config()).bind().await?;
+            let addrs = addrs
+                .iter()
+                .map(|a| a.parse::<PeerAddr>())
+                .collect::<Result<Vec<_>, _>>()?;
+            for batch in addrs.chunks(64) {
+                let dials = batch.iter().map(|addr| {
+                    let client = &client;
+                    async move {
+                        client.connect(addr).await?;
+                        client
+                            .request(addr.peer_id, ECHO, Bytes::from_static(b"x"))
+                            .await?;
+                        Ok::<_, anyhow::Error>(())
+                    }
+                });
+                for dialed in super::join_all(dials).await {
+                    dialed?;
+                }
+            }
+            Box::new(client)
+        }
+        _ => {
+            let client = Arc::new(QuinnClient::with_buffers(true)?);
+            let mut conns = Vec::new();
+            for batch in addrs.chunks(64) {
+                let dials = batch.iter().map(|addr| {
+                    let client = client.clone();
+                    async move {
+                        let conn = client.connect(addr.parse()?, false).await?;
+                        quinn_call(&conn, Bytes::from_static(b"x")).await?;
+                        Ok::<_, anyhow::Error>(conn)
+                    }
+                });
+                for dialed in super::join_all(dials).await {
+                    conns.push(dialed?);
+                }
+            }
+            Box::new((client, conns))
+        }
+    };
+    // Let the connections settle (tickets arrive, handshake state goes).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    println!("{before} {}", rss_kib("/proc/self/status"));
+    tokio::task::spawn_blocking(|| std::io::stdin().lines().count()).await?;
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// The dialing side on `stack`: one node (one quinn endpoint) in a process of its own
+/// connected to `n` servers (our nodes: one each, in another process; quinn: `n`
+/// connections to one server). Its resident memory per connection, KiB.
+async fn dialing_side(stack: &str, n: usize) -> anyhow::Result<f64> {
+    let (servers, mut addrs) =
+        BenchProcess::start(stack, if stack == "rustorium" { n } else { 1 })?;
+    if stack != "rustorium" {
+        addrs = vec![addrs[0].clone(); n];
+    }
+    let exe = std::env::current_exe()?;
+    let mut child = Command::new(exe)
+        .args(["bench-client", "--stack", stack])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let mut stdin = child.stdin.take().context("stdin")?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let client = BenchProcess(child);
+    let answer = tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
+        use std::io::Write as _;
+        for addr in &addrs {
+            writeln!(stdin, "{addr}")?;
+        }
+        writeln!(stdin)?;
+        stdin.flush()?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        drop(stdin);
+        Ok(line)
+    })
+    .await??;
+    drop((client, servers));
+    let kib: Vec<u64> = answer
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let [before, after] = kib[..] else {
+        anyhow::bail!("bench-client failed (it said {answer:?})");
+    };
+    Ok(after.saturating_sub(before) as f64 / n as f64)
+}
+
+/// A running `bench-server` (or `bench-client`), killed when dropped.
+struct BenchProcess(Child);
+
+impl BenchProcess {
+    /// Starts `nodes` servers of `stack` in one child process; returns their addresses.
+    fn start(stack: &str, nodes: usize) -> anyhow::Result<(BenchProcess, Vec<String>)> {
         let exe = std::env::current_exe()?;
         let mut child = Command::new(exe)
-            .args(["bench-server", "--stack", stack])
+            .args([
+                "bench-server",
+                "--stack",
+                stack,
+                "--nodes",
+                &nodes.to_string(),
+            ])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()?;
         let stdout = child.stdout.take().context("stdout")?;
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line)?;
-        Ok((ServerProcess(child), line.trim().to_string()))
+        let process = BenchProcess(child);
+        let mut lines = BufReader::new(stdout).lines();
+        let mut addrs = Vec::with_capacity(nodes);
+        for _ in 0..nodes {
+            let line = lines
+                .next()
+                .context("bench-server ended before printing its addresses")??;
+            addrs.push(line.trim().to_string());
+        }
+        Ok((process, addrs))
     }
 
     fn rss_kib(&self) -> u64 {
@@ -93,7 +236,7 @@ impl ServerProcess {
     }
 }
 
-impl Drop for ServerProcess {
+impl Drop for BenchProcess {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
@@ -113,8 +256,8 @@ fn rss_kib(status: &str) -> u64 {
 pub struct Scale {
     /// Server resident memory per connection, KiB.
     pub server_kib: f64,
-    /// Client-side resident memory per connection, KiB (our clients are whole nodes, each
-    /// with its own socket and endpoint; the quinn client is one endpoint).
+    /// Dialing-side resident memory per connection, KiB: one node (or one quinn endpoint)
+    /// holding all `n` connections.
     pub client_kib: f64,
     /// New connections per second (handshake + first answer), 64 dials at a time (our
     /// client nodes are made before the clock starts).
@@ -127,9 +270,9 @@ pub struct Scale {
 
 /// Opens `n` connections to a fresh server of `stack` and measures.
 pub async fn measure(stack: &str, n: usize) -> anyhow::Result<Scale> {
-    let (server, addr) = ServerProcess::start(stack)?;
+    let (server, addrs) = BenchProcess::start(stack, 1)?;
+    let addr = &addrs[0];
     let (server_before, fds_before) = (server.rss_kib(), server.open_files());
-    let client_before = rss_kib("/proc/self/status");
     let start;
     let mut times = Vec::with_capacity(n);
     let mut keep_ours: Vec<Node> = Vec::new();
@@ -157,7 +300,7 @@ pub async fn measure(stack: &str, n: usize) -> anyhow::Result<Scale> {
             keep_ours = clients;
         }
         _ => {
-            let client = Arc::new(QuinnClient::new()?);
+            let client = Arc::new(QuinnClient::with_buffers(true)?);
             start = Instant::now();
             let to = addr.parse()?;
             for batch in (0..n).collect::<Vec<_>>().chunks(64) {
@@ -182,14 +325,13 @@ pub async fn measure(stack: &str, n: usize) -> anyhow::Result<Scale> {
     // Let both sides settle (the server frees handshake state, tickets go out).
     tokio::time::sleep(Duration::from_millis(500)).await;
     let server_kib = server.rss_kib().saturating_sub(server_before) as f64 / n as f64;
-    let client_kib = rss_kib("/proc/self/status").saturating_sub(client_before) as f64 / n as f64;
     let fds = (server.open_files(), fds_before);
     times.sort();
     let p99 = times[(times.len() * 99 / 100).min(times.len() - 1)];
     drop(keep_quinn);
-    for node in keep_ours {
-        drop(node);
-    }
+    drop(keep_ours);
+    drop(server);
+    let client_kib = dialing_side(stack, n).await?;
     Ok(Scale {
         server_kib,
         client_kib,
