@@ -381,7 +381,7 @@ fn print_table(figures: &[Figure], quick: bool) {
 }
 
 /// The scenarios, in the order they were first measured.
-fn scenarios_in_order(figures: &[Figure]) -> Vec<&str> {
+fn scenarios_in_order<'a>(figures: impl IntoIterator<Item = &'a Figure>) -> Vec<&'a str> {
     let mut scenarios: Vec<&str> = Vec::new();
     for f in figures {
         if !scenarios.contains(&f.scenario.as_str()) {

@@ -110,20 +110,10 @@ fn latency_cdf(path: &Path, latencies: &[(&'static str, Vec<Duration>)]) -> anyh
 
 /// Grouped bars: one group per scenario, one bar per stack (the median of the runs).
 fn bars(path: &Path, title: &str, figures: &[&Figure]) -> anyhow::Result<()> {
-    let owned: Vec<Figure> = figures
+    let groups = scenarios_in_order(figures.iter().copied());
+    let top = figures
         .iter()
-        .map(|f| Figure {
-            scenario: f.scenario.clone(),
-            stack: f.stack,
-            unit: f.unit,
-            higher_is_better: f.higher_is_better,
-            values: f.values.clone(),
-        })
-        .collect();
-    let groups = scenarios_in_order(&owned);
-    let top = owned
-        .iter()
-        .map(Figure::median)
+        .map(|f| f.median())
         .fold(0.0, f64::max)
         .max(1e-9)
         * 1.15;
@@ -157,7 +147,7 @@ fn bars(path: &Path, title: &str, figures: &[&Figure]) -> anyhow::Result<()> {
     for (s, stack) in super::STACKS.iter().enumerate() {
         let c = colour(stack);
         let bars = groups.iter().enumerate().filter_map(|(g, scenario)| {
-            let f = owned
+            let f = figures
                 .iter()
                 .find(|f| f.scenario == *scenario && f.stack == *stack)?;
             let left = g as f64 + 0.1 + s as f64 * 0.27;
