@@ -359,3 +359,23 @@ fn bench_target_measures_a_running_node() {
     assert!(!cells[5].starts_with('-'), "{p50}");
     node.terminate();
 }
+
+#[test]
+fn bench_stacks_runs_only_the_named_stacks() {
+    let out = run(&[
+        "bench", "--quick", "--repeat", "1", "--only", "latency", "--stacks", "quinn",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let table = stdout(&out);
+    let p50 = table
+        .lines()
+        .find(|l| l.starts_with("64 B sequential, p50"))
+        .unwrap_or_else(|| panic!("{table}"));
+    // ours, then quinn's figure with its spread, then tcp+tls, then the two ratios.
+    let cells: Vec<&str> = p50.split_whitespace().skip(5).collect();
+    assert_eq!(cells[0], "-", "{p50}");
+    assert!(cells[1].parse::<f64>().is_ok(), "{p50}");
+    assert_eq!(&cells[3..], ["-", "-", "-"], "{p50}");
+    let refused = run(&["bench", "--quick", "--stacks", "grpc"]);
+    assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
+}

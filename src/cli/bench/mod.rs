@@ -44,6 +44,10 @@ pub struct BenchArgs {
     /// Run only these scenarios (comma-separated; all by default).
     #[arg(long, value_delimiter = ',', value_enum)]
     only: Vec<Scenario>,
+    /// Run only these stacks: rustorium, quinn, tcp+tls (comma-separated; all by default).
+    /// One stack alone is what to profile (`perf record`, `valgrind --tool=callgrind`).
+    #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(STACKS))]
+    stacks: Vec<String>,
 }
 
 /// The scenario groups of the bench.
@@ -171,9 +175,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let repeat = args.repeat.max(1);
     let wanted = |s: Scenario| args.only.is_empty() || args.only.contains(&s);
     let stacks = Stacks::start(args.target).await?;
-    let ran: Vec<usize> = (0..3).filter(|&s| stacks.has(s)).collect();
+    let picked = |s: usize| args.stacks.is_empty() || args.stacks.iter().any(|n| n == STACKS[s]);
+    let ran: Vec<usize> = (0..3).filter(|&s| stacks.has(s) && picked(s)).collect();
     let local = args.target.is_none();
     let n = ran.len() as u64;
+    // The stacks that run the link set-ups and the scale scenarios (ours and quinn).
+    let udp = ran.iter().filter(|&&s| s < 2).count() as u64;
     let per_repetition = [
         (Scenario::Latency, n),
         (
@@ -181,14 +188,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             n * (RATE_SIZES.len() * IN_FLIGHT.len()) as u64,
         ),
         (Scenario::Bulk, n * Shape::ALL.len() as u64),
-        (Scenario::Setup, n + if local { 2 } else { 0 }),
+        (Scenario::Setup, n + if local { udp } else { 0 }),
     ]
     .iter()
     .filter(|(s, _)| wanted(*s))
     .map(|(_, steps)| steps)
     .sum::<u64>();
     let scale_steps = if local && wanted(Scenario::Scale) {
-        plan.scale.len() as u64 * 2
+        plan.scale.len() as u64 * udp
     } else {
         0
     };
@@ -260,8 +267,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             let mut runs: Vec<(usize, Option<Duration>, usize)> =
                 ran.iter().map(|&s| (s, None, plan.setups)).collect();
             if local {
-                runs.push((0, Some(LINK_DELAY), plan.link_setups));
-                runs.push((1, Some(LINK_DELAY), plan.link_setups));
+                for stack in ran.iter().copied().filter(|&s| s < 2) {
+                    runs.push((stack, Some(LINK_DELAY), plan.link_setups));
+                }
             }
             for (stack, delay, count) in runs {
                 let at = if delay.is_some() { " at 20 ms RTT" } else { "" };
@@ -284,6 +292,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         .filter(|_| local && wanted(Scenario::Scale))
     {
         for (stack, name) in [(0, "rustorium"), (1, "quinn")] {
+            if !ran.contains(&stack) {
+                continue;
+            }
             step(format!("{n} connections to one {name} server"));
             let s = scale::measure(name, n).await?;
             results.add(
