@@ -1,6 +1,6 @@
 //! The client scenarios, each on one of three stacks: ours (a node answering on
-//! `sys/echo` and `sys/ping`, the routes every node has, so that `--target` can point at
-//! any node), raw quinn and TCP + TLS (see `baselines`).
+//! `sys/echo` and `sys/ping`, the system routes every node started by the CLI serves, so
+//! that `--target` can point at any such node), raw quinn and TCP + TLS (see `baselines`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
