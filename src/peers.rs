@@ -242,6 +242,14 @@ impl Connection {
         self.conn.close(code.into(), reason);
     }
 
+    /// Whether this node closed the connection (with [`Connection::close`]).
+    pub fn closed_by_us(&self) -> bool {
+        self.closed_by_us
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
     /// Why the connection ended, given the error it ended with.
     pub fn disconnect_reason(&self, err: &quinn::ConnectionError) -> DisconnectReason {
         let ours = self.closed_by_us.lock().unwrap_or_else(|e| e.into_inner());

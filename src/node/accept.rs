@@ -161,16 +161,26 @@ async fn accept_one(shared: Arc<Shared>, incoming: quinn::Incoming, admitted: Ad
         confirmed,
         shared.config.stream_budget(),
     );
-    register(&shared, conn, admitted);
+    // Served in this task: a task hop here would delay the peer's 0-RTT requests.
+    pool(&shared, &conn);
+    serve_connection(shared, conn, admitted).await;
 }
 
-/// Puts an established connection in the pool, retires the loser of a simultaneous
-/// dial, announces it, and starts serving the peer's streams on it.
+/// Puts a dialed connection in the pool (see [`pool`]) and starts serving the peer's
+/// streams on it in a task of its own.
 pub(super) fn register(
     shared: &Arc<Shared>,
     conn: Arc<Connection>,
     admitted: Admitted,
 ) -> Arc<Connection> {
+    pool(shared, &conn);
+    tokio::spawn(serve_connection(shared.clone(), conn.clone(), admitted));
+    conn
+}
+
+/// Puts an established connection in the pool and retires the loser of a simultaneous
+/// dial.
+fn pool(shared: &Arc<Shared>, conn: &Arc<Connection>) {
     let addr = conn.conn.remote_address();
     debug!(peer = %conn.peer, %addr, direction = ?conn.direction, "connection up");
     if let Some(loser) = shared.peers.insert(conn.clone()) {
@@ -179,8 +189,6 @@ pub(super) fn register(
         let quiet = (loser.conn.rtt() * 4).max(Duration::from_millis(100));
         tokio::spawn(async move { loser.close_when_quiet(quiet).await });
     }
-    tokio::spawn(serve_connection(shared.clone(), conn.clone(), admitted));
-    conn
 }
 
 /// Waits for the handshake of a connection dialed with 0-RTT (already in the pool, so
@@ -192,6 +200,9 @@ async fn announce(shared: &Arc<Shared>, entry: &Arc<Connection>) -> bool {
         let limit = shared.config.limits.connect_timeout;
         let failure = match tokio::time::timeout(limit, entry.confirmed()).await {
             Ok(true) => None,
+            // Closed by this node (say, `disconnect`) before the handshake was seen to
+            // complete: not a failure.
+            Ok(false) if entry.closed_by_us() => None,
             Ok(false) => Some(ConnectionFailure::HandshakeFailed),
             Err(_) => {
                 let why = DisconnectReason::Lost("handshake timed out".into());
@@ -199,9 +210,11 @@ async fn announce(shared: &Arc<Shared>, entry: &Arc<Connection>) -> bool {
                 Some(ConnectionFailure::TimedOut)
             }
         };
-        if let Some(failure) = failure {
+        if !entry.is_confirmed() {
             shared.peers.remove(entry);
-            shared.metrics.connection_failed(failure);
+            if let Some(failure) = failure {
+                shared.metrics.connection_failed(failure);
+            }
             return false;
         }
     }

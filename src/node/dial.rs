@@ -171,10 +171,13 @@ async fn dial(
                 let watched = conn.clone();
                 let node = shared.clone();
                 tokio::spawn(async move {
+                    // `true` only once the handshake completed with the early data
+                    // accepted; `false` if it was rejected or the connection ended first.
                     let accepted = accepted.await;
-                    node.metrics
-                        .zero_rtt(if accepted { "accepted" } else { "rejected" });
-                    if watched.close_reason().is_none() {
+                    let complete = accepted || watched.close_reason().is_none();
+                    if complete {
+                        node.metrics
+                            .zero_rtt(if accepted { "accepted" } else { "rejected" });
                         confirmed_tx.send_replace(true);
                     }
                 });
