@@ -372,6 +372,10 @@ fn bench_stacks_runs_only_the_named_stacks() {
         .find(|l| l.starts_with("64 B sequential, p50"))
         .unwrap_or_else(|| panic!("{table}"));
     // ours, then quinn's figure with its spread, then tcp+tls, then the two ratios.
+    assert!(
+        p50.contains("p50 (µs)"),
+        "the unit comes from the stack measured: {p50}"
+    );
     let cells: Vec<&str> = p50.split_whitespace().skip(5).collect();
     assert_eq!(cells[0], "-", "{p50}");
     assert!(cells[1].parse::<f64>().is_ok(), "{p50}");

@@ -375,7 +375,10 @@ fn print_table(figures: &[Figure], quick: bool) {
             (Some(o), Some(b)) if b.median() > 0.0 => format!("{:.2}x", o.median() / b.median()),
             _ => "-".into(),
         };
-        let unit = ours.map_or("", |f| f.unit);
+        let unit = STACKS
+            .iter()
+            .find_map(|stack| get(stack))
+            .map_or("", |f| f.unit);
         println!(
             "{:<52} {:>22} {:>22} {:>22} {:>9} {:>9}",
             format!("{scenario} ({unit})"),
