@@ -218,8 +218,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
 
     for rep in 1..=repeat {
         let of = format!("({rep} of {repeat})");
+        // Each repetition starts with another stack, so none is always the one measured
+        // first (or right after another's run).
+        let mut order = ran.clone();
+        order.rotate_left((rep - 1) % ran.len().max(1));
         // 1. Sequential 64-byte requests.
-        for &stack in ran.iter().filter(|_| wanted(Scenario::Latency)) {
+        for &stack in order.iter().filter(|_| wanted(Scenario::Latency)) {
             step(format!("latency, {} {of}", STACKS[stack]));
             let times = scenarios::sequential(&stacks, stack, plan.sequential).await?;
             let at = |q: f64| times[((times.len() as f64 * q) as usize).min(times.len() - 1)];
@@ -234,7 +238,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         // 2. Requests per second at several concurrencies on one connection.
         for size in RATE_SIZES.into_iter().filter(|_| wanted(Scenario::Rate)) {
             for in_flight in IN_FLIGHT {
-                for &stack in &ran {
+                for &stack in &order {
                     step(format!(
                         "{size} B x {in_flight} in flight, {} {of}",
                         STACKS[stack]
@@ -254,7 +258,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         }
         // 3. Bulk upload.
         for shape in Shape::ALL.into_iter().filter(|_| wanted(Scenario::Bulk)) {
-            for &stack in &ran {
+            for &stack in &order {
                 step(format!("bulk, {}, {} {of}", shape.name(), STACKS[stack]));
                 let gbits = scenarios::bulk(&stacks, stack, shape, &payload).await?;
                 let scenario = format!("bulk {}, {}", size_label(plan.bulk_bytes), shape.name());
@@ -265,9 +269,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         // on loopback, and (locally) across a link with 20 ms round trips.
         if wanted(Scenario::Setup) {
             let mut runs: Vec<(usize, Option<Duration>, usize)> =
-                ran.iter().map(|&s| (s, None, plan.setups)).collect();
+                order.iter().map(|&s| (s, None, plan.setups)).collect();
             if local {
-                for stack in ran.iter().copied().filter(|&s| s < 2) {
+                for stack in order.iter().copied().filter(|&s| s < 2) {
                     runs.push((stack, Some(LINK_DELAY), plan.link_setups));
                 }
             }
@@ -284,6 +288,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
+
+    results
+        .latencies
+        .sort_by_key(|(name, _)| STACKS.iter().position(|s| s == name));
 
     // 5 and 6. Idle connections: memory, file descriptors, handshake rate.
     for &n in plan
