@@ -315,9 +315,9 @@ impl Peers {
 
     /// The connection to hand out for `peer`, if it is live.
     pub fn live(&self, peer: &PeerId) -> Option<Arc<Connection>> {
-        let inner = self.lock();
-        let conn = inner.peers.get(peer)?.current.as_ref()?;
-        conn.is_live().then(|| conn.clone())
+        // quinn's connection lock (for `close_reason`) is taken after ours is released.
+        let conn = self.lock().peers.get(peer)?.current.clone()?;
+        conn.is_live().then_some(conn)
     }
 
     /// The last known address of `peer`.
