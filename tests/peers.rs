@@ -365,6 +365,72 @@ async fn a_reconnect_uses_0rtt_for_idempotent_requests_only() {
 }
 
 #[tokio::test]
+async fn a_0rtt_dial_this_node_closes_before_its_handshake_is_no_handshake_failure() {
+    let (b, _seen, link) = early_data_node().await;
+    let b_addr = rustorium_p2p::PeerAddr::new(b.peer_id(), link.local_addr());
+    let mut config = common::config();
+    // One connection at a time: a new dial is refused until the closed connection's task
+    // has finished with it (which is where a handshake failure would be counted).
+    config.limits.max_connections = 1;
+    let a = Arc::new(Node::builder().config(config).bind().await.unwrap());
+    let mut events = a.events();
+    a.connect(&b_addr).await.unwrap();
+    a.request(b.peer_id(), "seen", "first").await.unwrap(); // session tickets arrive
+    a.disconnect(&b.peer_id());
+    wait_event(&mut events, "disconnect", |e| {
+        matches!(e, PeerEvent::Disconnected { .. })
+    })
+    .await;
+
+    // An idempotent request dials with 0-RTT; its handshake needs a 20 ms round trip, and
+    // the connection is closed as soon as it is in the pool.
+    let request = tokio::spawn({
+        let (a, peer) = (a.clone(), b.peer_id());
+        async move {
+            let idempotent = RequestOptions::new().idempotent(true);
+            a.request_with(peer, "seen", "early", idempotent).await
+        }
+    });
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while a.connected_peers().is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "no 0-RTT dial");
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(a.disconnect(&b.peer_id()), 1);
+    tokio::time::timeout(WAIT, request)
+        .await
+        .unwrap()
+        .unwrap()
+        .ok();
+    assert_eq!(a.stats().zero_rtt_attempted, 1);
+
+    // Redial until the limit lets it through: the closed connection's task is done.
+    loop {
+        match a.request(b.peer_id(), "seen", "after").await {
+            Ok(_) => break,
+            Err(Error::Refused { .. }) => {
+                assert!(tokio::time::Instant::now() < deadline, "still refused");
+                tokio::task::yield_now().await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let text = a.metrics_text();
+    let failed = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("rustorium_p2p_connection_errors_total{reason=\"handshake_failed\"} ")
+        })
+        .unwrap_or_else(|| panic!("no handshake_failed counter in {text}"));
+    assert_eq!(
+        failed, "0",
+        "a connection closed by this node is no handshake failure"
+    );
+    let stats = a.stats();
+    assert_eq!(stats.zero_rtt_rejected, 0, "{stats:?}");
+}
+
+#[tokio::test]
 async fn a_rejected_0rtt_request_is_sent_again_and_answered_once() {
     // b1 and b2 share a key but not a session cache (b2 is b1 "restarted" elsewhere).
     let key = Keypair::generate();

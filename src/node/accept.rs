@@ -198,20 +198,20 @@ fn pool(shared: &Arc<Shared>, conn: &Arc<Connection>) {
 async fn announce(shared: &Arc<Shared>, entry: &Arc<Connection>) -> bool {
     if entry.direction == ConnectionDirection::Outbound && !entry.is_confirmed() {
         let limit = shared.config.limits.connect_timeout;
-        let failure = match tokio::time::timeout(limit, entry.confirmed()).await {
-            Ok(true) => None,
-            // Closed by this node (say, `disconnect`) before the handshake was seen to
-            // complete: not a failure.
-            Ok(false) if entry.closed_by_us() => None,
-            Ok(false) => Some(ConnectionFailure::HandshakeFailed),
-            Err(_) => {
-                let why = DisconnectReason::Lost("handshake timed out".into());
-                entry.close(why, code::CLOSE_SHUTDOWN, b"handshake timed out");
-                Some(ConnectionFailure::TimedOut)
-            }
-        };
-        if !entry.is_confirmed() {
+        let confirmed = tokio::time::timeout(limit, entry.confirmed()).await;
+        if !matches!(confirmed, Ok(true)) {
             shared.peers.remove(entry);
+            let failure = match confirmed {
+                Err(_) => {
+                    let why = DisconnectReason::Lost("handshake timed out".into());
+                    entry.close(why, code::CLOSE_SHUTDOWN, b"handshake timed out");
+                    Some(ConnectionFailure::TimedOut)
+                }
+                // Closed by this node (say, `disconnect`) before the handshake was seen
+                // to complete: not a failure.
+                Ok(_) if entry.closed_by_us() => None,
+                Ok(_) => Some(ConnectionFailure::HandshakeFailed),
+            };
             if let Some(failure) = failure {
                 shared.metrics.connection_failed(failure);
             }
