@@ -333,6 +333,17 @@ fn bench_writes_its_table_json_and_charts() {
     }
 }
 
+/// The bench's `64 B sequential, p50` row, from a run that must have succeeded.
+fn p50_row(out: &Output) -> String {
+    assert!(out.status.success(), "{}", stderr(out));
+    let table = stdout(out);
+    table
+        .lines()
+        .find(|l| l.starts_with("64 B sequential, p50"))
+        .unwrap_or_else(|| panic!("{table}"))
+        .to_string()
+}
+
 #[test]
 fn bench_target_measures_a_running_node() {
     let dir = tempfile::tempdir().unwrap();
@@ -347,12 +358,7 @@ fn bench_target_measures_a_running_node() {
         "--target",
         &node.peer_addr,
     ]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let table = stdout(&out);
-    let p50 = table
-        .lines()
-        .find(|l| l.starts_with("64 B sequential, p50"))
-        .unwrap_or_else(|| panic!("{table}"));
+    let p50 = p50_row(&out);
     // Our column has a figure; the baselines do not run against a remote node.
     let cells: Vec<&str> = p50.split_whitespace().collect();
     assert!(cells.contains(&"-"), "{p50}");
@@ -365,12 +371,7 @@ fn bench_stacks_runs_only_the_named_stacks() {
     let out = run(&[
         "bench", "--quick", "--repeat", "1", "--only", "latency", "--stacks", "quinn",
     ]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let table = stdout(&out);
-    let p50 = table
-        .lines()
-        .find(|l| l.starts_with("64 B sequential, p50"))
-        .unwrap_or_else(|| panic!("{table}"));
+    let p50 = p50_row(&out);
     // ours, then quinn's figure with its spread, then tcp+tls, then the two ratios.
     assert!(
         p50.contains("p50 (µs)"),
