@@ -1,0 +1,193 @@
+//! `request`, `send` and `ping`: one-shot clients with their own (ephemeral) node.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::Args;
+use rustorium_p2p::{Bytes, Node, PeerAddr};
+
+#[derive(Args)]
+pub struct Target {
+    /// The peer: <peer_id>@<host>:<port>, as the node prints it.
+    peer: PeerAddr,
+    /// Key file to authenticate with; default: an ephemeral identity.
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Give up after this long: a duration as in the config file (`2s`, `500ms`, `1m`),
+    /// or a number of seconds.
+    #[arg(long, default_value = "10s", value_parser = positive_duration)]
+    timeout: Duration,
+}
+
+#[derive(Args)]
+pub struct Body {
+    /// The body, as text.
+    #[arg(long, conflicts_with = "file")]
+    data: Option<String>,
+    /// Read the body from a file.
+    #[arg(long)]
+    file: Option<PathBuf>,
+}
+
+impl Body {
+    fn load(&self) -> anyhow::Result<Bytes> {
+        Ok(match (&self.data, &self.file) {
+            (Some(text), _) => Bytes::from(text.clone()),
+            (None, Some(path)) => std::fs::read(path)
+                .with_context(|| format!("cannot read {}", path.display()))?
+                .into(),
+            (None, None) => Bytes::new(),
+        })
+    }
+}
+
+/// What `request` and `send` take.
+#[derive(Args)]
+pub struct MessageArgs {
+    #[command(flatten)]
+    target: Target,
+    /// The route, for example sys/echo.
+    route: String,
+    #[command(flatten)]
+    body: Body,
+}
+
+#[derive(Args)]
+pub struct PingArgs {
+    #[command(flatten)]
+    target: Target,
+    /// How many pings.
+    #[arg(long, default_value_t = 4)]
+    count: u32,
+    /// Time between pings: a duration (`1s`, `200ms`) or a number of seconds.
+    #[arg(long, default_value = "1s", value_parser = duration)]
+    interval: Duration,
+}
+
+/// A client node, connected to the target.
+async fn connect(target: &Target) -> anyhow::Result<Node> {
+    let key = super::keys::key_or_ephemeral(target.key.as_deref())?;
+    let timeout = target.timeout;
+    let node = Node::builder()
+        .keypair(key)
+        .listen(local_for(target.peer.addr))
+        .request_timeout(timeout)
+        .bind()
+        .await?;
+    tokio::time::timeout(timeout, node.connect(&target.peer))
+        .await
+        .map_err(|_| anyhow::anyhow!("no connection to {} within {timeout:?}", target.peer))??;
+    Ok(node)
+}
+
+/// A duration flag: the config file's forms (`2s`, `500ms`, `1m`), or a plain number of
+/// seconds.
+pub(crate) fn duration(text: &str) -> Result<Duration, String> {
+    match text.parse::<f64>() {
+        Ok(secs) => Duration::try_from_secs_f64(secs)
+            .map_err(|_| format!("{text:?} is not a duration (try 2s or 500ms)")),
+        Err(_) => rustorium_p2p::config::parse_duration(text),
+    }
+}
+
+/// A duration flag that must be more than zero.
+fn positive_duration(text: &str) -> Result<Duration, String> {
+    duration(text).and_then(|d| {
+        if d.is_zero() {
+            Err("must be more than 0 (for example 2s or 500ms)".into())
+        } else {
+            Ok(d)
+        }
+    })
+}
+
+/// A local address of the family of `remote`: loopback for a loopback peer.
+fn local_for(remote: SocketAddr) -> SocketAddr {
+    match remote {
+        SocketAddr::V4(v4) if v4.ip().is_loopback() => "127.0.0.1:0".parse().unwrap(),
+        SocketAddr::V4(_) => "0.0.0.0:0".parse().unwrap(),
+        SocketAddr::V6(v6) if v6.ip().is_loopback() => "[::1]:0".parse().unwrap(),
+        SocketAddr::V6(_) => "[::]:0".parse().unwrap(),
+    }
+}
+
+pub async fn request(args: MessageArgs) -> anyhow::Result<ExitCode> {
+    let body = args.body.load()?;
+    let node = connect(&args.target).await?;
+    let answer = node
+        .request(args.target.peer.peer_id, &args.route, body)
+        .await;
+    node.shutdown().await;
+    let answer = answer?;
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(&answer)?;
+    stdout.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn send(args: MessageArgs) -> anyhow::Result<ExitCode> {
+    let body = args.body.load()?;
+    let node = connect(&args.target).await?;
+    let sent = node.send(args.target.peer.peer_id, &args.route, body).await;
+    node.shutdown().await;
+    sent?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn ping(args: PingArgs) -> anyhow::Result<ExitCode> {
+    let interval = args.interval;
+    let started = Instant::now();
+    let node = connect(&args.target).await?;
+    let peer = args.target.peer;
+    println!(
+        "PING {} at {}: connected in {:.3} ms",
+        peer.peer_id.short(),
+        peer.addr,
+        ms(started.elapsed())
+    );
+    let mut times = Vec::new();
+    for seq in 1..=args.count {
+        if seq > 1 && !interval.is_zero() {
+            tokio::time::sleep(interval).await;
+        }
+        let sent = Instant::now();
+        match node.request(peer.peer_id, "sys/ping", Bytes::new()).await {
+            Ok(_) => {
+                let rtt = sent.elapsed();
+                println!("seq={seq} time={:.3} ms", ms(rtt));
+                times.push(rtt);
+            }
+            Err(e) => println!("seq={seq} error: {e}"),
+        }
+    }
+    node.shutdown().await;
+    let failed = args.count as usize - times.len();
+    print!(
+        "--- {} pings, {} answered, {failed} failed",
+        args.count,
+        times.len()
+    );
+    if let (Some(min), Some(max)) = (times.iter().min(), times.iter().max()) {
+        let avg = times.iter().sum::<Duration>() / times.len() as u32;
+        print!(
+            "; rtt min/avg/max = {:.3}/{:.3}/{:.3} ms",
+            ms(*min),
+            ms(avg),
+            ms(*max)
+        );
+    }
+    println!();
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}

@@ -1,0 +1,169 @@
+//! `node`: run a node until a signal.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+use rustorium_p2p::{Node, PeerAddr, PeerEvent};
+
+use crate::config_file::{FileConfig, LogFormat};
+
+#[derive(Args)]
+pub struct NodeArgs {
+    /// Configuration file (TOML; `rustorium-p2p config default` prints one). Flags given
+    /// here override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Key file; default: the config's `node.key_file`, else `node.key` in the data
+    /// directory ($RUSTORIUM_P2P_DATA_DIR, else $XDG_DATA_HOME/rustorium-p2p, else
+    /// ~/.local/share/rustorium-p2p), made on first run.
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// UDP address to listen on (port 0: any free port; the first stdout line shows it).
+    /// Default: the config's `node.listen`, 127.0.0.1:4433.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// A peer to keep connected (redialed with backoff when the connection drops);
+    /// repeat for more.
+    #[arg(long = "peer", value_name = "PEERADDR")]
+    peers: Vec<PeerAddr>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (for example 127.0.0.1:9464).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
+    /// Log format on stderr.
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
+}
+
+/// Exit code for a configuration that cannot start a node.
+const CONFIG_ERROR: u8 = 2;
+
+/// The config file (or the defaults) with the command-line flags applied.
+fn effective_config(args: &NodeArgs) -> Result<FileConfig, String> {
+    let mut file = match &args.config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::default(),
+    };
+    let node = &mut file.node;
+    if let Some(listen) = args.listen {
+        node.listen = listen;
+    }
+    if let Some(key) = &args.key {
+        node.key_file = Some(key.clone());
+    }
+    node.peers.extend(args.peers.iter().copied());
+    if let Some(addr) = args.metrics {
+        node.metrics_addr = Some(addr);
+    }
+    if let Some(format) = args.log_format {
+        node.log_format = format;
+    }
+    file.node_config().validate().map_err(|e| e.problem)?;
+    Ok(file)
+}
+
+pub fn check_config(path: &std::path::Path) -> anyhow::Result<ExitCode> {
+    match FileConfig::load(path) {
+        Ok(_) => {
+            println!("{}: ok", path.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("error: invalid configuration: {e}");
+            Ok(ExitCode::from(CONFIG_ERROR))
+        }
+    }
+}
+
+pub async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
+    // Everything that can be wrong with the configuration is found before anything starts.
+    let started = async {
+        let file =
+            effective_config(&args).map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        super::init_logging(&file.node.log_level, file.node.log_format);
+        let (key, key_path) = super::keys::node_key(file.node.key_file.as_deref())?;
+        let metrics = match file.node.metrics_addr {
+            Some(addr) => Some(
+                crate::metrics_http::bind(addr)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?,
+            ),
+            None => None,
+        };
+        let builder = Node::builder().config(file.node_config()).keypair(key);
+        let (builder, info) = crate::system::routes(builder);
+        let node = builder.bind().await?;
+        info.set(&node);
+        Ok::<_, anyhow::Error>((node, key_path, metrics))
+    };
+    let (node, key_path, metrics) = match started.await {
+        Ok(started) => started,
+        Err(e) => {
+            eprintln!("error: {}", crate::report(&e));
+            return Ok(ExitCode::from(CONFIG_ERROR));
+        }
+    };
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{}", node.peer_addr())?;
+    stdout.flush()?;
+    drop(stdout);
+    tracing::info!(key = %key_path.display(), "serving sys/ping, sys/echo, sys/info; Ctrl-C or SIGTERM stops");
+    if let Some(listener) = metrics {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!("metrics at http://{addr}/metrics");
+        }
+        let weak = node.downgrade();
+        let render = move || weak.upgrade().map(|n| n.metrics_text()).unwrap_or_default();
+        tokio::spawn(crate::metrics_http::serve(listener, render));
+    }
+    let mut events = node.events();
+    tokio::spawn(async move {
+        while let Ok(event) = events.recv().await {
+            match event {
+                PeerEvent::Connected {
+                    peer,
+                    addr,
+                    direction,
+                } => {
+                    tracing::info!(%peer, %addr, ?direction, "peer connected")
+                }
+                PeerEvent::Disconnected {
+                    peer, addr, reason, ..
+                } => {
+                    tracing::info!(%peer, %addr, %reason, "peer disconnected")
+                }
+                _ => {}
+            }
+        }
+    });
+
+    let signal = wait_for_signal().await?;
+    tracing::info!("{signal}: shutting down (a second signal exits at once)");
+    tokio::spawn(async {
+        if wait_for_signal().await.is_ok() {
+            std::process::exit(130);
+        }
+    });
+    node.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wait_for_signal() -> anyhow::Result<&'static str> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tokio::select! {
+            _ = term.recv() => Ok("SIGTERM"),
+            _ = int.recv() => Ok("SIGINT"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c().await?;
+        Ok("Ctrl-C")
+    }
+}

@@ -1,0 +1,51 @@
+//! The system routes every node started by this command serves: `sys/ping` (empty
+//! answer), `sys/echo` (answers the body) and `sys/info` (JSON: peer_id, version, listen,
+//! connections, uptime_secs, stats).
+
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use rustorium_p2p::{Bytes, HandlerError, Node, NodeBuilder, WeakNode};
+
+/// Where `sys/info` finds its node once it is bound: call [`SystemInfo::set`] with it.
+#[derive(Clone, Default)]
+pub struct SystemInfo(Arc<OnceLock<WeakNode>>);
+
+impl SystemInfo {
+    /// Gives `sys/info` the node it describes.
+    pub fn set(&self, node: &Node) {
+        let _ = self.0.set(node.downgrade());
+    }
+}
+
+/// Adds the system routes to `builder`; `sys/info` answers once [`SystemInfo::set`] is
+/// called.
+pub fn routes(builder: NodeBuilder) -> (NodeBuilder, SystemInfo) {
+    let info = SystemInfo::default();
+    let started = Instant::now();
+    let cell = info.clone();
+    let builder = builder
+        .route("sys/ping", |_ctx, _body| async { Ok(Bytes::new()) })
+        .route("sys/echo", |_ctx, body: Bytes| async move { Ok(body) })
+        .route("sys/info", move |_ctx, _body| {
+            let node = cell.0.get().and_then(WeakNode::upgrade);
+            async move {
+                let node = node.ok_or_else(|| HandlerError::new("node is shutting down"))?;
+                Ok(Bytes::from(describe(&node, started)))
+            }
+        });
+    (builder, info)
+}
+
+fn describe(node: &Node, started: Instant) -> String {
+    let stats = node.stats();
+    serde_json::json!({
+        "peer_id": node.peer_id().to_string(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "listen": node.local_addr().to_string(),
+        "connections": stats.connections,
+        "uptime_secs": started.elapsed().as_secs_f64(),
+        "stats": stats,
+    })
+    .to_string()
+}

@@ -1,0 +1,74 @@
+//! Bodies on QUIC streams, for both ends: a prefix (route header or status byte) and a
+//! body written together, and a body read to the end of its stream within a size limit.
+
+use bytes::{Bytes, BytesMut};
+use quinn::{ReadError, RecvStream, SendStream, WriteError};
+
+/// Bodies up to this size are copied behind their prefix (header or status byte) and
+/// written as one chunk: one STREAM frame, and one read on the other side. Larger ones go
+/// as a second chunk, uncopied.
+const COALESCE_LIMIT: usize = 256;
+
+/// Writes `prefix` then `body` on `send` (without finishing it).
+pub(crate) async fn write_framed(
+    send: &mut SendStream,
+    prefix: &[u8],
+    body: Bytes,
+) -> Result<(), WriteError> {
+    if body.len() <= COALESCE_LIMIT {
+        let mut joined = BytesMut::with_capacity(prefix.len() + body.len());
+        joined.extend_from_slice(prefix);
+        joined.extend_from_slice(&body);
+        send.write_all_chunks(&mut [joined.freeze()]).await
+    } else {
+        let prefix = Bytes::copy_from_slice(prefix);
+        send.write_all_chunks(&mut [prefix, body]).await
+    }
+}
+
+/// Why a body could not be read.
+pub(crate) enum BodyError {
+    TooLarge,
+    Read(ReadError),
+}
+
+/// Reads the rest of a stream after `first`, up to `limit` bytes in all. A body that
+/// arrives in one piece is returned without copying.
+pub(crate) async fn read_body(
+    recv: &mut RecvStream,
+    first: Bytes,
+    limit: usize,
+) -> Result<Bytes, BodyError> {
+    if first.len() > limit {
+        return Err(BodyError::TooLarge);
+    }
+    let mut total = first.len();
+    let mut single = first;
+    let mut joined: Option<BytesMut> = None;
+    loop {
+        // Ask for at most one byte past the limit, so an over-long body is noticed.
+        let chunk = match recv
+            .read_chunk((limit - total).saturating_add(1), true)
+            .await
+        {
+            Ok(Some(chunk)) => chunk.bytes,
+            Ok(None) => break,
+            Err(e) => return Err(BodyError::Read(e)),
+        };
+        total += chunk.len();
+        if total > limit {
+            return Err(BodyError::TooLarge);
+        }
+        if joined.is_none() && single.is_empty() {
+            single = chunk;
+            continue;
+        }
+        let buf = joined.get_or_insert_with(|| {
+            let mut buf = BytesMut::with_capacity(total.max(2 * single.len()));
+            buf.extend_from_slice(&single);
+            buf
+        });
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(joined.map_or(single, BytesMut::freeze))
+}

@@ -1,0 +1,184 @@
+//! Handlers, registered per route with [`NodeBuilder::route`](crate::NodeBuilder::route),
+//! and the context they are called with.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+
+use crate::identity::PeerId;
+use crate::wire::Status;
+
+/// What a handler knows about the request it is answering.
+#[derive(Debug, Clone)]
+pub struct RequestContext {
+    pub(crate) peer: PeerId,
+    /// The connection it came on (its address is read only if asked for).
+    pub(crate) conn: quinn::Connection,
+    pub(crate) route: Arc<str>,
+    pub(crate) one_way: bool,
+    pub(crate) early_data: bool,
+}
+
+impl RequestContext {
+    /// The authenticated PeerId of the sender (from its certificate).
+    pub fn peer(&self) -> PeerId {
+        self.peer
+    }
+
+    /// The sender's UDP address (now: it changes if the peer migrates).
+    pub fn remote_addr(&self) -> SocketAddr {
+        self.conn.remote_address()
+    }
+
+    /// The route the request was sent to.
+    pub fn route(&self) -> &str {
+        &self.route
+    }
+
+    /// `true` for a one-way message: whatever the handler returns is not sent anywhere.
+    pub fn is_one_way(&self) -> bool {
+        self.one_way
+    }
+
+    /// `true` if the request arrived as 0-RTT data. The sender marked it idempotent, but
+    /// an attacker who recorded it could replay it: only act on it if doing so twice is
+    /// harmless.
+    pub fn is_early_data(&self) -> bool {
+        self.early_data
+    }
+}
+
+/// A handler's failure: sent to the requester as status HANDLER_ERROR (or BUSY) with the
+/// message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandlerError {
+    pub(crate) status: Status,
+    pub(crate) message: String,
+}
+
+impl HandlerError {
+    /// The handler failed; the requester gets HANDLER_ERROR with `message`.
+    pub fn new(message: impl Into<String>) -> Self {
+        HandlerError {
+            status: Status::HandlerError,
+            message: message.into(),
+        }
+    }
+
+    /// The handler is overloaded; the requester gets BUSY with `message` and may retry.
+    pub fn busy(message: impl Into<String>) -> Self {
+        HandlerError {
+            status: Status::Busy,
+            message: message.into(),
+        }
+    }
+
+    /// The message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl std::fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.status, self.message)
+    }
+}
+
+impl std::error::Error for HandlerError {}
+
+impl From<String> for HandlerError {
+    fn from(message: String) -> Self {
+        HandlerError::new(message)
+    }
+}
+
+impl From<&str> for HandlerError {
+    fn from(message: &str) -> Self {
+        HandlerError::new(message)
+    }
+}
+
+/// The future a handler returns.
+pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Bytes, HandlerError>> + Send>>;
+
+/// Answers requests on one route. Any `async` closure or function
+/// `Fn(RequestContext, Bytes) -> impl Future<Output = Result<Bytes, HandlerError>>` is one.
+pub trait Handler: Send + Sync + 'static {
+    /// Handles one request (or one-way message) with body `body`.
+    fn call(&self, ctx: RequestContext, body: Bytes) -> HandlerFuture;
+}
+
+impl<F, Fut> Handler for F
+where
+    F: Fn(RequestContext, Bytes) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Bytes, HandlerError>> + Send + 'static,
+{
+    fn call(&self, ctx: RequestContext, body: Bytes) -> HandlerFuture {
+        Box::pin(self(ctx, body))
+    }
+}
+
+/// Route name to handler.
+#[derive(Clone, Default)]
+pub(crate) struct Router {
+    routes: HashMap<Arc<str>, Arc<dyn Handler>>,
+}
+
+impl Router {
+    /// Adds `handler` for `route`; `false` (and nothing changed) if the route has one.
+    pub fn insert(&mut self, route: &str, handler: Arc<dyn Handler>) -> bool {
+        if self.routes.contains_key(route) {
+            return false;
+        }
+        self.routes.insert(route.into(), handler);
+        true
+    }
+
+    /// The handler for `route`, with the route's shared name.
+    pub fn get(&self, route: &str) -> Option<(&Arc<str>, &Arc<dyn Handler>)> {
+        self.routes.get_key_value(route)
+    }
+}
+
+/// Runs a handler, turning a panic (while making or polling its future) into a
+/// HANDLER_ERROR so that one bad handler cannot take the node down.
+pub(crate) async fn call_handler(
+    handler: &dyn Handler,
+    ctx: RequestContext,
+    body: Bytes,
+) -> Result<Bytes, HandlerError> {
+    match catch_unwind(AssertUnwindSafe(|| handler.call(ctx, body))) {
+        Ok(future) => CatchUnwind(future).await,
+        Err(payload) => Err(panicked(payload)),
+    }
+}
+
+struct CatchUnwind(HandlerFuture);
+
+impl Future for CatchUnwind {
+    type Output = Result<Bytes, HandlerError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let future = &mut self.0;
+        match catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx))) {
+            Ok(poll) => poll,
+            Err(payload) => Poll::Ready(Err(panicked(payload))),
+        }
+    }
+}
+
+fn panicked(payload: Box<dyn std::any::Any + Send>) -> HandlerError {
+    let text = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".into());
+    HandlerError::new(format!("handler panicked: {text}"))
+}

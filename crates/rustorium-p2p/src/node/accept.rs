@@ -1,0 +1,300 @@
+//! Incoming connections (admission, handshake, allow/deny) and the task that serves the
+//! peer's streams on every connection, whichever side dialed it.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tracing::{debug, warn, Instrument};
+
+use super::Shared;
+use crate::error::Refusal;
+use crate::event::{Direction, DisconnectReason, PeerEvent};
+use crate::metrics::{ConnectionFailure, StreamKind};
+use crate::peers::PeerConnection;
+use crate::serve::Serving;
+use crate::stream_budget::StreamType;
+use crate::tls;
+use crate::wire::code;
+
+/// Connections counted against `max_connections` (all) and `max_connections_per_ip`
+/// (incoming), handshakes in progress included.
+#[derive(Default)]
+pub(super) struct Admission {
+    counts: Mutex<(usize, HashMap<IpAddr, usize>)>,
+}
+
+impl Admission {
+    /// Counts one more connection, unless a limit is reached.
+    pub fn admit(&self, shared: &Arc<Shared>, ip: Option<IpAddr>) -> Result<Admitted, Refusal> {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if counts.0 >= shared.config.limits.max_connections as usize {
+            return Err(Refusal::ConnectionLimit);
+        }
+        if let Some(ip) = ip {
+            let per_ip = counts.1.entry(ip).or_default();
+            if *per_ip >= shared.config.limits.max_connections_per_ip as usize {
+                return Err(Refusal::AddressLimit);
+            }
+            *per_ip += 1;
+        }
+        counts.0 += 1;
+        Ok(Admitted {
+            shared: shared.clone(),
+            ip,
+        })
+    }
+}
+
+/// One admitted connection; released when dropped.
+pub(super) struct Admitted {
+    shared: Arc<Shared>,
+    ip: Option<IpAddr>,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let admission = &self.shared.admission;
+        let mut counts = admission.counts.lock().unwrap_or_else(|e| e.into_inner());
+        counts.0 -= 1;
+        if let Some(ip) = self.ip {
+            if let Some(n) = counts.1.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    counts.1.remove(&ip);
+                }
+            }
+        }
+    }
+}
+
+pub(super) async fn accept_loop(shared: Arc<Shared>) {
+    while let Some(incoming) = shared.endpoint.accept().await {
+        let remote = incoming.remote_address();
+        if shared.is_closing() {
+            incoming.refuse();
+            shared.metrics.connection_failed(ConnectionFailure::Refused);
+            continue;
+        }
+        match shared.admission.admit(&shared, Some(remote.ip())) {
+            Ok(admitted) => {
+                tokio::spawn(accept_one(shared.clone(), incoming, admitted));
+            }
+            Err(why) => {
+                warn!(%remote, "refused a connection: {why}");
+                shared.metrics.connection_failed(ConnectionFailure::Refused);
+                incoming.refuse();
+            }
+        }
+    }
+}
+
+async fn accept_one(shared: Arc<Shared>, incoming: quinn::Incoming, admitted: Admitted) {
+    let addr = incoming.remote_address();
+    let handshake_failed = |e: &dyn std::fmt::Display| {
+        shared
+            .metrics
+            .connection_failed(ConnectionFailure::HandshakeFailed);
+        debug!(remote = %addr, "handshake failed: {e}");
+    };
+    let connecting = match incoming.accept() {
+        Ok(connecting) => connecting,
+        Err(e) => return handshake_failed(&e),
+    };
+    // A resumed session names the peer at once (from its ticket), so its 0-RTT requests
+    // can be served straight away. Otherwise wait for the handshake, which is where the
+    // peer's certificate is checked.
+    let (conn, complete) = match connecting.into_0rtt() {
+        Ok((conn, accepted)) if tls::remote_peer_id(&conn).is_some() => (conn, Some(accepted)),
+        Ok((conn, accepted)) => {
+            accepted.await;
+            (conn, None)
+        }
+        Err(connecting) => match connecting.await {
+            Ok(conn) => (conn, None),
+            Err(e) => return handshake_failed(&e),
+        },
+    };
+    if let Some(e) = conn.close_reason() {
+        return handshake_failed(&e);
+    }
+    let Some(peer) = tls::remote_peer_id(&conn) else {
+        conn.close(code::CLOSE_PROTOCOL.into(), b"no certificate");
+        return;
+    };
+    if tls::negotiated_alpn(&conn).as_deref() != Some(shared.config.node.alpn.as_bytes()) {
+        conn.close(code::CLOSE_PROTOCOL.into(), b"no matching ALPN protocol");
+        return debug!(remote = %addr, "closed a connection without our ALPN");
+    }
+    if let Err(why) = shared.config.admits(&peer) {
+        warn!(peer = %peer, remote = %addr, "refused a connection: {why}");
+        shared.metrics.connection_failed(ConnectionFailure::Refused);
+        let reason = format!("peer {peer} refused by node {}: {why}", shared.peer_id);
+        conn.close(code::CLOSE_REFUSED.into(), reason.as_bytes());
+        return;
+    }
+    if complete.is_none() {
+        // Learn where to redial a peer that dialed us (one socket per node).
+        shared.peers.set_addr(peer, addr, true);
+    }
+    let confirmed = match complete {
+        None => watch::channel(true).1,
+        Some(accepted) => {
+            let (tx, rx) = watch::channel(false);
+            tokio::spawn(async move {
+                accepted.await;
+                tx.send_replace(true);
+            });
+            rx
+        }
+    };
+    let direction = Direction::Inbound;
+    let conn = PeerConnection::new(
+        conn,
+        peer,
+        direction,
+        peer,
+        confirmed,
+        shared.config.stream_budget(),
+    );
+    // Served in this task: a task hop here would delay the peer's 0-RTT requests.
+    pool(&shared, &conn);
+    serve_connection(shared, conn, admitted).await;
+}
+
+/// Puts a dialed connection in the pool (see [`pool`]) and starts serving the peer's
+/// streams on it in a task of its own.
+pub(super) fn register(
+    shared: &Arc<Shared>,
+    conn: Arc<PeerConnection>,
+    admitted: Admitted,
+) -> Arc<PeerConnection> {
+    pool(shared, &conn);
+    tokio::spawn(serve_connection(shared.clone(), conn.clone(), admitted));
+    conn
+}
+
+/// Puts an established connection in the pool and retires the loser of a simultaneous
+/// dial.
+fn pool(shared: &Arc<Shared>, conn: &Arc<PeerConnection>) {
+    let addr = conn.conn.remote_address();
+    debug!(peer = %conn.peer, %addr, direction = ?conn.direction, "connection up");
+    if let Some(loser) = shared.peers.insert(conn.clone()) {
+        shared.metrics.duplicate_closed();
+        debug!(peer = %loser.peer, "two connections to one peer: retiring one");
+        let quiet = (loser.conn.rtt() * 4).max(Duration::from_millis(100));
+        tokio::spawn(async move { loser.close_when_quiet(quiet).await });
+    }
+}
+
+/// Waits for the handshake of a connection dialed with 0-RTT (already in the pool, so
+/// idempotent requests can use it) for up to `connect_timeout`; then announces the
+/// connection. Returns `false` if it never completed. (An incoming resumed connection is
+/// served at once: its ticket names the peer, and its 0-RTT requests are answered as such.)
+async fn announce(shared: &Arc<Shared>, entry: &Arc<PeerConnection>) -> bool {
+    if entry.direction == Direction::Outbound && !entry.is_confirmed() {
+        let limit = shared.config.limits.connect_timeout;
+        let confirmed = tokio::time::timeout(limit, entry.confirmed()).await;
+        if !matches!(confirmed, Ok(true)) {
+            shared.peers.remove(entry);
+            let failure = match confirmed {
+                Err(_) => {
+                    let why = DisconnectReason::Lost("handshake timed out".into());
+                    entry.close(why, code::CLOSE_SHUTDOWN, b"handshake timed out");
+                    Some(ConnectionFailure::TimedOut)
+                }
+                // Closed by this node (say, `disconnect`) before the handshake was seen
+                // to complete: not a failure.
+                Ok(_) if entry.closed_by_us() => None,
+                Ok(_) => Some(ConnectionFailure::HandshakeFailed),
+            };
+            if let Some(failure) = failure {
+                shared.metrics.connection_failed(failure);
+            }
+            return false;
+        }
+    }
+    shared.emit(PeerEvent::Connected {
+        peer: entry.peer,
+        addr: entry.conn.remote_address(),
+        direction: entry.direction,
+    });
+    shared.metrics.connection_opened(entry.direction);
+    let watched = (shared.clone(), entry.clone());
+    tokio::spawn(async move { watched.0.metrics.watch_connection(&watched.1.conn).await });
+    true
+}
+
+/// Accepts the peer's streams on one connection until it closes, each request in its own
+/// task.
+async fn serve_connection(shared: Arc<Shared>, entry: Arc<PeerConnection>, admitted: Admitted) {
+    if !announce(&shared, &entry).await {
+        return;
+    }
+    let conn = &entry.conn;
+    let span = tracing::debug_span!("connection", peer = %entry.peer.short(), remote = %conn.remote_address(), direction = ?entry.direction);
+    async {
+        let reason = loop {
+            tokio::select! {
+                biased;
+                bi = conn.accept_bi() => match bi {
+                    Ok((send, recv)) => {
+                        let guard = entry.peer_stream_guard(StreamType::Bi);
+                        let (shared, peer, conn) = (shared.clone(), entry.peer, conn.clone());
+                        tokio::spawn(async move {
+                            let _active = shared.metrics.stream_opened(StreamKind::Request, Direction::Inbound);
+                            let closing = shared.is_closing();
+                            serving(&shared, peer, conn).request(closing, send, recv).await;
+                            drop(guard);
+                        });
+                    }
+                    Err(e) => break e,
+                },
+                uni = conn.accept_uni() => match uni {
+                    Ok(recv) => {
+                        let guard = entry.peer_stream_guard(StreamType::Uni);
+                        let (shared, peer, conn) = (shared.clone(), entry.peer, conn.clone());
+                        tokio::spawn(async move {
+                            let _active = shared.metrics.stream_opened(StreamKind::OneWay, Direction::Inbound);
+                            serving(&shared, peer, conn).message(recv).await;
+                            drop(guard);
+                        });
+                    }
+                    Err(e) => break e,
+                },
+            }
+        };
+        shared.peers.remove(&entry);
+        let reason = entry.disconnect_reason(&reason);
+        debug!("connection closed: {reason}");
+        shared.metrics.connection_closed();
+        match reason {
+            DisconnectReason::IdleTimeout => shared.metrics.connection_failed(ConnectionFailure::TimedOut),
+            DisconnectReason::Lost(_) => shared.metrics.connection_failed(ConnectionFailure::Lost),
+            _ => {}
+        }
+        shared.emit(PeerEvent::Disconnected {
+            peer: entry.peer,
+            addr: conn.remote_address(),
+            direction: entry.direction,
+            reason,
+        });
+        drop(admitted);
+    }
+    .instrument(span)
+    .await
+}
+
+/// What serving one of `peer`'s streams needs.
+fn serving(shared: &Shared, peer: crate::identity::PeerId, conn: quinn::Connection) -> Serving<'_> {
+    Serving {
+        router: &shared.router,
+        metrics: &shared.metrics,
+        limits: &shared.serve_limits,
+        slots: &shared.requests,
+        peer,
+        conn,
+    }
+}
