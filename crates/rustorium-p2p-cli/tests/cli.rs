@@ -184,6 +184,59 @@ fn node_request_send_and_ping_end_to_end() {
 }
 
 #[test]
+fn durations_take_the_config_file_forms() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProcess::start(dir.path(), &[]);
+    let addr = node.peer_addr.as_str();
+    for timeout in ["2s", "1500ms", "1m", "3"] {
+        let out = run(&["request", addr, "sys/ping", "--timeout", timeout]);
+        assert!(out.status.success(), "--timeout {timeout}: {}", stderr(&out));
+    }
+    let ping = run(&["ping", addr, "--count", "2", "--interval", "10ms"]);
+    assert!(ping.status.success(), "{}", stderr(&ping));
+    for bad in ["0", "0s", "fast", "-1"] {
+        let flag = format!("--timeout={bad}");
+        let out = run(&["request", addr, "sys/ping", &flag]);
+        assert_eq!(out.status.code(), Some(2), "--timeout {bad}: {}", stderr(&out));
+        assert!(stderr(&out).contains("--timeout"), "{}", stderr(&out));
+    }
+}
+
+#[test]
+fn logs_to_a_pipe_carry_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .args(["node", "--listen", "127.0.0.1:0"])
+        .env("RUSTORIUM_P2P_DATA_DIR", dir.path())
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let done = line.contains("node listening");
+            let _ = tx.send(line);
+            if done {
+                break;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    while lines.last().is_none_or(|l: &String| !l.contains("node listening")) {
+        lines.push(rx.recv_timeout(WAIT).expect("no 'node listening' log line in time"));
+        assert!(lines.len() < 100, "{lines:?}");
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    for line in &lines {
+        assert!(!line.contains('\x1b'), "colour codes in a piped log: {line:?}");
+    }
+}
+
+#[test]
 fn a_wrong_peer_id_or_dead_address_fails_with_a_message() {
     let dir = tempfile::tempdir().unwrap();
     let node = NodeProcess::start(dir.path(), &[]);
