@@ -190,14 +190,23 @@ fn durations_take_the_config_file_forms() {
     let addr = node.peer_addr.as_str();
     for timeout in ["2s", "1500ms", "1m", "3"] {
         let out = run(&["request", addr, "sys/ping", "--timeout", timeout]);
-        assert!(out.status.success(), "--timeout {timeout}: {}", stderr(&out));
+        assert!(
+            out.status.success(),
+            "--timeout {timeout}: {}",
+            stderr(&out)
+        );
     }
     let ping = run(&["ping", addr, "--count", "2", "--interval", "10ms"]);
     assert!(ping.status.success(), "{}", stderr(&ping));
     for bad in ["0", "0s", "fast", "-1"] {
         let flag = format!("--timeout={bad}");
         let out = run(&["request", addr, "sys/ping", &flag]);
-        assert_eq!(out.status.code(), Some(2), "--timeout {bad}: {}", stderr(&out));
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "--timeout {bad}: {}",
+            stderr(&out)
+        );
         assert!(stderr(&out).contains("--timeout"), "{}", stderr(&out));
     }
 }
@@ -225,14 +234,23 @@ fn logs_to_a_pipe_carry_no_colour_codes() {
         }
     });
     let mut lines = Vec::new();
-    while lines.last().is_none_or(|l: &String| !l.contains("node listening")) {
-        lines.push(rx.recv_timeout(WAIT).expect("no 'node listening' log line in time"));
+    while lines
+        .last()
+        .is_none_or(|l: &String| !l.contains("node listening"))
+    {
+        lines.push(
+            rx.recv_timeout(WAIT)
+                .expect("no 'node listening' log line in time"),
+        );
         assert!(lines.len() < 100, "{lines:?}");
     }
     let _ = child.kill();
     let _ = child.wait();
     for line in &lines {
-        assert!(!line.contains('\x1b'), "colour codes in a piped log: {line:?}");
+        assert!(
+            !line.contains('\x1b'),
+            "colour codes in a piped log: {line:?}"
+        );
     }
 }
 

@@ -196,8 +196,10 @@ pub enum Refusal {
     NotAllowed,
     /// This node is at its `max_connections` limit.
     ConnectionLimit,
-    /// This node is at its `max_connections_per_ip` limit for the peer's address.
+    /// This node is at its `max_connections_per_ip` limit for the peer's address prefix.
     AddressLimit,
+    /// This node is at its `max_handshakes` limit of incoming handshakes in progress.
+    HandshakeLimit,
     /// The peer refused us, with its explanation.
     ByPeer(String),
     /// The peer refused the connection at the QUIC level (at a connection limit, or
@@ -211,9 +213,12 @@ impl std::fmt::Display for Refusal {
             Refusal::DenyList => f.write_str("the peer is on the deny list of this node"),
             Refusal::NotAllowed => f.write_str("the peer is not on the allow list of this node"),
             Refusal::ConnectionLimit => f.write_str("this node is at its max_connections limit"),
-            Refusal::AddressLimit => {
-                f.write_str("this node is at its max_connections_per_ip limit for that address")
-            }
+            Refusal::AddressLimit => f.write_str(
+                "this node is at its max_connections_per_ip limit for that address prefix",
+            ),
+            Refusal::HandshakeLimit => f.write_str(
+                "this node is at its max_handshakes limit of incoming handshakes in progress",
+            ),
             Refusal::ByPeer(why) => write!(f, "the peer refused us: {why}"),
             Refusal::PeerAtLimit => f.write_str(
                 "the peer refused the connection (at a connection limit, or shutting down)",

@@ -1,8 +1,11 @@
 //! Bodies on QUIC streams, for both ends: a prefix (route header or status byte) and a
 //! body written together, and a body read to the end of its stream within a size limit.
 
+use std::time::Duration;
+
 use bytes::{Bytes, BytesMut};
 use quinn::{ReadError, RecvStream, SendStream, WriteError};
+use tokio::time::{timeout_at, Instant};
 
 /// Bodies up to this size are copied behind their prefix (header or status byte) and
 /// written as one chunk: one STREAM frame, and one read on the other side. Larger ones go
@@ -15,15 +18,46 @@ pub(crate) async fn write_framed(
     prefix: &[u8],
     body: Bytes,
 ) -> Result<(), WriteError> {
+    let (mut chunks, count) = framed(prefix, body);
+    send.write_all_chunks(&mut chunks[..count]).await
+}
+
+/// `prefix` and `body` as the chunks to write, and how many there are: one, copied, for a
+/// small body; two for a larger one (the body uncopied).
+fn framed(prefix: &[u8], body: Bytes) -> ([Bytes; 2], usize) {
     if body.len() <= COALESCE_LIMIT {
         let mut joined = BytesMut::with_capacity(prefix.len() + body.len());
         joined.extend_from_slice(prefix);
         joined.extend_from_slice(&body);
-        send.write_all_chunks(&mut [joined.freeze()]).await
+        ([joined.freeze(), Bytes::new()], 1)
     } else {
-        let prefix = Bytes::copy_from_slice(prefix);
-        send.write_all_chunks(&mut [prefix, body]).await
+        ([Bytes::copy_from_slice(prefix), body], 2)
     }
+}
+
+/// No byte of an answer could be written for the stall timeout (or the deadline passed).
+pub(crate) struct Stalled;
+
+/// Writes `prefix` then `body` on `send` (without finishing it), giving up with
+/// [`Stalled`] when no byte goes out for `stall`, or at `deadline`.
+pub(crate) async fn write_framed_within(
+    send: &mut SendStream,
+    prefix: &[u8],
+    body: Bytes,
+    stall: Duration,
+    deadline: Instant,
+) -> Result<Result<(), WriteError>, Stalled> {
+    let (mut chunks, count) = framed(prefix, body);
+    let mut done = 0;
+    while done < count {
+        let by = deadline.min(Instant::now() + stall);
+        match timeout_at(by, send.write_chunks(&mut chunks[done..count])).await {
+            Ok(Ok(written)) => done += written.chunks,
+            Ok(Err(e)) => return Ok(Err(e)),
+            Err(_) => return Err(Stalled),
+        }
+    }
+    Ok(Ok(()))
 }
 
 /// Why a body could not be read.

@@ -264,6 +264,8 @@ pub(crate) struct Metrics {
     rebinds: Counter,
     duplicates_closed: Counter,
     reconnects: Counter,
+    retries: Counter,
+    answers_abandoned: Counter,
 }
 
 /// The metrics a successful request on one route and side updates.
@@ -312,6 +314,8 @@ impl Default for Metrics {
             rebinds: Counter::default(),
             duplicates_closed: Counter::default(),
             reconnects: Counter::default(),
+            retries: Counter::default(),
+            answers_abandoned: Counter::default(),
         };
         #[cfg(feature = "metrics")]
         m.register();
@@ -459,6 +463,16 @@ impl Metrics {
             "Redials of known peers after their connection dropped",
             self.reconnects.clone(),
         );
+        r.register(
+            "retries",
+            "Incoming handshakes asked to prove their address with a QUIC Retry",
+            self.retries.clone(),
+        );
+        r.register(
+            "answers_abandoned",
+            "Answers reset because the peer did not read them (answer_timeout, or too many pending)",
+            self.answers_abandoned.clone(),
+        );
     }
 
     /// The OpenMetrics text exposition.
@@ -594,6 +608,14 @@ impl Metrics {
         self.reconnects.inc();
     }
 
+    pub fn retried(&self) {
+        self.retries.inc();
+    }
+
+    pub fn answer_abandoned(&self) {
+        self.answers_abandoned.inc();
+    }
+
     /// A snapshot of the counters.
     pub fn snapshot(&self, connections: usize) -> NodeStats {
         let zero_rtt = |outcome: ZeroRtt| self.zero_rtt[outcome as usize].get();
@@ -605,6 +627,8 @@ impl Metrics {
             zero_rtt_rejected: zero_rtt(ZeroRtt::Rejected),
             duplicates_closed: self.duplicates_closed.get(),
             reconnects: self.reconnects.get(),
+            retries: self.retries.get(),
+            answers_abandoned: self.answers_abandoned.get(),
             rebinds: self.rebinds.get(),
             migrations: self.migrations.get(),
             bytes_sent: self.bytes_sent.get(),
@@ -714,6 +738,12 @@ pub struct NodeStats {
     pub duplicates_closed: u64,
     /// Successful redials of known peers after their connection dropped.
     pub reconnects: u64,
+    /// Incoming handshakes asked to prove their address with a QUIC Retry (see
+    /// `limits.retry_threshold`).
+    pub retries: u64,
+    /// Answers reset because the peer did not read them in time, or had too many
+    /// unread (see `limits.answer_timeout`).
+    pub answers_abandoned: u64,
     /// Times the node moved to a new UDP socket ([`Node::rebind`](crate::Node::rebind)).
     pub rebinds: u64,
     /// Peer address changes observed on connections.

@@ -14,17 +14,48 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 
 use crate::event::{Direction, DisconnectReason};
 use crate::identity::PeerId;
 use crate::policy::old_connection_survives;
 use crate::stream_budget::{StreamBudget, StreamType};
 use crate::wire::code;
+
+/// What one peer may hold of this node at once, shared by all its connections: handler
+/// slots (its share of `max_concurrent_requests`) and answers waiting for it to read them.
+pub(crate) struct PeerShare {
+    /// One permit per handler running for the peer.
+    pub slots: Arc<Semaphore>,
+    /// One permit per answer being written to the peer.
+    pub answers: Arc<Semaphore>,
+    /// Answers in a row the peer let time out without reading.
+    stalls: AtomicU32,
+}
+
+impl PeerShare {
+    fn new(slots: u32, answers: u32) -> Arc<Self> {
+        Arc::new(PeerShare {
+            slots: Arc::new(Semaphore::new(slots as usize)),
+            answers: Arc::new(Semaphore::new(answers as usize)),
+            stalls: AtomicU32::new(0),
+        })
+    }
+
+    /// Records an answer the peer did not read in time; returns how many in a row.
+    pub fn stalled(&self) -> u32 {
+        self.stalls.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Records an answer the peer read.
+    pub fn read(&self) {
+        self.stalls.store(0, Ordering::Relaxed);
+    }
+}
 
 /// One connection and what the pool knows about it.
 pub(crate) struct PeerConnection {
@@ -45,6 +76,8 @@ pub(crate) struct PeerConnection {
     confirmed: watch::Receiver<bool>,
     /// The streams the peer may open at once, raised as it uses them.
     budget: StreamBudget,
+    /// What the peer may hold of this node (shared with its other connections).
+    pub share: Arc<PeerShare>,
 }
 
 impl PeerConnection {
@@ -55,6 +88,7 @@ impl PeerConnection {
         dialer: PeerId,
         confirmed: watch::Receiver<bool>,
         budget: StreamBudget,
+        share: Arc<PeerShare>,
     ) -> Arc<Self> {
         Arc::new(PeerConnection {
             conn,
@@ -68,6 +102,7 @@ impl PeerConnection {
             closed_by_us: Mutex::new(None),
             confirmed,
             budget,
+            share,
         })
     }
 
@@ -192,6 +227,8 @@ struct PeerEntry {
     learned: bool,
     /// Held while dialing this peer.
     dial_lock: Arc<tokio::sync::Mutex<()>>,
+    /// What the peer may hold of this node (made with its first connection).
+    share: Option<Arc<PeerShare>>,
 }
 
 #[derive(Default)]
@@ -204,15 +241,31 @@ struct Inner {
 /// The connection pool.
 pub(crate) struct Peers {
     local: PeerId,
+    /// Per peer: handler slots and answers waiting to be read.
+    share_limits: (u32, u32),
     inner: Mutex<Inner>,
 }
 
 impl Peers {
-    pub fn new(local: PeerId) -> Self {
+    /// A pool for node `local`, giving each peer `slots` handler slots and `answers`
+    /// answers waiting to be read.
+    pub fn new(local: PeerId, slots: u32, answers: u32) -> Self {
         Peers {
             local,
+            share_limits: (slots, answers),
             inner: Mutex::default(),
         }
+    }
+
+    /// What `peer` may hold of this node, shared by its connections.
+    pub fn share(&self, peer: PeerId) -> Arc<PeerShare> {
+        let (slots, answers) = self.share_limits;
+        let mut inner = self.lock();
+        let entry = inner.peers.entry(peer).or_default();
+        entry
+            .share
+            .get_or_insert_with(|| PeerShare::new(slots, answers))
+            .clone()
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {

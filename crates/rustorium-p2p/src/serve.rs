@@ -9,14 +9,15 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use quinn::{ReadError, RecvStream, SendStream, VarInt};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{timeout_at, Instant};
 use tracing::{debug, warn, Instrument};
 
-use crate::framing::{read_body, write_framed, BodyError};
+use crate::framing::{read_body, write_framed_within, BodyError, Stalled};
 use crate::handler::{call_handler, Handler, RequestContext, Router};
 use crate::identity::PeerId;
 use crate::metrics::{Metrics, Outcome, Side};
+use crate::peers::PeerShare;
 use crate::wire::{self, code, HeaderError, Status};
 
 /// Limits that the answering side applies.
@@ -24,6 +25,10 @@ use crate::wire::{self, code, HeaderError, Status};
 pub(crate) struct ServeLimits {
     pub max_request_size: u64,
     pub request_timeout: Duration,
+    /// How long an answer may make no progress (the peer not reading it).
+    pub answer_timeout: Duration,
+    /// Answers in a row a peer may leave unread before it loses its connection.
+    pub max_stalls: u32,
 }
 
 /// Everything serving one stream needs: the node's routes, metrics, limits and handler
@@ -34,6 +39,10 @@ pub(crate) struct Serving<'a> {
     pub limits: &'a ServeLimits,
     /// One permit per running handler.
     pub slots: &'a Arc<Semaphore>,
+    /// One permit per answer being written (shutdown waits for them).
+    pub answers: &'a Arc<Semaphore>,
+    /// What the peer may hold of this node.
+    pub share: &'a Arc<PeerShare>,
     pub peer: PeerId,
     pub conn: quinn::Connection,
 }
@@ -170,7 +179,7 @@ impl Serving<'_> {
         if closing {
             let _ = recv.stop(VarInt::from_u32(code::SHUTTING_DOWN));
             let msg = Bytes::from_static(b"the node is shutting down");
-            answer(&mut send, Status::Busy, msg, deadline).await;
+            self.answer(&mut send, Status::Busy, msg, deadline).await;
             return Served::unregistered("unknown", Outcome::Busy);
         }
         let (route, handler, body) = match self.read_request(&mut recv, deadline).await {
@@ -182,7 +191,8 @@ impl Serving<'_> {
                 }
                 match refusal.answer() {
                     Some((status, message)) => {
-                        answer(&mut send, status, Bytes::from(message), deadline).await
+                        let message = Bytes::from(message);
+                        self.answer(&mut send, status, message, deadline).await
                     }
                     None if matches!(refusal, Refusal::TimedOut(_)) => {
                         let _ = send.reset(VarInt::from_u32(code::TIMED_OUT));
@@ -193,17 +203,15 @@ impl Serving<'_> {
             }
         };
         // A slot for the handler is taken only now, with the whole request read: a peer
-        // that stalls while sending holds its own stream, never a slot others need.
-        let Ok(_slot) = self.slots.clone().try_acquire_owned() else {
-            let msg = "the node is at its limit of concurrent requests (max_concurrent_requests); retry later";
-            answer(
-                &mut send,
-                Status::Busy,
-                Bytes::from_static(msg.as_bytes()),
-                deadline,
-            )
-            .await;
-            return Served::new(&route, Outcome::Busy);
+        // that stalls while sending holds its own stream, never a slot others need. The
+        // peer's own share is taken first, so a peer at its share takes none of the node's.
+        let slots = match self.take_slots() {
+            Ok(slots) => slots,
+            Err(why) => {
+                let msg = Bytes::from_static(why.as_bytes());
+                self.answer(&mut send, Status::Busy, msg, deadline).await;
+                return Served::new(&route, Outcome::Busy);
+            }
         };
         let ctx = self.context(&route, false, recv.is_0rtt());
         // The handler runs until it answers or the requester gives up (stops our send side).
@@ -218,10 +226,14 @@ impl Serving<'_> {
                 return Served::new(&route, Outcome::Cancelled);
             }
         };
+        // The slots go back as soon as the handler returns: writing the answer waits on
+        // the peer, and that wait is bounded by `answer_timeout` and the peer's share of
+        // pending answers, never by the node's handler slots.
+        drop(slots);
         let deadline = Instant::now() + self.limits.request_timeout;
         match result {
             Ok(body) => {
-                answer(&mut send, Status::Ok, body, deadline).await;
+                self.answer(&mut send, Status::Ok, body, deadline).await;
                 Served::new(&route, Outcome::Ok)
             }
             Err(e) => {
@@ -231,7 +243,8 @@ impl Serving<'_> {
                 } else {
                     Outcome::HandlerError
                 };
-                answer(&mut send, e.status, Bytes::from(e.message), deadline).await;
+                let message = Bytes::from(e.message);
+                self.answer(&mut send, e.status, message, deadline).await;
                 Served::new(&route, outcome)
             }
         }
@@ -259,9 +272,15 @@ impl Serving<'_> {
                 return refusal.served();
             }
         };
-        // As for requests, a handler slot is taken once the message is read. With no
-        // answer to say BUSY in, the message waits for a slot until its deadline.
-        let Ok(Ok(_slot)) = timeout_at(deadline, self.slots.clone().acquire_owned()).await else {
+        // As for requests, handler slots are taken once the message is read (the peer's
+        // share first). With no answer to say BUSY in, the message waits for them until
+        // its deadline.
+        let slots = async {
+            let share = self.share.slots.clone().acquire_owned().await?;
+            let node = self.slots.clone().acquire_owned().await?;
+            Ok::<_, tokio::sync::AcquireError>((share, node))
+        };
+        let Ok(Ok(_slots)) = timeout_at(deadline, slots).await else {
             warn!(peer = %self.peer, "dropped a one-way message on {route:?}: node at max_concurrent_requests or shutting down");
             return Served::new(&route, Outcome::Busy);
         };
@@ -363,17 +382,50 @@ async fn read_header<T>(
     }
 }
 
-/// Writes an answer (status byte, body, FIN) within `deadline`.
-async fn answer(send: &mut SendStream, status: Status, body: Bytes, deadline: Instant) {
-    let status_byte = [wire::encode_status(status)];
-    match timeout_at(deadline, write_framed(send, &status_byte, body)).await {
-        Ok(Ok(())) => {
-            let _ = send.finish();
-        }
-        Ok(Err(e)) => debug!("answer not delivered: {e}"),
-        Err(_) => {
-            debug!("peer did not read its answer in time; resetting the stream");
-            let _ = send.reset(VarInt::from_u32(code::TIMED_OUT));
+impl Serving<'_> {
+    /// Takes a handler slot from the peer's share, then one of the node's.
+    fn take_slots(&self) -> Result<(OwnedSemaphorePermit, OwnedSemaphorePermit), &'static str> {
+        let share = self.share.slots.clone().try_acquire_owned().map_err(|_| {
+            "this peer is at its limit of concurrent requests on the node (max_concurrent_requests_per_peer); retry later"
+        })?;
+        let node = self.slots.clone().try_acquire_owned().map_err(|_| {
+            "the node is at its limit of concurrent requests (max_concurrent_requests); retry later"
+        })?;
+        Ok((share, node))
+    }
+
+    /// Writes an answer (status byte, body, FIN) by `deadline`, resetting the stream if
+    /// the peer reads none of it for `answer_timeout`, or already has its share of answers
+    /// waiting. A peer that leaves `max_stalls` answers in a row unread loses its
+    /// connection (close code `LIMIT`).
+    async fn answer(&self, send: &mut SendStream, status: Status, body: Bytes, deadline: Instant) {
+        let Ok(_pending) = self.share.answers.clone().try_acquire_owned() else {
+            debug!(peer = %self.peer, "too many unread answers; resetting the stream");
+            self.metrics.answer_abandoned();
+            let _ = send.reset(VarInt::from_u32(code::BUSY));
+            return;
+        };
+        let _tracked = self.answers.clone().try_acquire_owned();
+        let status_byte = [wire::encode_status(status)];
+        let stall = self.limits.answer_timeout;
+        match write_framed_within(send, &status_byte, body, stall, deadline).await {
+            Ok(Ok(())) => {
+                self.share.read();
+                let _ = send.finish();
+            }
+            Ok(Err(e)) => debug!("answer not delivered: {e}"),
+            Err(Stalled) => {
+                debug!(peer = %self.peer, "peer did not read its answer in time; resetting the stream");
+                self.metrics.answer_abandoned();
+                let _ = send.reset(VarInt::from_u32(code::TIMED_OUT));
+                if self.share.stalled() >= self.limits.max_stalls {
+                    warn!(peer = %self.peer, "closing the connection: the peer does not read its answers");
+                    self.conn.close(
+                        code::CLOSE_LIMIT.into(),
+                        b"too many answers left unread (max_pending_answers_per_peer)",
+                    );
+                }
+            }
         }
     }
 }

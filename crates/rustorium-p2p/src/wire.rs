@@ -95,8 +95,12 @@ pub mod code {
     /// CONNECTION_CLOSE: both sides dialed at once and this connection lost (see
     /// `docs/PROTOCOL.md`); nothing that was in progress on it was processed by the closer.
     pub const CLOSE_DUPLICATE: u32 = 0x02;
-    /// CONNECTION_CLOSE: the peer is not admitted (deny list, allow list).
+    /// CONNECTION_CLOSE: the peer is not admitted (deny list, allow list, a connection
+    /// limit).
     pub const CLOSE_REFUSED: u32 = 0x03;
+    /// CONNECTION_CLOSE: the peer went past a per-peer resource limit (for example it
+    /// left too many answers unread); the reason phrase names the limit.
+    pub const CLOSE_LIMIT: u32 = 0x04;
 
     /// What a stream code means, for error messages.
     pub fn describe(code: u64) -> &'static str {

@@ -100,10 +100,39 @@ pub struct Limits {
     /// Handlers running at once on this node; a request past this is answered BUSY.
     /// Default 4096.
     pub max_concurrent_requests: u32,
-    /// Connections at once, both directions and handshakes counted. Default 4096.
+    /// Handlers running at once for one peer, so that no peer takes more than its share
+    /// of `max_concurrent_requests`; a request past this is answered BUSY. Default 256.
+    pub max_concurrent_requests_per_peer: u32,
+    /// How long an answer may wait for the peer to read it (for flow-control credit)
+    /// without any progress before its stream is reset. Default 2 s.
+    #[serde(with = "units::duration")]
+    pub answer_timeout: Duration,
+    /// Answers of one peer waiting for it to read them at once; past this, new answers
+    /// to that peer are reset, and a peer that lets `answer_timeout` run out this many
+    /// times in a row loses its connection (close code `LIMIT`). Default 64.
+    pub max_pending_answers_per_peer: u32,
+    /// Established connections at once, both directions. Default 4096.
     pub max_connections: u32,
-    /// Incoming connections from one IP address at once. Default 64.
+    /// Incoming handshakes in progress at once (kept apart from established
+    /// connections: half-open handshakes never block this node's own dials).
+    /// Default 256.
+    pub max_handshakes: u32,
+    /// How long an incoming handshake may take. Default 5 s.
+    #[serde(with = "units::duration")]
+    pub handshake_timeout: Duration,
+    /// Incoming handshakes in progress from which a new one must first prove its address
+    /// with a QUIC Retry (one more round trip, no state kept until then); 0: always.
+    /// Default 32.
+    pub retry_threshold: u32,
+    /// Incoming connections and handshakes at once from one address prefix (see
+    /// `ipv4_prefix` and `ipv6_prefix`). Default 64.
     pub max_connections_per_ip: u32,
+    /// Length of the IPv4 prefix that `max_connections_per_ip` counts per. Default 32
+    /// (one address).
+    pub ipv4_prefix: u8,
+    /// Length of the IPv6 prefix that `max_connections_per_ip` counts per. Default 64
+    /// (one subnet: a host is usually given a whole /64).
+    pub ipv6_prefix: u8,
     /// One dial, handshake included. Default 5 s.
     #[serde(with = "units::duration")]
     pub connect_timeout: Duration,
@@ -125,8 +154,16 @@ impl Default for Limits {
             max_response_size: 16 << 20,
             request_timeout: Duration::from_secs(10),
             max_concurrent_requests: 4096,
+            max_concurrent_requests_per_peer: 256,
+            answer_timeout: Duration::from_secs(2),
+            max_pending_answers_per_peer: 64,
             max_connections: 4096,
+            max_handshakes: 256,
+            handshake_timeout: Duration::from_secs(5),
+            retry_threshold: 32,
             max_connections_per_ip: 64,
+            ipv4_prefix: 32,
+            ipv6_prefix: 64,
             connect_timeout: Duration::from_secs(5),
             reconnect_min_backoff: Duration::from_millis(100),
             reconnect_max_backoff: Duration::from_secs(30),
@@ -244,6 +281,8 @@ impl Config {
         for (key, value) in [
             ("limits.request_timeout", l.request_timeout),
             ("limits.connect_timeout", l.connect_timeout),
+            ("limits.answer_timeout", l.answer_timeout),
+            ("limits.handshake_timeout", l.handshake_timeout),
             ("limits.reconnect_min_backoff", l.reconnect_min_backoff),
             ("transport.max_idle_timeout", t.max_idle_timeout),
             ("transport.initial_rtt", t.initial_rtt),
@@ -254,7 +293,16 @@ impl Config {
         }
         for (key, value) in [
             ("limits.max_concurrent_requests", l.max_concurrent_requests),
+            (
+                "limits.max_concurrent_requests_per_peer",
+                l.max_concurrent_requests_per_peer,
+            ),
+            (
+                "limits.max_pending_answers_per_peer",
+                l.max_pending_answers_per_peer,
+            ),
             ("limits.max_connections", l.max_connections),
+            ("limits.max_handshakes", l.max_handshakes),
             ("limits.max_connections_per_ip", l.max_connections_per_ip),
             ("transport.stream_receive_window", t.stream_receive_window),
             ("transport.receive_window", t.receive_window),
@@ -269,6 +317,17 @@ impl Config {
                 format_duration(l.reconnect_min_backoff),
                 format_duration(l.reconnect_max_backoff)
             ));
+        }
+        if !(8..=32).contains(&l.ipv4_prefix) {
+            let key = "limits.ipv4_prefix";
+            return fail(key, format!("{key} must be 8 to 32, got {}", l.ipv4_prefix));
+        }
+        if !(16..=128).contains(&l.ipv6_prefix) {
+            let key = "limits.ipv6_prefix";
+            return fail(
+                key,
+                format!("{key} must be 16 to 128, got {}", l.ipv6_prefix),
+            );
         }
         if quinn::IdleTimeout::try_from(t.max_idle_timeout).is_err() {
             let key = "transport.max_idle_timeout";

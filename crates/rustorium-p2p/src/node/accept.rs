@@ -1,16 +1,14 @@
 //! Incoming connections (admission, handshake, allow/deny) and the task that serves the
 //! peer's streams on every connection, whichever side dialed it.
 
-use std::collections::HashMap;
-use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tracing::{debug, warn, Instrument};
 
+use super::admission::{Admitted, Handshake};
 use super::Shared;
-use crate::error::Refusal;
 use crate::event::{Direction, DisconnectReason, PeerEvent};
 use crate::metrics::{ConnectionFailure, StreamKind};
 use crate::peers::PeerConnection;
@@ -18,57 +16,6 @@ use crate::serve::Serving;
 use crate::stream_budget::StreamType;
 use crate::tls;
 use crate::wire::code;
-
-/// Connections counted against `max_connections` (all) and `max_connections_per_ip`
-/// (incoming), handshakes in progress included.
-#[derive(Default)]
-pub(super) struct Admission {
-    counts: Mutex<(usize, HashMap<IpAddr, usize>)>,
-}
-
-impl Admission {
-    /// Counts one more connection, unless a limit is reached.
-    pub fn admit(&self, shared: &Arc<Shared>, ip: Option<IpAddr>) -> Result<Admitted, Refusal> {
-        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        if counts.0 >= shared.config.limits.max_connections as usize {
-            return Err(Refusal::ConnectionLimit);
-        }
-        if let Some(ip) = ip {
-            let per_ip = counts.1.entry(ip).or_default();
-            if *per_ip >= shared.config.limits.max_connections_per_ip as usize {
-                return Err(Refusal::AddressLimit);
-            }
-            *per_ip += 1;
-        }
-        counts.0 += 1;
-        Ok(Admitted {
-            shared: shared.clone(),
-            ip,
-        })
-    }
-}
-
-/// One admitted connection; released when dropped.
-pub(super) struct Admitted {
-    shared: Arc<Shared>,
-    ip: Option<IpAddr>,
-}
-
-impl Drop for Admitted {
-    fn drop(&mut self) {
-        let admission = &self.shared.admission;
-        let mut counts = admission.counts.lock().unwrap_or_else(|e| e.into_inner());
-        counts.0 -= 1;
-        if let Some(ip) = self.ip {
-            if let Some(n) = counts.1.get_mut(&ip) {
-                *n -= 1;
-                if *n == 0 {
-                    counts.1.remove(&ip);
-                }
-            }
-        }
-    }
-}
 
 pub(super) async fn accept_loop(shared: Arc<Shared>) {
     while let Some(incoming) = shared.endpoint.accept().await {
@@ -78,9 +25,20 @@ pub(super) async fn accept_loop(shared: Arc<Shared>) {
             shared.metrics.connection_failed(ConnectionFailure::Refused);
             continue;
         }
-        match shared.admission.admit(&shared, Some(remote.ip())) {
-            Ok(admitted) => {
-                tokio::spawn(accept_one(shared.clone(), incoming, admitted));
+        // Under load, a stranger first proves it receives at its address (a Retry costs
+        // this node no state), so spoofed or silent sources cannot fill the handshakes.
+        let load = shared.admission.handshakes();
+        if load >= shared.config.limits.retry_threshold as usize
+            && !incoming.remote_address_validated()
+            && incoming.may_retry()
+        {
+            shared.metrics.retried();
+            let _ = incoming.retry();
+            continue;
+        }
+        match shared.admission.begin_handshake(remote.ip()) {
+            Ok(handshake) => {
+                tokio::spawn(accept_one(shared.clone(), incoming, handshake));
             }
             Err(why) => {
                 warn!(%remote, "refused a connection: {why}");
@@ -91,7 +49,7 @@ pub(super) async fn accept_loop(shared: Arc<Shared>) {
     }
 }
 
-async fn accept_one(shared: Arc<Shared>, incoming: quinn::Incoming, admitted: Admitted) {
+async fn accept_one(shared: Arc<Shared>, incoming: quinn::Incoming, handshake: Handshake) {
     let addr = incoming.remote_address();
     let handshake_failed = |e: &dyn std::fmt::Display| {
         shared
@@ -104,22 +62,47 @@ async fn accept_one(shared: Arc<Shared>, incoming: quinn::Incoming, admitted: Ad
         Err(e) => return handshake_failed(&e),
     };
     // A resumed session names the peer at once (from its ticket), so its 0-RTT requests
-    // can be served straight away. Otherwise wait for the handshake, which is where the
-    // peer's certificate is checked.
-    let (conn, complete) = match connecting.into_0rtt() {
-        Ok((conn, accepted)) if tls::remote_peer_id(&conn).is_some() => (conn, Some(accepted)),
-        Ok((conn, accepted)) => {
-            accepted.await;
-            (conn, None)
+    // can be served straight away (only routes that accept early data run before the
+    // handshake completes). Otherwise wait for the handshake, which is where the peer's
+    // certificate is checked. Either way the handshake has `handshake_timeout`; dropping
+    // an unfinished one closes it.
+    let limit = shared.config.limits.handshake_timeout;
+    let deadline = tokio::time::Instant::now() + limit;
+    let handshaken = tokio::time::timeout_at(deadline, async {
+        match connecting.into_0rtt() {
+            Ok((conn, accepted)) if tls::remote_peer_id(&conn).is_some() => {
+                Ok((conn, Some(accepted)))
+            }
+            Ok((conn, accepted)) => {
+                accepted.await;
+                Ok((conn, None))
+            }
+            Err(connecting) => connecting.await.map(|conn| (conn, None)),
         }
-        Err(connecting) => match connecting.await {
-            Ok(conn) => (conn, None),
-            Err(e) => return handshake_failed(&e),
-        },
+    })
+    .await;
+    let (conn, complete) = match handshaken {
+        Ok(Ok(handshaken)) => handshaken,
+        Ok(Err(e)) => return handshake_failed(&e),
+        Err(_) => {
+            shared
+                .metrics
+                .connection_failed(ConnectionFailure::TimedOut);
+            return debug!(remote = %addr, "handshake not complete within {limit:?}");
+        }
     };
     if let Some(e) = conn.close_reason() {
         return handshake_failed(&e);
     }
+    let admitted = match handshake.established() {
+        Ok(admitted) => admitted,
+        Err(why) => {
+            warn!(remote = %addr, "refused a connection: {why}");
+            shared.metrics.connection_failed(ConnectionFailure::Refused);
+            conn.close(code::CLOSE_REFUSED.into(), why.to_string().as_bytes());
+            return;
+        }
+    };
     let Some(peer) = tls::remote_peer_id(&conn) else {
         conn.close(code::CLOSE_PROTOCOL.into(), b"no certificate");
         return;
@@ -143,9 +126,14 @@ async fn accept_one(shared: Arc<Shared>, incoming: quinn::Incoming, admitted: Ad
         None => watch::channel(true).1,
         Some(accepted) => {
             let (tx, rx) = watch::channel(false);
+            let watched = conn.clone();
             tokio::spawn(async move {
-                accepted.await;
-                tx.send_replace(true);
+                match tokio::time::timeout_at(deadline, accepted).await {
+                    Ok(_) => {
+                        tx.send_replace(true);
+                    }
+                    Err(_) => watched.close(code::CLOSE_PROTOCOL.into(), b"handshake timed out"),
+                }
             });
             rx
         }
@@ -158,6 +146,7 @@ async fn accept_one(shared: Arc<Shared>, incoming: quinn::Incoming, admitted: Ad
         peer,
         confirmed,
         shared.config.stream_budget(),
+        shared.peers.share(peer),
     );
     // Served in this task: a task hop here would delay the peer's 0-RTT requests.
     pool(&shared, &conn);
@@ -242,11 +231,11 @@ async fn serve_connection(shared: Arc<Shared>, entry: Arc<PeerConnection>, admit
                 bi = conn.accept_bi() => match bi {
                     Ok((send, recv)) => {
                         let guard = entry.peer_stream_guard(StreamType::Bi);
-                        let (shared, peer, conn) = (shared.clone(), entry.peer, conn.clone());
+                        let (shared, entry) = (shared.clone(), entry.clone());
                         tokio::spawn(async move {
                             let _active = shared.metrics.stream_opened(StreamKind::Request, Direction::Inbound);
                             let closing = shared.is_closing();
-                            serving(&shared, peer, conn).request(closing, send, recv).await;
+                            serving(&shared, &entry).request(closing, send, recv).await;
                             drop(guard);
                         });
                     }
@@ -255,10 +244,10 @@ async fn serve_connection(shared: Arc<Shared>, entry: Arc<PeerConnection>, admit
                 uni = conn.accept_uni() => match uni {
                     Ok(recv) => {
                         let guard = entry.peer_stream_guard(StreamType::Uni);
-                        let (shared, peer, conn) = (shared.clone(), entry.peer, conn.clone());
+                        let (shared, entry) = (shared.clone(), entry.clone());
                         tokio::spawn(async move {
                             let _active = shared.metrics.stream_opened(StreamKind::OneWay, Direction::Inbound);
-                            serving(&shared, peer, conn).message(recv).await;
+                            serving(&shared, &entry).message(recv).await;
                             drop(guard);
                         });
                     }
@@ -287,14 +276,16 @@ async fn serve_connection(shared: Arc<Shared>, entry: Arc<PeerConnection>, admit
     .await
 }
 
-/// What serving one of `peer`'s streams needs.
-fn serving(shared: &Shared, peer: crate::identity::PeerId, conn: quinn::Connection) -> Serving<'_> {
+/// What serving one of the peer's streams on `entry` needs.
+fn serving<'a>(shared: &'a Shared, entry: &'a PeerConnection) -> Serving<'a> {
     Serving {
         router: &shared.router,
         metrics: &shared.metrics,
         limits: &shared.serve_limits,
         slots: &shared.requests,
-        peer,
-        conn,
+        answers: &shared.answers,
+        share: &entry.share,
+        peer: entry.peer,
+        conn: entry.conn.clone(),
     }
 }

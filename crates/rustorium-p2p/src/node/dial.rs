@@ -46,7 +46,7 @@ pub(super) async fn connection_to(
         .ok_or(ConnectError::UnknownPeer(peer))?;
     let admitted = shared
         .admission
-        .admit(shared, None)
+        .dial()
         .map_err(|reason| ConnectError::Refused { peer, reason })?;
     let limit = shared.config.limits.connect_timeout;
     let dialed = tokio::time::timeout(limit, dial(shared, peer, addr))
@@ -74,6 +74,7 @@ pub(super) async fn connection_to(
         dialer,
         confirmed,
         shared.config.stream_budget(),
+        shared.peers.share(peer),
     );
     let entry = register(shared, conn, admitted);
     Ok(entry)

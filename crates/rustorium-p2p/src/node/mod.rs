@@ -3,6 +3,7 @@
 //! `dial` the pooled, de-duplicated dial, 0-RTT and the known-peer reconnect loop.
 
 mod accept;
+mod admission;
 mod dial;
 
 use std::collections::HashMap;
@@ -214,23 +215,33 @@ impl NodeBuilder {
         let local_addr = endpoint.local_addr().map_err(bind_error)?;
 
         let (shutdown, _) = watch::channel(false);
+        let l = &config.limits;
+        let peers = Peers::new(
+            keypair.peer_id(),
+            l.max_concurrent_requests_per_peer,
+            l.max_pending_answers_per_peer,
+        );
+        let serve_limits = ServeLimits {
+            max_request_size: l.max_request_size,
+            request_timeout: l.request_timeout,
+            answer_timeout: l.answer_timeout,
+            max_stalls: l.max_pending_answers_per_peer,
+        };
         let shared = Arc::new(Shared {
             peer_id: keypair.peer_id(),
             local_addr: Mutex::new(local_addr),
             requests: Arc::new(Semaphore::new(
                 config.limits.max_concurrent_requests as usize,
             )),
-            serve_limits: ServeLimits {
-                max_request_size: config.limits.max_request_size,
-                request_timeout: config.limits.request_timeout,
-            },
-            admission: accept::Admission::default(),
+            serve_limits,
+            answers: Arc::new(Semaphore::new(ANSWERS_TRACKED as usize)),
+            admission: admission::Admission::new(&config.limits),
             config,
             router,
             endpoint,
             tls,
             client_config,
-            peers: Peers::new(keypair.peer_id()),
+            peers,
             events: broadcast::channel(1024).0,
             metrics: Metrics::default(),
             known: Mutex::new(HashMap::new()),
@@ -260,13 +271,15 @@ struct Shared {
     tls: TlsConfigs,
     client_config: quinn::ClientConfig,
     peers: Peers,
-    admission: accept::Admission,
+    admission: Arc<admission::Admission>,
     events: broadcast::Sender<PeerEvent>,
     metrics: Metrics,
     /// The reconnect task of each known peer.
     known: Mutex<HashMap<PeerId, JoinHandle<()>>>,
     /// One permit per running handler.
     requests: Arc<Semaphore>,
+    /// One permit per answer being written (so that shutdown lets them go out).
+    answers: Arc<Semaphore>,
     closing: AtomicBool,
     /// Flips to `true` when the node starts shutting down.
     shutdown: watch::Sender<bool>,
@@ -298,6 +311,9 @@ impl Shared {
             .close(code::CLOSE_SHUTDOWN.into(), b"node dropped");
     }
 }
+
+/// Answers in flight that shutdown waits for, at most (more are not tracked).
+const ANSWERS_TRACKED: u32 = 1 << 20;
 
 /// Options for one request.
 #[derive(Debug, Clone, Default)]
@@ -649,7 +665,12 @@ impl Node {
         shared.shutdown.send_replace(true);
         let grace = shared.config.limits.shutdown_grace;
         let all = shared.config.limits.max_concurrent_requests;
-        let drained = tokio::time::timeout(grace, shared.requests.acquire_many(all)).await;
+        let drained = tokio::time::timeout(grace, async {
+            let handlers = shared.requests.acquire_many(all).await;
+            let answers = shared.answers.acquire_many(ANSWERS_TRACKED).await;
+            (handlers, answers)
+        })
+        .await;
         if drained.is_err() {
             let running = all as usize - shared.requests.available_permits();
             warn!("shutdown: {running} requests still running after {grace:?}; closing anyway");
