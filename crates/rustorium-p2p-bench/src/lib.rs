@@ -165,6 +165,7 @@ pub(crate) fn bench_config() -> Config {
     config.limits.max_response_size = 1 << 31;
     config.limits.request_timeout = Duration::from_secs(300);
     config.limits.max_concurrent_requests = 65_536;
+    config.limits.max_concurrent_requests_per_peer = 65_536;
     config.transport.max_concurrent_bidi_streams = 1000;
     config
 }

@@ -33,8 +33,8 @@ pub async fn our_server() -> anyhow::Result<Node> {
 /// [`SINK`] answers nothing.
 pub fn bench_routes(builder: NodeBuilder) -> NodeBuilder {
     builder
-        .route(ECHO, |_ctx, body: Bytes| async move { Ok(body) })
-        .route(SINK, |_ctx, _body| async { Ok(Bytes::new()) })
+        .early_data_route(ECHO, |_ctx, body: Bytes| async move { Ok(body) })
+        .early_data_route(SINK, |_ctx, _body| async { Ok(Bytes::new()) })
 }
 
 /// The three stacks, each with a server and a connected client; against `--target`, ours

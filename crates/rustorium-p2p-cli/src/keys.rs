@@ -27,13 +27,16 @@ pub fn key_or_ephemeral(path: Option<&Path>) -> anyhow::Result<Keypair> {
 }
 
 /// The node's key: the named file, or `node.key` in the data directory (made on first use).
+/// A key file that others could read or replace is refused, as ssh does.
 pub fn node_key(path: Option<&Path>) -> anyhow::Result<(Keypair, PathBuf)> {
     if let Some(path) = path {
+        check_private(path)?;
         return Ok((Keypair::load(path)?, path.to_path_buf()));
     }
     let dir = data_dir();
     let path = dir.join("node.key");
     if path.exists() {
+        check_private(&path)?;
         return Ok((Keypair::load(&path)?, path));
     }
     create_private_dir(&dir)
@@ -73,4 +76,42 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
         builder.mode(0o700);
     }
     builder.create(dir)
+}
+
+/// Refuses a key file that the group or others may read or write, or that another user
+/// owns: whoever can read it can act as the node, whoever can replace it can choose its
+/// identity. (A file that cannot be read at all is left to the key loader to report.)
+#[cfg(unix)]
+fn check_private(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return Ok(());
+    };
+    let mode = meta.mode() & 0o777;
+    if mode & 0o077 != 0 {
+        anyhow::bail!(
+            "key file {} may be read or written by other users (mode {mode:03o}); \
+             make it private with `chmod 600 {}`",
+            path.display(),
+            path.display()
+        );
+    }
+    // The uid this process runs as: the owner of its own /proc entry.
+    if let Ok(me) = std::fs::metadata("/proc/self") {
+        if me.uid() != meta.uid() {
+            anyhow::bail!(
+                "key file {} belongs to user id {}, not to the user running the node ({}); \
+                 use a key of your own, or `chown` it",
+                path.display(),
+                meta.uid(),
+                me.uid()
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn check_private(_path: &Path) -> anyhow::Result<()> {
+    Ok(())
 }

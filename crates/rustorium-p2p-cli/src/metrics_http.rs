@@ -1,9 +1,11 @@
 //! A minimal HTTP/1.1 endpoint that serves `GET /metrics`. Hand-written on tokio rather
 //! than pulling in an HTTP stack for one route: it reads at most 8 KiB of request head
-//! within 5 s, answers, and closes the connection. At most 32 scrapes are served at once.
+//! within 2 s, answers, and closes the connection, all within 5 s. At most 32 scrapes are
+//! served at once, and at most 4 from one IP address, so slow clients cannot hold it.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -12,8 +14,43 @@ use tokio::sync::Semaphore;
 use tracing::debug;
 
 const MAX_HEAD: usize = 8 * 1024;
-const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
+/// The most one scrape may take, from accepting its connection to closing it.
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_SCRAPES: usize = 32;
+/// Scrapes at once from one IP address.
+pub const MAX_SCRAPES_PER_IP: usize = 4;
+
+/// Scrapes in progress per IP address.
+#[derive(Default)]
+struct PerIp(Mutex<HashMap<IpAddr, usize>>);
+
+impl PerIp {
+    fn take(self: &Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
+        let mut counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = counts.entry(ip).or_default();
+        if *n >= MAX_SCRAPES_PER_IP {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot(self.clone(), ip))
+    }
+}
+
+/// One scrape's place in its address's count; given back when dropped.
+struct IpSlot(Arc<PerIp>, IpAddr);
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut counts = self.0 .0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = counts.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.1);
+            }
+        }
+    }
+}
 
 /// The OpenMetrics text content type.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -25,6 +62,7 @@ where
 {
     let render = Arc::new(render);
     let slots = Arc::new(Semaphore::new(MAX_SCRAPES));
+    let per_ip = Arc::new(PerIp::default());
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -35,15 +73,20 @@ where
                 continue;
             }
         };
+        let Some(ip_slot) = per_ip.take(peer.ip()) else {
+            continue; // that address is at its limit: drop the connection
+        };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             continue; // over the limit: drop the connection
         };
         let render = render.clone();
         tokio::spawn(async move {
-            if let Err(e) = respond(stream, &*render).await {
-                debug!(%peer, "metrics scrape failed: {e}");
+            match tokio::time::timeout(SCRAPE_TIMEOUT, respond(stream, &*render)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => debug!(%peer, "metrics scrape failed: {e}"),
+                Err(_) => debug!(%peer, "metrics scrape cut off after {SCRAPE_TIMEOUT:?}"),
             }
-            drop(slot);
+            drop((slot, ip_slot));
         });
     }
 }

@@ -105,6 +105,9 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(CONFIG_ERROR));
         }
     };
+    // Signals are caught from before the address is printed: whoever starts the node and
+    // reads that line may stop it at once, and gets a clean shutdown.
+    let mut signals = Signals::new()?;
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{}", node.peer_addr())?;
     stdout.flush()?;
@@ -120,29 +123,35 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
     }
     let mut events = node.events();
     tokio::spawn(async move {
-        while let Ok(event) = events.recv().await {
-            match event {
-                PeerEvent::Connected {
+        use tokio::sync::broadcast::error::RecvError;
+        loop {
+            match events.recv().await {
+                Ok(PeerEvent::Connected {
                     peer,
                     addr,
                     direction,
-                } => {
+                }) => {
                     tracing::info!(%peer, %addr, ?direction, "peer connected")
                 }
-                PeerEvent::Disconnected {
+                Ok(PeerEvent::Disconnected {
                     peer, addr, reason, ..
-                } => {
+                }) => {
                     tracing::info!(%peer, %addr, %reason, "peer disconnected")
                 }
-                _ => {}
+                Ok(_) => {}
+                // The log fell behind a burst of events: say so, and go on.
+                Err(RecvError::Lagged(skipped)) => {
+                    tracing::warn!("{skipped} connection events skipped (the log fell behind)")
+                }
+                Err(RecvError::Closed) => break,
             }
         }
     });
 
-    let signal = wait_for_signal().await?;
+    let signal = signals.next().await.unwrap_or("signal stream ended");
     tracing::info!("{signal}: shutting down (a second signal exits at once)");
-    tokio::spawn(async {
-        if wait_for_signal().await.is_ok() {
+    tokio::spawn(async move {
+        if signals.next().await.is_some() {
             std::process::exit(130);
         }
     });
@@ -150,20 +159,40 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn wait_for_signal() -> anyhow::Result<&'static str> {
+/// SIGINT and SIGTERM (Ctrl-C elsewhere), caught from when this is made.
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        tokio::select! {
-            _ = term.recv() => Ok("SIGTERM"),
-            _ = int.recv() => Ok("SIGINT"),
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Signals {
+                term: signal(SignalKind::terminate())?,
+                int: signal(SignalKind::interrupt())?,
+            })
         }
+        #[cfg(not(unix))]
+        Ok(Signals {})
     }
-    #[cfg(not(unix))]
-    {
-        tokio::signal::ctrl_c().await?;
-        Ok("Ctrl-C")
+
+    /// The next signal's name.
+    async fn next(&mut self) -> Option<&'static str> {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                s = self.term.recv() => s.map(|_| "SIGTERM"),
+                s = self.int.recv() => s.map(|_| "SIGINT"),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            tokio::signal::ctrl_c().await.ok().map(|_| "Ctrl-C")
+        }
     }
 }

@@ -24,10 +24,11 @@ pub fn routes(builder: NodeBuilder) -> (NodeBuilder, SystemInfo) {
     let info = SystemInfo::default();
     let started = Instant::now();
     let cell = info.clone();
+    // All three change nothing, so they may run on 0-RTT data.
     let builder = builder
-        .route("sys/ping", |_ctx, _body| async { Ok(Bytes::new()) })
-        .route("sys/echo", |_ctx, body: Bytes| async move { Ok(body) })
-        .route("sys/info", move |_ctx, _body| {
+        .early_data_route("sys/ping", |_ctx, _body| async { Ok(Bytes::new()) })
+        .early_data_route("sys/echo", |_ctx, body: Bytes| async move { Ok(body) })
+        .early_data_route("sys/info", move |_ctx, _body| {
             let node = cell.0.get().and_then(WeakNode::upgrade);
             async move {
                 let node = node.ok_or_else(|| HandlerError::new("node is shutting down"))?;

@@ -183,6 +183,33 @@ fn node_request_send_and_ping_end_to_end() {
     assert!(node.terminate().success(), "clean exit on SIGTERM");
 }
 
+#[cfg(unix)]
+#[test]
+fn node_refuses_a_key_file_others_can_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("node.key");
+    assert!(run(&["keygen", "--out", key.to_str().unwrap()])
+        .status
+        .success());
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = run(&[
+        "node",
+        "--key",
+        key.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("chmod 600") && err.contains("644"), "{err}");
+    assert!(out.stdout.is_empty(), "no node started");
+    // Made private, the same file runs a node.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let node = NodeProcess::start(dir.path(), &["--key", key.to_str().unwrap()]);
+    assert!(node.terminate().success());
+}
+
 #[test]
 fn durations_take_the_config_file_forms() {
     let dir = tempfile::tempdir().unwrap();

@@ -108,8 +108,16 @@ fn node_with(body: &str, extra: &[&str]) -> Output {
 #[test]
 fn each_invalid_setting_exits_2_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
-    let ec_key = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+    // A private copy: `node` refuses key files others can read before looking inside.
+    let ec_key = dir.path().join("ec.pem");
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../rustorium-p2p/tests/fixtures/openssl-p256-pkcs8.pem");
+    std::fs::copy(&fixture, &ec_key).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&ec_key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
     let missing_key = dir.path().join("missing.pem");
     let cases: Vec<(String, Vec<&str>)> = vec![
         (

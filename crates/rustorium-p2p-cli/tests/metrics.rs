@@ -323,3 +323,45 @@ async fn node_metrics_flag_serves_a_page_prometheus_accepts() {
     let scrape = scrape.expect("the node logged no metrics address");
     assert_eq!(scrape.value("connections_active", &[]), Some(0.0));
 }
+
+#[tokio::test]
+async fn slow_clients_cannot_hold_the_endpoint() {
+    let b = Node::builder().bind().await.unwrap();
+    let addr = serve_metrics(&b).await;
+    // One address opens as many connections as it may and sends nothing.
+    let mut idle = Vec::new();
+    for _ in 0..metrics_http::MAX_SCRAPES_PER_IP {
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    // A scrape from another address is served at once.
+    let other = tokio::net::TcpSocket::new_v4().unwrap();
+    other.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut stream = other.connect(addr).await.unwrap();
+    let request = format!("GET /metrics HTTP/1.1\r\nhost: {addr}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(WAIT, stream.read_to_string(&mut response))
+        .await
+        .expect("scrape from another address hung")
+        .unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    // One more connection from the first address is dropped without an answer.
+    let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _ = extra.write_all(request.as_bytes()).await;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(WAIT, extra.read_to_end(&mut answer)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "served past the per-address limit: {:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    // The idle ones are cut off by the deadline (head within 2 s).
+    for mut conn in idle {
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(WAIT, conn.read_to_end(&mut rest)).await;
+        assert!(
+            read.is_ok(),
+            "an idle client held its connection past the deadline"
+        );
+    }
+}

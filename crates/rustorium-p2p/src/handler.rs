@@ -23,6 +23,8 @@ pub struct RequestContext {
     pub(crate) route: Arc<str>,
     pub(crate) one_way: bool,
     pub(crate) early_data: bool,
+    /// `true` once the connection's handshake is complete.
+    pub(crate) confirmed: tokio::sync::watch::Receiver<bool>,
 }
 
 impl RequestContext {
@@ -46,11 +48,22 @@ impl RequestContext {
         self.one_way
     }
 
-    /// `true` if the request arrived as 0-RTT data. The sender marked it idempotent, but
-    /// an attacker who recorded it could replay it: only act on it if doing so twice is
-    /// harmless.
+    /// `true` if the request arrived as 0-RTT data: its stream was opened before the
+    /// connection's handshake completed. An attacker who recorded such data can replay
+    /// it, so only routes registered with
+    /// [`NodeBuilder::early_data_route`](crate::NodeBuilder::early_data_route) run it
+    /// before the handshake completes; other routes run it only after (see
+    /// [`is_handshake_complete`](Self::is_handshake_complete)).
     pub fn is_early_data(&self) -> bool {
         self.early_data
+    }
+
+    /// `true` if the connection's handshake is complete: the peer has proven, on this
+    /// connection, that it holds its key, so the request cannot be a replay. Always
+    /// `true` for routes registered with [`NodeBuilder::route`](crate::NodeBuilder::route);
+    /// an early-data route may see `false`.
+    pub fn is_handshake_complete(&self) -> bool {
+        *self.confirmed.borrow()
     }
 }
 
@@ -128,22 +141,30 @@ where
 /// Route name to handler.
 #[derive(Clone, Default)]
 pub(crate) struct Router {
-    routes: HashMap<Arc<str>, Arc<dyn Handler>>,
+    routes: HashMap<Arc<str>, Route>,
+}
+
+/// A registered route.
+#[derive(Clone)]
+pub(crate) struct Route {
+    pub handler: Arc<dyn Handler>,
+    /// The handler may run on 0-RTT data, before the handshake completes.
+    pub early_data: bool,
 }
 
 impl Router {
-    /// Adds `handler` for `route`; `false` (and nothing changed) if the route has one.
-    pub fn insert(&mut self, route: &str, handler: Arc<dyn Handler>) -> bool {
-        if self.routes.contains_key(route) {
+    /// Adds `route`; `false` (and nothing changed) if the name has one already.
+    pub fn insert(&mut self, name: &str, route: Route) -> bool {
+        if self.routes.contains_key(name) {
             return false;
         }
-        self.routes.insert(route.into(), handler);
+        self.routes.insert(name.into(), route);
         true
     }
 
-    /// The handler for `route`, with the route's shared name.
-    pub fn get(&self, route: &str) -> Option<(&Arc<str>, &Arc<dyn Handler>)> {
-        self.routes.get_key_value(route)
+    /// The route called `name`, with its shared name.
+    pub fn get(&self, name: &str) -> Option<(&Arc<str>, &Route)> {
+        self.routes.get_key_value(name)
     }
 }
 

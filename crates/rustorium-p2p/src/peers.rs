@@ -141,6 +141,11 @@ impl PeerConnection {
         done
     }
 
+    /// The watch that turns `true` when the handshake is complete.
+    pub fn confirmed_watch(&self) -> &watch::Receiver<bool> {
+        &self.confirmed
+    }
+
     pub fn is_confirmed(&self) -> bool {
         *self.confirmed.borrow()
     }

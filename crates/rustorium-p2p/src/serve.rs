@@ -9,12 +9,12 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use quinn::{ReadError, RecvStream, SendStream, VarInt};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::{timeout_at, Instant};
 use tracing::{debug, warn, Instrument};
 
 use crate::framing::{read_body, write_framed_within, BodyError, Stalled};
-use crate::handler::{call_handler, Handler, RequestContext, Router};
+use crate::handler::{call_handler, RequestContext, Route, Router};
 use crate::identity::PeerId;
 use crate::metrics::{Metrics, Outcome, Side};
 use crate::peers::PeerShare;
@@ -45,6 +45,8 @@ pub(crate) struct Serving<'a> {
     pub share: &'a Arc<PeerShare>,
     pub peer: PeerId,
     pub conn: quinn::Connection,
+    /// `true` once the connection's handshake is complete.
+    pub confirmed: &'a watch::Receiver<bool>,
 }
 
 /// How serving a stream ended, for metrics and logs: the route label (a registered
@@ -182,7 +184,7 @@ impl Serving<'_> {
             self.answer(&mut send, Status::Busy, msg, deadline).await;
             return Served::unregistered("unknown", Outcome::Busy);
         }
-        let (route, handler, body) = match self.read_request(&mut recv, deadline).await {
+        let read = match self.read_request(&mut recv, deadline).await {
             Ok(read) => read,
             Err(refusal) => {
                 debug!(peer = %self.peer, "request refused: {refusal}");
@@ -202,6 +204,20 @@ impl Serving<'_> {
                 return refusal.served();
             }
         };
+        let Read {
+            name: route,
+            route:
+                Route {
+                    handler,
+                    early_data: early_route,
+                },
+            body,
+            early,
+        } = read;
+        if !early_route && !self.confirmed_by(deadline).await {
+            let _ = send.reset(VarInt::from_u32(code::TIMED_OUT));
+            return Served::new(&route, Outcome::TimedOut);
+        }
         // A slot for the handler is taken only now, with the whole request read: a peer
         // that stalls while sending holds its own stream, never a slot others need. The
         // peer's own share is taken first, so a peer at its share takes none of the node's.
@@ -213,7 +229,7 @@ impl Serving<'_> {
                 return Served::new(&route, Outcome::Busy);
             }
         };
-        let ctx = self.context(&route, false, recv.is_0rtt());
+        let ctx = self.context(&route, false, early);
         // The handler runs until it answers or the requester gives up (stops our send side).
         let cancelled = send.stopped();
         // Biased: a handler that answers at once never registers for the stop (a lock on
@@ -262,7 +278,7 @@ impl Serving<'_> {
 
     async fn deliver_message(&self, mut recv: RecvStream) -> Served {
         let deadline = Instant::now() + self.limits.request_timeout;
-        let (route, handler, body) = match self.read_request(&mut recv, deadline).await {
+        let read = match self.read_request(&mut recv, deadline).await {
             Ok(read) => read,
             Err(refusal) => {
                 warn!(peer = %self.peer, "dropped a one-way message: {refusal}");
@@ -272,6 +288,20 @@ impl Serving<'_> {
                 return refusal.served();
             }
         };
+        let Read {
+            name: route,
+            route:
+                Route {
+                    handler,
+                    early_data: early_route,
+                },
+            body,
+            early,
+        } = read;
+        if !early_route && !self.confirmed_by(deadline).await {
+            warn!(peer = %self.peer, "dropped a one-way message on {route:?}: its handshake did not complete");
+            return Served::new(&route, Outcome::TimedOut);
+        }
         // As for requests, handler slots are taken once the message is read (the peer's
         // share first). With no answer to say BUSY in, the message waits for them until
         // its deadline.
@@ -284,7 +314,7 @@ impl Serving<'_> {
             warn!(peer = %self.peer, "dropped a one-way message on {route:?}: node at max_concurrent_requests or shutting down");
             return Served::new(&route, Outcome::Busy);
         };
-        let ctx = self.context(&route, true, recv.is_0rtt());
+        let ctx = self.context(&route, true, early);
         match call_handler(handler.as_ref(), ctx, body).await {
             Ok(_) => Served::new(&route, Outcome::Ok),
             Err(e) => {
@@ -294,6 +324,17 @@ impl Serving<'_> {
         }
     }
 
+    /// Waits (until `deadline`) for the connection's handshake to complete; `false` if it
+    /// did not.
+    async fn confirmed_by(&self, deadline: Instant) -> bool {
+        if *self.confirmed.borrow() {
+            return true;
+        }
+        let mut confirmed = self.confirmed.clone();
+        let waited = timeout_at(deadline, confirmed.wait_for(|done| *done)).await;
+        matches!(waited, Ok(Ok(_)))
+    }
+
     fn context(&self, route: &Arc<str>, one_way: bool, early_data: bool) -> RequestContext {
         RequestContext {
             peer: self.peer,
@@ -301,6 +342,7 @@ impl Serving<'_> {
             route: route.clone(),
             one_way,
             early_data,
+            confirmed: self.confirmed.clone(),
         }
     }
 
@@ -310,14 +352,17 @@ impl Serving<'_> {
         &self,
         recv: &mut RecvStream,
         deadline: Instant,
-    ) -> Result<(Arc<str>, &Arc<dyn Handler>, Bytes), Refusal> {
+    ) -> Result<Read<'_>, Refusal> {
         let mut route_read: Option<Arc<str>> = None;
+        let mut early = recv.is_0rtt();
         let work = async {
             let router = self.router;
             let resolve = |route: &str| router.get(route).ok_or_else(|| route.to_string());
             let (handler, first) = match read_header(recv, resolve).await {
                 Ok((Ok((route, handler)), first)) => {
                     route_read = Some(route.clone());
+                    // Bytes read before the handshake completed can only be 0-RTT data.
+                    early |= !*self.confirmed.borrow();
                     (handler, first)
                 }
                 Ok((Err(unknown), _)) => return Err(Refusal::UnknownRoute(unknown)),
@@ -341,11 +386,25 @@ impl Serving<'_> {
             }
         };
         match timeout_at(deadline, work).await {
-            Ok(Ok((handler, body))) => Ok((route_read.unwrap_or_default(), handler, body)),
+            Ok(Ok((route, body))) => Ok(Read {
+                name: route_read.unwrap_or_default(),
+                route,
+                body,
+                early,
+            }),
             Ok(Err(refusal)) => Err(refusal),
             Err(_) => Err(Refusal::TimedOut(route_read)),
         }
     }
+}
+
+/// A request or message read in full.
+struct Read<'r> {
+    name: Arc<str>,
+    route: &'r Route,
+    body: Bytes,
+    /// Its bytes arrived as 0-RTT data.
+    early: bool,
 }
 
 enum HeaderFailure {

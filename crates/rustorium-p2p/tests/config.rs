@@ -131,6 +131,7 @@ async fn stream_limit_grows_to_the_configured_maximum_under_load() {
     let mut config = common::config();
     config.transport.max_concurrent_bidi_streams = 1000;
     config.limits.max_concurrent_requests = 1000;
+    config.limits.max_concurrent_requests_per_peer = 1000;
     let (r, all) = (running.clone(), all_running.clone());
     let b = Node::builder()
         .config(config)

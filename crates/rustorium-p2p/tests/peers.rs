@@ -153,11 +153,36 @@ async fn simultaneous_dials_settle_on_one_connection_and_lose_nothing() {
 /// with a 20 ms round trip in front of it (so a request is surely sent before the
 /// handshake completes).
 async fn early_data_node() -> (Node, Arc<Mutex<Vec<bool>>>, rustorium_p2p_link::Link) {
+    let (node, seen, _, link) = early_data_node_with_log().await;
+    (node, seen, link)
+}
+
+/// Each request's `(is_early_data, is_handshake_complete)` on the `early` route, which
+/// accepts early data.
+type EarlyLog = Arc<Mutex<Vec<(bool, bool)>>>;
+
+/// The early-data node, with also a route `early` registered for early data.
+async fn early_data_node_with_log() -> (
+    Node,
+    Arc<Mutex<Vec<bool>>>,
+    EarlyLog,
+    rustorium_p2p_link::Link,
+) {
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let log = seen.clone();
+    let early = Arc::new(Mutex::new(Vec::new()));
+    let (log, early_log) = (seen.clone(), early.clone());
     let node = Node::builder()
         .route("seen", move |ctx: RequestContext, body: Bytes| {
+            // Not registered for early data: never runs before the handshake completes.
+            assert!(ctx.is_handshake_complete(), "ran on unconfirmed early data");
             log.lock().unwrap().push(ctx.is_early_data());
+            async move { Ok(body) }
+        })
+        .early_data_route("early", move |ctx: RequestContext, body: Bytes| {
+            early_log
+                .lock()
+                .unwrap()
+                .push((ctx.is_early_data(), ctx.is_handshake_complete()));
             async move { Ok(body) }
         })
         .bind()
@@ -169,7 +194,7 @@ async fn early_data_node() -> (Node, Arc<Mutex<Vec<bool>>>, rustorium_p2p_link::
         rustorium_p2p_link::Link::start("127.0.0.1:0".parse().unwrap(), node.local_addr(), config)
             .await
             .unwrap();
-    (node, seen, link)
+    (node, seen, early, link)
 }
 
 #[tokio::test]
@@ -218,6 +243,38 @@ async fn a_reconnect_uses_0rtt_for_idempotent_requests_only() {
     let stats = a.stats();
     assert_eq!(stats.zero_rtt_accepted, 2, "{stats:?}");
     assert_eq!(stats.zero_rtt_rejected, 0);
+}
+
+/// The server decides what runs on 0-RTT data: a route registered for early data runs
+/// before the handshake completes, any other waits for it (and its handler asserts so).
+#[tokio::test]
+async fn only_early_data_routes_run_before_the_handshake_completes() {
+    let (b, seen, early, link) = early_data_node_with_log().await;
+    let b_addr = rustorium_p2p::PeerAddr::new(b.peer_id(), link.local_addr());
+    let a = Node::builder().bind().await.unwrap();
+    let mut events = a.events();
+    a.connect(&b_addr).await.unwrap();
+    a.request(b.peer_id(), "seen", "first").await.unwrap(); // session tickets arrive
+    for (round, route) in ["early", "seen"].into_iter().enumerate() {
+        a.disconnect(&b.peer_id());
+        wait_event(&mut events, "disconnect", |e| {
+            matches!(e, PeerEvent::Disconnected { .. })
+        })
+        .await;
+        let idempotent = RequestOptions::new().idempotent(true);
+        let answer = a.request_with(b.peer_id(), route, "x", idempotent).await;
+        assert_eq!(answer.unwrap(), "x");
+        assert_eq!(a.stats().zero_rtt_attempted, round as u64 + 1);
+        wait_event(&mut events, "reconnection", |e| {
+            matches!(e, PeerEvent::Connected { .. })
+        })
+        .await;
+    }
+    // Early route: 0-RTT data, run before the handshake completed (one RTT of 20 ms).
+    assert_eq!(*early.lock().unwrap(), vec![(true, false)]);
+    // Other route: 0-RTT data too, but its handler ran only once the handshake completed
+    // (it asserts `is_handshake_complete`).
+    assert_eq!(*seen.lock().unwrap(), vec![false, true]);
 }
 
 #[tokio::test]

@@ -287,5 +287,6 @@ fn serving<'a>(shared: &'a Shared, entry: &'a PeerConnection) -> Serving<'a> {
         share: &entry.share,
         peer: entry.peer,
         conn: entry.conn.clone(),
+        confirmed: entry.confirmed_watch(),
     }
 }

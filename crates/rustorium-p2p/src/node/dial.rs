@@ -35,6 +35,10 @@ pub(super) async fn connection_to(
     if let Err(reason) = shared.config.admits(&peer) {
         return Err(ConnectError::Refused { peer, reason });
     }
+    // No state is made for a PeerId there is no way to reach.
+    if shared.peers.addr(&peer).is_none() {
+        return Err(ConnectError::UnknownPeer(peer));
+    }
     let lock = shared.peers.dial_lock(peer);
     let _dialing = lock.lock().await;
     if let Some(conn) = shared.peers.live(&peer) {

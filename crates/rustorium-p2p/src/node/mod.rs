@@ -21,7 +21,7 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::error::{BindError, ConnectError, RequestError};
 use crate::event::{Direction, DisconnectReason, PeerEvent};
-use crate::handler::{Handler, Router};
+use crate::handler::{Handler, Route, Router};
 use crate::identity::{Keypair, PeerAddr, PeerId};
 use crate::metrics::{Metrics, NodeStats, Outcome, Side, StreamKind};
 use crate::peers::{PeerConnection, Peers};
@@ -52,7 +52,7 @@ pub struct NodeBuilder {
     keypair: Option<Keypair>,
     config: Option<Config>,
     overrides: Overrides,
-    routes: Vec<(String, Arc<dyn Handler>)>,
+    routes: Vec<(String, Route)>,
     /// Tests only: present this certificate instead of a fresh one.
     #[cfg(test)]
     certificate: Option<Vec<u8>>,
@@ -128,8 +128,33 @@ impl NodeBuilder {
     /// Registers the handler for `route` (1 to 255 bytes of UTF-8). [`bind`](Self::bind)
     /// fails with [`BindError::DuplicateRoute`] if a route is registered twice, and with
     /// [`BindError::InvalidRoute`] for an empty or too long name.
-    pub fn route(mut self, route: &str, handler: impl Handler) -> Self {
-        self.routes.push((route.to_string(), Arc::new(handler)));
+    ///
+    /// A request for the route that arrives as 0-RTT data on a reconnect waits until the
+    /// handshake completes before the handler runs (an attacker can replay 0-RTT data,
+    /// but cannot complete a handshake). See [`early_data_route`](Self::early_data_route).
+    pub fn route(self, route: &str, handler: impl Handler) -> Self {
+        self.add_route(route, handler, false)
+    }
+
+    /// Registers a route whose handler may run on 0-RTT data, before the handshake
+    /// completes: for requests that are safe to repeat (reads, pings), since an attacker
+    /// who recorded 0-RTT data can replay it. The handler sees
+    /// [`RequestContext::is_early_data`](crate::RequestContext::is_early_data). Requesters
+    /// send only requests marked idempotent as 0-RTT data; this is the server's side of
+    /// that choice.
+    pub fn early_data_route(self, route: &str, handler: impl Handler) -> Self {
+        self.add_route(route, handler, true)
+    }
+
+    fn add_route(mut self, route: &str, handler: impl Handler, early_data: bool) -> Self {
+        let handler = Arc::new(handler);
+        self.routes.push((
+            route.to_string(),
+            Route {
+                handler,
+                early_data,
+            },
+        ));
         self
     }
 
@@ -909,6 +934,20 @@ mod tests {
             server.shared().peers.entries(),
             0,
             "no state left for departed peers"
+        );
+        // Asking for peers with no known address leaves nothing behind either.
+        for _ in 0..100 {
+            let stranger = Keypair::generate().peer_id();
+            let err = server.request(stranger, "echo", "x").await.unwrap_err();
+            assert!(matches!(
+                err,
+                RequestError::Connect(ConnectError::UnknownPeer(_))
+            ));
+        }
+        assert_eq!(
+            server.shared().peers.entries(),
+            0,
+            "no state for unknown peers"
         );
         // An address the application gave is kept.
         let known = Keypair::generate().peer_id();
