@@ -7,6 +7,8 @@ use bytes::{Bytes, BytesMut};
 use quinn::{ReadError, RecvStream, SendStream, WriteError};
 use tokio::time::{timeout_at, Instant};
 
+use crate::budget::{ByteBudget, Held, CHUNK};
+
 /// Bodies up to this size are copied behind their prefix (header or status byte) and
 /// written as one chunk: one STREAM frame, and one read on the other side. Larger ones go
 /// as a second chunk, uncopied.
@@ -64,31 +66,47 @@ pub(crate) async fn write_framed_within(
 pub(crate) enum BodyError {
     TooLarge,
     Read(ReadError),
+    /// The node is closing (its byte budget was closed).
+    Closing,
 }
 
 /// Reads the rest of a stream after `first`, up to `limit` bytes in all. A body that
-/// arrives in one piece is returned without copying.
+/// arrives in one piece is returned without copying. With a `budget`, each chunk read is
+/// counted in it, waiting while it is full (the stream is not read meanwhile, so flow
+/// control holds the peer back); the body's bytes stay counted in the returned [`Held`]
+/// until it is dropped.
 pub(crate) async fn read_body(
     recv: &mut RecvStream,
     first: Bytes,
     limit: usize,
-) -> Result<Bytes, BodyError> {
+    budget: Option<ByteBudget<'_>>,
+) -> Result<(Bytes, Held), BodyError> {
     if first.len() > limit {
         return Err(BodyError::TooLarge);
     }
     let mut total = first.len();
     let mut single = first;
     let mut joined: Option<BytesMut> = None;
+    let mut held = Held::default();
     loop {
         // Ask for at most one byte past the limit, so an over-long body is noticed.
-        let chunk = match recv
-            .read_chunk((limit - total).saturating_add(1), true)
-            .await
-        {
+        let mut want = (limit - total).saturating_add(1);
+        if budget.is_some() {
+            want = want.min(CHUNK);
+        }
+        let chunk = match recv.read_chunk(want, true).await {
             Ok(Some(chunk)) => chunk.bytes,
             Ok(None) => break,
             Err(e) => return Err(BodyError::Read(e)),
         };
+        // Count the chunk; when the budget is full this waits, and the stream is not read
+        // meanwhile. (Counting after the read lets a body that is complete, such as a small
+        // one whose FIN is all that is left, go through without waiting; what a waiting
+        // stream holds beyond the budget is the one chunk it read, a packet's worth.)
+        if let Some(budget) = budget {
+            let counted = budget.reserve(chunk.len()).await;
+            held.merge(counted.map_err(|_| BodyError::Closing)?);
+        }
         total += chunk.len();
         if total > limit {
             return Err(BodyError::TooLarge);
@@ -104,5 +122,5 @@ pub(crate) async fn read_body(
         });
         buf.extend_from_slice(&chunk);
     }
-    Ok(joined.map_or(single, BytesMut::freeze))
+    Ok((joined.map_or(single, BytesMut::freeze), held))
 }

@@ -47,6 +47,7 @@ pub mod metrics;
 pub mod node;
 pub mod wire;
 
+mod budget;
 mod framing;
 mod peers;
 mod policy;

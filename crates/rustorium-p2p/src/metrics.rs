@@ -629,6 +629,8 @@ impl Metrics {
             reconnects: self.reconnects.get(),
             retries: self.retries.get(),
             answers_abandoned: self.answers_abandoned.get(),
+            // Filled in by `Node::stats`, which holds the byte budget.
+            buffered_request_bytes: 0,
             rebinds: self.rebinds.get(),
             migrations: self.migrations.get(),
             bytes_sent: self.bytes_sent.get(),
@@ -744,6 +746,8 @@ pub struct NodeStats {
     /// Answers reset because the peer did not read them in time, or had too many
     /// unread (see `limits.answer_timeout`).
     pub answers_abandoned: u64,
+    /// Request bytes held in memory now (at most `limits.max_buffered_request_bytes`).
+    pub buffered_request_bytes: u64,
     /// Times the node moved to a new UDP socket ([`Node::rebind`](crate::Node::rebind)).
     pub rebinds: u64,
     /// Peer address changes observed on connections.

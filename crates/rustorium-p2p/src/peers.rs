@@ -33,15 +33,18 @@ pub(crate) struct PeerShare {
     pub slots: Arc<Semaphore>,
     /// One permit per answer being written to the peer.
     pub answers: Arc<Semaphore>,
+    /// One permit per byte of the peer's requests held in memory.
+    pub bytes: Arc<Semaphore>,
     /// Answers in a row the peer let time out without reading.
     stalls: AtomicU32,
 }
 
 impl PeerShare {
-    fn new(slots: u32, answers: u32) -> Arc<Self> {
+    fn new(limits: &ShareLimits) -> Arc<Self> {
         Arc::new(PeerShare {
-            slots: Arc::new(Semaphore::new(slots as usize)),
-            answers: Arc::new(Semaphore::new(answers as usize)),
+            slots: Arc::new(Semaphore::new(limits.slots as usize)),
+            answers: Arc::new(Semaphore::new(limits.answers as usize)),
+            bytes: Arc::new(Semaphore::new(limits.bytes)),
             stalls: AtomicU32::new(0),
         })
     }
@@ -117,15 +120,20 @@ impl PeerConnection {
     /// the peer open more at once if it is using most of what it may.
     pub fn peer_stream_guard(self: &Arc<Self>, dir: StreamType) -> StreamGuard {
         if let Some(limit) = self.budget.opened(dir) {
-            let limit = quinn::VarInt::from_u32(limit);
-            match dir {
-                StreamType::Bi => self.conn.set_max_concurrent_bi_streams(limit),
-                StreamType::Uni => self.conn.set_max_concurrent_uni_streams(limit),
-            }
+            self.advertise(dir, limit);
         }
         let mut guard = self.stream_guard();
         guard.1 = Some(dir);
         guard
+    }
+
+    /// Sets how many streams of `dir` the peer may open at once.
+    fn advertise(&self, dir: StreamType, limit: u32) {
+        let limit = quinn::VarInt::from_u32(limit);
+        match dir {
+            StreamType::Bi => self.conn.set_max_concurrent_bi_streams(limit),
+            StreamType::Uni => self.conn.set_max_concurrent_uni_streams(limit),
+        }
     }
 
     /// Records stream activity now.
@@ -216,7 +224,9 @@ impl Drop for StreamGuard {
         self.0.touch();
         self.0.active.fetch_sub(1, Ordering::SeqCst);
         if let Some(dir) = self.1 {
-            self.0.budget.closed(dir);
+            if let Some(limit) = self.0.budget.closed(dir) {
+                self.0.advertise(dir, limit);
+            }
         }
     }
 }
@@ -243,33 +253,41 @@ struct Inner {
     all: HashMap<usize, Arc<PeerConnection>>,
 }
 
+/// What each peer may hold of the node.
+pub(crate) struct ShareLimits {
+    /// Handler slots.
+    pub slots: u32,
+    /// Answers waiting to be read.
+    pub answers: u32,
+    /// Request bytes held in memory.
+    pub bytes: usize,
+}
+
 /// The connection pool.
 pub(crate) struct Peers {
     local: PeerId,
-    /// Per peer: handler slots and answers waiting to be read.
-    share_limits: (u32, u32),
+    share_limits: ShareLimits,
     inner: Mutex<Inner>,
 }
 
 impl Peers {
-    /// A pool for node `local`, giving each peer `slots` handler slots and `answers`
-    /// answers waiting to be read.
-    pub fn new(local: PeerId, slots: u32, answers: u32) -> Self {
+    /// A pool for node `local`, giving each peer the share `share_limits`.
+    pub fn new(local: PeerId, share_limits: ShareLimits) -> Self {
         Peers {
             local,
-            share_limits: (slots, answers),
+            share_limits,
             inner: Mutex::default(),
         }
     }
 
     /// What `peer` may hold of this node, shared by its connections.
     pub fn share(&self, peer: PeerId) -> Arc<PeerShare> {
-        let (slots, answers) = self.share_limits;
         let mut inner = self.lock();
         let entry = inner.peers.entry(peer).or_default();
+        let limits = &self.share_limits;
         entry
             .share
-            .get_or_insert_with(|| PeerShare::new(slots, answers))
+            .get_or_insert_with(|| PeerShare::new(limits))
             .clone()
     }
 

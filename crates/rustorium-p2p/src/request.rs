@@ -258,11 +258,13 @@ async fn read_answer(recv: &mut RecvStream, limit: usize) -> Result<(Status, Byt
         }
     };
     let status = wire::decode_status(&first).map_err(AnswerError::Decode)?;
-    let body = read_body(recv, first.slice(1..), limit)
+    // An answer is our own request's: it is bounded by `max_response_size` alone.
+    let (body, _) = read_body(recv, first.slice(1..), limit, None)
         .await
         .map_err(|e| match e {
             BodyError::TooLarge => AnswerError::TooLarge,
             BodyError::Read(e) => AnswerError::Read(e),
+            BodyError::Closing => AnswerError::Read(ReadError::ClosedStream),
         })?;
     Ok((status, body))
 }

@@ -13,6 +13,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::{timeout_at, Instant};
 use tracing::{debug, warn, Instrument};
 
+use crate::budget::{ByteBudget, Held};
 use crate::framing::{read_body, write_framed_within, BodyError, Stalled};
 use crate::handler::{call_handler, RequestContext, Route, Router};
 use crate::identity::PeerId;
@@ -43,6 +44,8 @@ pub(crate) struct Serving<'a> {
     pub answers: &'a Arc<Semaphore>,
     /// What the peer may hold of this node.
     pub share: &'a Arc<PeerShare>,
+    /// The node's budget of request bytes held in memory.
+    pub bytes: &'a Arc<Semaphore>,
     pub peer: PeerId,
     pub conn: quinn::Connection,
     /// `true` once the connection's handshake is complete.
@@ -212,6 +215,7 @@ impl Serving<'_> {
                     early_data: early_route,
                 },
             body,
+            held,
             early,
         } = read;
         if !early_route && !self.confirmed_by(deadline).await {
@@ -242,10 +246,11 @@ impl Serving<'_> {
                 return Served::new(&route, Outcome::Cancelled);
             }
         };
-        // The slots go back as soon as the handler returns: writing the answer waits on
-        // the peer, and that wait is bounded by `answer_timeout` and the peer's share of
-        // pending answers, never by the node's handler slots.
-        drop(slots);
+        // The slots and the body's bytes go back as soon as the handler returns (an echoed
+        // body is not counted twice): writing the answer waits on the peer, and that wait
+        // is bounded by `answer_timeout` and the peer's share of pending answers, never by
+        // the node's handler slots or byte budget.
+        drop((slots, held));
         let deadline = Instant::now() + self.limits.request_timeout;
         match result {
             Ok(body) => {
@@ -296,6 +301,7 @@ impl Serving<'_> {
                     early_data: early_route,
                 },
             body,
+            held,
             early,
         } = read;
         if !early_route && !self.confirmed_by(deadline).await {
@@ -315,7 +321,9 @@ impl Serving<'_> {
             return Served::new(&route, Outcome::Busy);
         };
         let ctx = self.context(&route, true, early);
-        match call_handler(handler.as_ref(), ctx, body).await {
+        let result = call_handler(handler.as_ref(), ctx, body).await;
+        drop(held);
+        match result {
             Ok(_) => Served::new(&route, Outcome::Ok),
             Err(e) => {
                 warn!(peer = %self.peer, "one-way handler failed: {e}");
@@ -374,8 +382,12 @@ impl Serving<'_> {
             };
             let limit = usize::try_from(self.limits.max_request_size).unwrap_or(usize::MAX);
             let route = || route_read.clone();
-            match read_body(recv, first, limit).await {
-                Ok(body) => Ok((handler, body)),
+            let budget = ByteBudget {
+                peer: &self.share.bytes,
+                node: self.bytes,
+            };
+            match read_body(recv, first, limit, Some(budget)).await {
+                Ok((body, held)) => Ok((handler, body, held)),
                 Err(BodyError::TooLarge) => {
                     Err(Refusal::TooLarge(route().unwrap_or_default(), limit))
                 }
@@ -383,13 +395,15 @@ impl Serving<'_> {
                     debug!("stream failed: {e}");
                     Err(Refusal::Broken(route()))
                 }
+                Err(BodyError::Closing) => Err(Refusal::Broken(route())),
             }
         };
         match timeout_at(deadline, work).await {
-            Ok(Ok((route, body))) => Ok(Read {
+            Ok(Ok((route, body, held))) => Ok(Read {
                 name: route_read.unwrap_or_default(),
                 route,
                 body,
+                held,
                 early,
             }),
             Ok(Err(refusal)) => Err(refusal),
@@ -403,6 +417,8 @@ struct Read<'r> {
     name: Arc<str>,
     route: &'r Route,
     body: Bytes,
+    /// The body's bytes, counted against the peer's share and the node's budget.
+    held: Held,
     /// Its bytes arrived as 0-RTT data.
     early: bool,
 }

@@ -3,12 +3,21 @@
 //! quinn keeps state for every stream the peer may open (about 70 bytes each, per
 //! direction), allocated up front: a connection advertising 1,000 bidirectional and 1,000
 //! unidirectional streams costs about 130 KiB before it carries a byte. So a connection
-//! starts by advertising at most [`INITIAL_STREAM_LIMIT`] of each, and the limit doubles,
-//! up to the configured `max_concurrent_*_streams`, whenever the peer has three quarters
-//! of it in use. It is never lowered: a peer that once needed the room is likely to need
-//! it again, and lowering it would not give the memory back.
+//! starts by advertising at most [`INITIAL_STREAM_LIMIT`] of each, and:
+//!
+//! * the limit doubles, up to the configured `max_concurrent_*_streams`, whenever the peer
+//!   has three quarters of it in use, as long as the node-wide pool of extra streams
+//!   (`limits.max_extra_streams`, shared by every connection) has room for the growth;
+//! * it halves again (never below where it started) when the peer has an eighth of it or
+//!   less in use, giving the growth back to the pool (quinn allocates state only up to the
+//!   new limit as the peer's streams close);
+//! * a connection that closes gives all its growth back.
+//!
+//! So no peer can ratchet the limits up and leave them there, and all connections
+//! together hold at most the pool's extra streams beyond their first ones.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// The most streams of each direction a new connection lets the peer open at once.
 pub const INITIAL_STREAM_LIMIT: u32 = 32;
@@ -20,50 +29,119 @@ pub(crate) enum StreamType {
     Uni = 1,
 }
 
+/// Streams, beyond every connection's first ones, that the node still lets connections
+/// grow into.
+#[derive(Debug)]
+pub(crate) struct StreamPool(AtomicU64);
+
+impl StreamPool {
+    pub fn new(extra: u64) -> Arc<Self> {
+        Arc::new(StreamPool(AtomicU64::new(extra)))
+    }
+
+    /// Takes up to `want` extra streams; returns how many were taken.
+    fn take(&self, want: u32) -> u32 {
+        let mut left = self.0.load(Ordering::Relaxed);
+        loop {
+            let taken = u64::from(want).min(left);
+            match self.0.compare_exchange_weak(
+                left,
+                left - taken,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                // `taken <= want`, a u32.
+                Ok(_) => return taken as u32,
+                Err(now) => left = now,
+            }
+        }
+    }
+
+    fn give_back(&self, n: u32) {
+        self.0.fetch_add(u64::from(n), Ordering::Relaxed);
+    }
+
+    /// Extra streams not in use by any connection.
+    #[cfg(test)]
+    pub fn left(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 /// The peer's streams in use and its current limits, for one connection.
 #[derive(Debug)]
 pub(crate) struct StreamBudget {
     active: [AtomicU32; 2],
+    /// The limit advertised now, per direction (changed under the lock, read without).
     limit: [AtomicU32; 2],
+    initial: [u32; 2],
     max: [u32; 2],
+    pool: Arc<StreamPool>,
+    /// Serialises changes of the limits.
+    changing: Mutex<()>,
 }
 
 impl StreamBudget {
-    /// A budget growing up to `max_bi` / `max_uni` (the configured limits).
-    pub fn new(max_bi: u32, max_uni: u32) -> Self {
+    /// A budget growing up to `max_bi` / `max_uni` (the configured limits), with growth
+    /// taken from `pool`.
+    pub fn new(max_bi: u32, max_uni: u32, pool: Arc<StreamPool>) -> Self {
+        let initial = [initial_limit(max_bi), initial_limit(max_uni)];
         StreamBudget {
             active: [AtomicU32::new(0), AtomicU32::new(0)],
-            limit: [
-                AtomicU32::new(initial_limit(max_bi)),
-                AtomicU32::new(initial_limit(max_uni)),
-            ],
+            limit: [AtomicU32::new(initial[0]), AtomicU32::new(initial[1])],
+            initial,
             max: [max_bi, max_uni],
+            pool,
+            changing: Mutex::new(()),
         }
     }
 
     /// Counts one more stream of `dir` in use. Returns the new limit to advertise when the
-    /// limit should grow.
+    /// limit grows.
     pub fn opened(&self, dir: StreamType) -> Option<u32> {
         let d = dir as usize;
         let active = self.active[d].fetch_add(1, Ordering::Relaxed) + 1;
         let limit = self.limit[d].load(Ordering::Relaxed);
+        grown_limit(limit, active, self.max[d])?;
+        let _changing = self.changing.lock().unwrap_or_else(|e| e.into_inner());
+        let limit = self.limit[d].load(Ordering::Relaxed);
         let grown = grown_limit(limit, active, self.max[d])?;
-        // Only one caller raises a given limit.
-        self.limit[d]
-            .compare_exchange(limit, grown, Ordering::Relaxed, Ordering::Relaxed)
-            .ok()
-            .map(|_| grown)
+        let taken = self.pool.take(grown - limit);
+        if taken == 0 {
+            return None;
+        }
+        self.limit[d].store(limit + taken, Ordering::Relaxed);
+        Some(limit + taken)
     }
 
-    /// Counts a stream of `dir` as no longer in use.
-    pub fn closed(&self, dir: StreamType) {
-        self.active[dir as usize].fetch_sub(1, Ordering::Relaxed);
+    /// Counts a stream of `dir` as no longer in use. Returns the new limit to advertise
+    /// when the limit shrinks.
+    pub fn closed(&self, dir: StreamType) -> Option<u32> {
+        let d = dir as usize;
+        let active = self.active[d].fetch_sub(1, Ordering::Relaxed) - 1;
+        let limit = self.limit[d].load(Ordering::Relaxed);
+        shrunk_limit(limit, active, self.initial[d])?;
+        let _changing = self.changing.lock().unwrap_or_else(|e| e.into_inner());
+        let limit = self.limit[d].load(Ordering::Relaxed);
+        let shrunk = shrunk_limit(limit, active, self.initial[d])?;
+        self.limit[d].store(shrunk, Ordering::Relaxed);
+        self.pool.give_back(limit - shrunk);
+        Some(shrunk)
     }
 
     /// The limit currently advertised for `dir`.
     #[cfg(test)]
     pub fn limit(&self, dir: StreamType) -> u32 {
         self.limit[dir as usize].load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for StreamBudget {
+    fn drop(&mut self) {
+        for d in 0..2 {
+            let grown = self.limit[d].load(Ordering::Relaxed) - self.initial[d];
+            self.pool.give_back(grown);
+        }
     }
 }
 
@@ -78,9 +156,21 @@ fn grown_limit(limit: u32, active: u32, max: u32) -> Option<u32> {
     (busy && limit < max).then(|| limit.saturating_mul(2).min(max))
 }
 
+/// The next limit once only `active` streams are in use under `limit`, if it should
+/// shrink (an eighth or less in use; never below `initial`).
+fn shrunk_limit(limit: u32, active: u32, initial: u32) -> Option<u32> {
+    let quiet = u64::from(active) * 8 <= u64::from(limit);
+    (quiet && limit > initial).then(|| (limit / 2).max(initial))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn budget(max_bi: u32, max_uni: u32, pool: u64) -> (StreamBudget, Arc<StreamPool>) {
+        let pool = StreamPool::new(pool);
+        (StreamBudget::new(max_bi, max_uni, pool.clone()), pool)
+    }
 
     #[test]
     fn starts_small_and_never_above_the_configured_maximum() {
@@ -95,11 +185,15 @@ mod tests {
             grown_limit(u32::MAX - 1, u32::MAX, u32::MAX),
             Some(u32::MAX)
         );
+        assert_eq!(shrunk_limit(1000, 125, 32), Some(500));
+        assert_eq!(shrunk_limit(1000, 126, 32), None);
+        assert_eq!(shrunk_limit(40, 0, 32), Some(32));
+        assert_eq!(shrunk_limit(32, 0, 32), None);
     }
 
     #[test]
-    fn doubles_as_the_peer_fills_it() {
-        let budget = StreamBudget::new(1000, 100);
+    fn doubles_as_the_peer_fills_it_and_halves_as_it_empties() {
+        let (budget, pool) = budget(1000, 100, 10_000);
         let mut raised = Vec::new();
         for _ in 0..1000 {
             if let Some(limit) = budget.opened(StreamType::Bi) {
@@ -108,18 +202,40 @@ mod tests {
         }
         assert_eq!(raised, vec![64, 128, 256, 512, 1000]);
         assert_eq!(budget.limit(StreamType::Bi), 1000);
+        assert_eq!(pool.left(), 10_000 - 968);
         assert_eq!(
             budget.limit(StreamType::Uni),
             32,
             "the other direction is untouched"
         );
+        let mut lowered = Vec::new();
         for _ in 0..1000 {
-            budget.closed(StreamType::Bi);
+            if let Some(limit) = budget.closed(StreamType::Bi) {
+                lowered.push(limit);
+            }
         }
+        assert_eq!(lowered, vec![500, 250, 125, 62, 32]);
+        assert_eq!(pool.left(), 10_000, "all growth given back");
+    }
+
+    #[test]
+    fn growth_across_connections_is_bounded_by_the_pool() {
+        let pool = StreamPool::new(100);
+        let a = StreamBudget::new(1000, 1000, pool.clone());
+        let b = StreamBudget::new(1000, 1000, pool.clone());
+        for _ in 0..1000 {
+            a.opened(StreamType::Bi);
+            b.opened(StreamType::Uni);
+        }
+        let extra = (a.limit(StreamType::Bi) - 32) + (b.limit(StreamType::Uni) - 32);
+        assert_eq!(extra, 100, "together at most the pool");
+        assert_eq!(pool.left(), 0);
+        drop(a);
+        drop(b);
         assert_eq!(
-            budget.opened(StreamType::Bi),
-            None,
-            "never lowered, nothing to raise"
+            pool.left(),
+            100,
+            "closed connections give their growth back"
         );
     }
 }

@@ -30,6 +30,13 @@ fn crypto_alert(code: TransportErrorCode) -> Option<u8> {
         .map(|alert| alert as u8)
 }
 
+/// Whether this node refused a handshake because its allow or deny list does not admit
+/// the peer (TLS alert 49, access denied, raised by our own verifier).
+pub(crate) fn we_denied_access(err: &ConnectionError) -> bool {
+    let denied = TransportErrorCode::crypto(u8::from(AlertDescription::AccessDenied));
+    matches!(err, ConnectionError::TransportError(e) if e.code == denied)
+}
+
 /// Whether the peer closed the connection as the loser of a simultaneous dial.
 pub(crate) fn is_duplicate_close(err: &ConnectionError) -> bool {
     matches!(err, ConnectionError::ApplicationClosed(close)
@@ -39,6 +46,10 @@ pub(crate) fn is_duplicate_close(err: &ConnectionError) -> bool {
 /// The error for a connection that closed before (or while) its handshake completed.
 pub(crate) fn connect_error(peer: PeerId, addr: SocketAddr, err: ConnectionError) -> ConnectError {
     if let Some(alert) = tls_alert(&err) {
+        if alert.description == AlertDescription::AccessDenied {
+            let reason = Refusal::DeniedByPeer;
+            return ConnectError::Refused { peer, reason };
+        }
         if alert.is_about_certificate() {
             return ConnectError::CertificateRejected { peer, addr, alert };
         }

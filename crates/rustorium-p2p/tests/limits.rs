@@ -246,3 +246,139 @@ async fn a_peer_that_never_grants_credit_holds_no_handler_slot_and_is_cut_off() 
     );
     good_peer_is_served(&server, 5).await;
 }
+
+#[tokio::test]
+async fn unfinished_bodies_over_many_connections_stay_within_the_byte_budget() {
+    const NODE: u64 = 4 << 20;
+    const PEER: u64 = 1 << 20;
+    let (builder, _) = test_node();
+    let mut config = common::config();
+    config.limits.max_request_size = 1 << 20;
+    config.limits.max_buffered_request_bytes_per_peer = PEER + 1;
+    config.limits.max_buffered_request_bytes = NODE;
+    let server = builder.config(config).bind().await.unwrap();
+
+    // Ten strangers, each with two requests of 1 MiB of which they send 900 KiB and
+    // never the rest: 18 MiB that the node would otherwise hold.
+    let mut strangers = Vec::new();
+    for _ in 0..10 {
+        let (endpoint, conn) = common::raw_connection(server.local_addr()).await;
+        for _ in 0..2 {
+            let (mut send, recv) = conn.open_bi().await.unwrap();
+            let mut head = rustorium_p2p::wire::encode_header("echo");
+            head.extend_from_slice(&vec![1u8; 900 << 10]);
+            // Written in the background: flow control stops it when the node stops reading.
+            tokio::spawn(async move {
+                let _ = send.write_all(&head).await;
+                let _keep = (send, recv);
+                std::future::pending::<()>().await;
+            });
+        }
+        strangers.push((endpoint, conn));
+    }
+    // The node fills its budget, and holds no more than it.
+    eventually("the budget filled", || {
+        server.stats().buffered_request_bytes >= NODE - (PEER + 1)
+    })
+    .await;
+    assert!(
+        server.stats().buffered_request_bytes <= NODE,
+        "{:?}",
+        server.stats()
+    );
+
+    // A good peer's requests are answered meanwhile.
+    good_peer_is_served(&server, 20).await;
+    assert!(
+        server.stats().buffered_request_bytes <= NODE,
+        "{:?}",
+        server.stats()
+    );
+    drop(strangers);
+}
+
+/// Held requests on the `hold` route of a node, released all at once.
+struct Holds {
+    gate: Arc<tokio::sync::Semaphore>,
+    running: Arc<AtomicUsize>,
+}
+
+impl Holds {
+    fn new() -> Self {
+        Holds {
+            gate: Arc::new(tokio::sync::Semaphore::new(0)),
+            running: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    fn route(&self, builder: rustorium_p2p::NodeBuilder) -> rustorium_p2p::NodeBuilder {
+        let (gate, running) = (self.gate.clone(), self.running.clone());
+        builder.route("hold", move |_ctx, _body| {
+            let (gate, running) = (gate.clone(), running.clone());
+            async move {
+                running.fetch_add(1, Ordering::SeqCst);
+                let _ = gate.acquire().await;
+                running.fetch_sub(1, Ordering::SeqCst);
+                Ok(Bytes::new())
+            }
+        })
+    }
+}
+
+#[tokio::test]
+async fn stream_limits_shrink_back_and_their_growth_is_bounded_node_wide() {
+    let holds = Holds::new();
+    let (builder, _) = test_node();
+    let mut config = common::config();
+    config.transport.max_concurrent_bidi_streams = 1000;
+    config.limits.max_extra_streams = 64; // 32 first + at most 64 grown, all connections
+    config.limits.request_timeout = Duration::from_secs(30);
+    let server = holds.route(builder.config(config)).bind().await.unwrap();
+
+    // Two peers each try to hold 200 requests at once: together they get 2 x 32 + 64.
+    let mut peers = Vec::new();
+    let mut held = tokio::task::JoinSet::new();
+    for _ in 0..2 {
+        let peer = Node::builder().bind().await.unwrap();
+        peer.connect(&server.peer_addr()).await.unwrap();
+        for _ in 0..200 {
+            let (peer, to) = (peer.clone(), server.peer_id());
+            held.spawn(async move { peer.request(to, "hold", "").await });
+        }
+        peers.push(peer);
+    }
+    let running = holds.running.clone();
+    eventually("the limits reached", || {
+        running.load(Ordering::SeqCst) == 128
+    })
+    .await;
+    // Released, the streams close and the limits come back down; the requests that were
+    // waiting for stream credit then run, 128 at a time at most.
+    holds.gate.add_permits(1_000_000);
+    let finished = tokio::time::timeout(WAIT, async {
+        while let Some(done) = held.join_next().await {
+            done.unwrap().unwrap();
+        }
+    })
+    .await;
+    assert!(finished.is_ok(), "held requests did not finish");
+
+    // With the others quiet, one peer can grow into the whole pool again.
+    holds.gate.forget_permits(usize::MAX);
+    let late = Node::builder().bind().await.unwrap();
+    late.connect(&server.peer_addr()).await.unwrap();
+    let mut held = tokio::task::JoinSet::new();
+    for _ in 0..200 {
+        let (peer, to) = (late.clone(), server.peer_id());
+        held.spawn(async move { peer.request(to, "hold", "").await });
+    }
+    eventually("one peer grew into the pool", || {
+        running.load(Ordering::SeqCst) == 96
+    })
+    .await;
+    holds.gate.add_permits(1_000_000);
+    while let Some(done) = held.join_next().await {
+        done.unwrap().unwrap();
+    }
+    drop(peers);
+}

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use common::{raw_connection, test_node, WAIT};
 use rustorium_p2p::{
-    Bytes, ConnectError, Direction, DisconnectReason, Keypair, Node, PeerEvent, RequestContext,
-    RequestError, RequestOptions,
+    Bytes, ConnectError, Direction, DisconnectReason, Keypair, Node, PeerEvent, Refusal,
+    RequestContext, RequestError, RequestOptions,
 };
 use tokio::sync::broadcast;
 
@@ -556,22 +556,33 @@ async fn allow_and_deny_lists_refuse_with_a_clear_reason() {
         friend.request(b.peer_id(), "echo", "hi").await.unwrap(),
         "hi"
     );
-    for (who, why) in [
-        (&stranger, "not on the allow list"),
-        (&enemy, "on the deny list"),
-    ] {
+    // Refused during the handshake, with TLS alert 49 (access denied): the stranger learns
+    // it is not admitted, not which list keeps it out, and gets no session ticket.
+    for who in [&stranger, &enemy] {
         let err = match who.connect(&b.peer_addr()).await {
             Ok(()) => who.request(b.peer_id(), "echo", "x").await.unwrap_err(),
             Err(e) => e.into(),
         };
         match &err {
-            RequestError::Connect(ConnectError::Refused { reason, .. }) => {
-                assert!(reason.to_string().contains(why), "{err}")
-            }
+            RequestError::Connect(ConnectError::Refused {
+                reason: Refusal::DeniedByPeer,
+                ..
+            }) => assert!(err.to_string().contains("allow or deny list"), "{err}"),
             other => panic!("expected Refused, got {other:?}"),
         }
+        // No ticket came with the refusal, so the next dial is a full handshake.
+        let again = match who.connect(&b.peer_addr()).await {
+            Ok(()) => who.request(b.peer_id(), "echo", "x").await.map(drop),
+            Err(e) => Err(e.into()),
+        };
+        assert!(again.is_err());
+        assert_eq!(
+            who.stats().zero_rtt_attempted,
+            0,
+            "a refused peer got a ticket"
+        );
     }
-    assert_eq!(b.stats().connections_refused, 2);
+    assert_eq!(b.stats().connections_refused, 4);
     assert_eq!(b.connection_count(), 1);
     // b will not dial a denied peer either.
     b.add_address(enemy.peer_addr());

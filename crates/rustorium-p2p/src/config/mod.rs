@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{ConfigError, Refusal};
 use crate::identity::{PeerAddr, PeerId};
-use crate::stream_budget::{initial_limit, StreamBudget};
+use crate::stream_budget::{initial_limit, StreamBudget, StreamPool};
 
 /// The default ALPN protocol name.
 pub const DEFAULT_ALPN: &str = "rustorium";
@@ -93,6 +93,17 @@ pub struct Limits {
     /// Largest answer body accepted to this node's own requests. Default 16 MiB.
     #[serde(with = "units::size")]
     pub max_response_size: u64,
+    /// Request bytes the node holds in memory at once, all peers together; past this it
+    /// stops reading request bodies (flow control holds the senders back) until handlers
+    /// finish with theirs. Default 256 MiB.
+    #[serde(with = "units::size")]
+    pub max_buffered_request_bytes: u64,
+    /// Request bytes one peer's requests may hold in memory at once (its share of
+    /// `max_buffered_request_bytes`). Never less than `max_request_size`, so that a peer
+    /// can always send one request of the largest size (and the node budget is never less
+    /// than this). Default 32 MiB.
+    #[serde(with = "units::size")]
+    pub max_buffered_request_bytes_per_peer: u64,
     /// A whole request, from opening its stream to the end of the answer; also how long a
     /// peer may take to send a request or read an answer. Default 10 s.
     #[serde(with = "units::duration")]
@@ -113,6 +124,14 @@ pub struct Limits {
     pub max_pending_answers_per_peer: u32,
     /// Established connections at once, both directions. Default 4096.
     pub max_connections: u32,
+    /// Bytes of resumption state (session tickets, for 0-RTT reconnects) kept for peers
+    /// that connected to this node; the oldest go first. Default 4 MiB.
+    #[serde(with = "units::size")]
+    pub max_ticket_cache_bytes: u64,
+    /// Streams that all connections together may let their peers open beyond each
+    /// connection's first 32 per direction (the limits grow under use up to
+    /// `transport.max_concurrent_*_streams`, and shrink back). Default 65536.
+    pub max_extra_streams: u64,
     /// Incoming handshakes in progress at once (kept apart from established
     /// connections: half-open handshakes never block this node's own dials).
     /// Default 256.
@@ -152,12 +171,16 @@ impl Default for Limits {
         Limits {
             max_request_size: 16 << 20,
             max_response_size: 16 << 20,
+            max_buffered_request_bytes: 256 << 20,
+            max_buffered_request_bytes_per_peer: 32 << 20,
             request_timeout: Duration::from_secs(10),
             max_concurrent_requests: 4096,
             max_concurrent_requests_per_peer: 256,
             answer_timeout: Duration::from_secs(2),
             max_pending_answers_per_peer: 64,
             max_connections: 4096,
+            max_ticket_cache_bytes: 4 << 20,
+            max_extra_streams: 65_536,
             max_handshakes: 256,
             handshake_timeout: Duration::from_secs(5),
             retry_threshold: 32,
@@ -367,6 +390,20 @@ impl Config {
         Ok(())
     }
 
+    /// The byte budgets in force: each peer's share, and the node's (see
+    /// `limits.max_buffered_request_bytes*`).
+    pub(crate) fn byte_budgets(&self) -> (usize, usize) {
+        let l = &self.limits;
+        // A body of `max_request_size` is read with at most one chunk more.
+        let one_request = l
+            .max_request_size
+            .saturating_add(crate::budget::CHUNK as u64);
+        let peer = l.max_buffered_request_bytes_per_peer.max(one_request);
+        let node = l.max_buffered_request_bytes.max(peer);
+        let max = tokio::sync::Semaphore::MAX_PERMITS as u64;
+        (peer.min(max) as usize, node.min(max) as usize)
+    }
+
     /// Whether `peer` may connect (either direction).
     pub(crate) fn admits(&self, peer: &PeerId) -> Result<(), Refusal> {
         if self.node.deny.contains(peer) {
@@ -379,9 +416,10 @@ impl Config {
     }
 
     /// A new connection's budget of streams the peer may open, up to the configured limits.
-    pub(crate) fn stream_budget(&self) -> StreamBudget {
+    pub(crate) fn stream_budget(&self, pool: &Arc<StreamPool>) -> StreamBudget {
         let t = &self.transport;
-        StreamBudget::new(t.max_concurrent_bidi_streams, t.max_concurrent_uni_streams)
+        let (bi, uni) = (t.max_concurrent_bidi_streams, t.max_concurrent_uni_streams);
+        StreamBudget::new(bi, uni, pool.clone())
     }
 
     /// The quinn transport settings these values map to.

@@ -15,6 +15,7 @@ use crate::peers::PeerConnection;
 use crate::serve::Serving;
 use crate::stream_budget::StreamType;
 use crate::tls;
+use crate::transport_error;
 use crate::wire::code;
 
 pub(super) async fn accept_loop(shared: Arc<Shared>) {
@@ -51,10 +52,14 @@ pub(super) async fn accept_loop(shared: Arc<Shared>) {
 
 async fn accept_one(shared: Arc<Shared>, incoming: quinn::Incoming, handshake: Handshake) {
     let addr = incoming.remote_address();
-    let handshake_failed = |e: &dyn std::fmt::Display| {
-        shared
-            .metrics
-            .connection_failed(ConnectionFailure::HandshakeFailed);
+    let handshake_failed = |e: &quinn::ConnectionError| {
+        // Our verifier refused the peer (allow/deny list) and logged it: a refusal.
+        let failure = if transport_error::we_denied_access(e) {
+            ConnectionFailure::Refused
+        } else {
+            ConnectionFailure::HandshakeFailed
+        };
+        shared.metrics.connection_failed(failure);
         debug!(remote = %addr, "handshake failed: {e}");
     };
     let connecting = match incoming.accept() {
@@ -145,7 +150,7 @@ async fn accept_one(shared: Arc<Shared>, incoming: quinn::Incoming, handshake: H
         direction,
         peer,
         confirmed,
-        shared.config.stream_budget(),
+        shared.config.stream_budget(&shared.streams),
         shared.peers.share(peer),
     );
     // Served in this task: a task hop here would delay the peer's 0-RTT requests.
@@ -285,6 +290,7 @@ fn serving<'a>(shared: &'a Shared, entry: &'a PeerConnection) -> Serving<'a> {
         slots: &shared.requests,
         answers: &shared.answers,
         share: &entry.share,
+        bytes: &shared.bytes,
         peer: entry.peer,
         conn: entry.conn.clone(),
         confirmed: entry.confirmed_watch(),

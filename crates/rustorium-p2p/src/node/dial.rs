@@ -77,7 +77,7 @@ pub(super) async fn connection_to(
         direction,
         dialer,
         confirmed,
-        shared.config.stream_budget(),
+        shared.config.stream_budget(&shared.streams),
         shared.peers.share(peer),
     );
     let entry = register(shared, conn, admitted);

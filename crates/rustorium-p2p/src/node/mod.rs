@@ -24,10 +24,11 @@ use crate::event::{Direction, DisconnectReason, PeerEvent};
 use crate::handler::{Handler, Route, Router};
 use crate::identity::{Keypair, PeerAddr, PeerId};
 use crate::metrics::{Metrics, NodeStats, Outcome, Side, StreamKind};
-use crate::peers::{PeerConnection, Peers};
+use crate::peers::{PeerConnection, Peers, ShareLimits};
 use crate::policy;
 use crate::request;
 use crate::serve::ServeLimits;
+use crate::stream_budget::StreamPool;
 use crate::tls::TlsConfigs;
 use crate::wire::{self, code, Status};
 
@@ -241,11 +242,16 @@ impl NodeBuilder {
 
         let (shutdown, _) = watch::channel(false);
         let l = &config.limits;
+        let (peer_bytes, node_bytes) = config.byte_budgets();
         let peers = Peers::new(
             keypair.peer_id(),
-            l.max_concurrent_requests_per_peer,
-            l.max_pending_answers_per_peer,
+            ShareLimits {
+                slots: l.max_concurrent_requests_per_peer,
+                answers: l.max_pending_answers_per_peer,
+                bytes: peer_bytes,
+            },
         );
+        let buffered = node_bytes;
         let serve_limits = ServeLimits {
             max_request_size: l.max_request_size,
             request_timeout: l.request_timeout,
@@ -260,6 +266,8 @@ impl NodeBuilder {
             )),
             serve_limits,
             answers: Arc::new(Semaphore::new(ANSWERS_TRACKED as usize)),
+            bytes: Arc::new(Semaphore::new(buffered)),
+            streams: StreamPool::new(l.max_extra_streams),
             admission: admission::Admission::new(&config.limits),
             config,
             router,
@@ -305,6 +313,10 @@ struct Shared {
     requests: Arc<Semaphore>,
     /// One permit per answer being written (so that shutdown lets them go out).
     answers: Arc<Semaphore>,
+    /// One permit per byte of request bodies held in memory.
+    bytes: Arc<Semaphore>,
+    /// Streams connections may grow into beyond their first ones.
+    streams: Arc<StreamPool>,
     closing: AtomicBool,
     /// Flips to `true` when the node starts shutting down.
     shutdown: watch::Sender<bool>,
@@ -479,7 +491,12 @@ impl Node {
 
     /// The node's counters.
     pub fn stats(&self) -> NodeStats {
-        self.shared().metrics.snapshot(self.connection_count())
+        let shared = self.shared();
+        let mut stats = shared.metrics.snapshot(self.connection_count());
+        let (_, budget) = shared.config.byte_budgets();
+        let free = shared.bytes.available_permits();
+        stats.buffered_request_bytes = budget.saturating_sub(free) as u64;
+        stats
     }
 
     /// Subscribes to connection events. A subscriber that falls more than 1024 events

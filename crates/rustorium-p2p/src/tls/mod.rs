@@ -16,6 +16,9 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
 use crate::certificate::{self as cert, CertError};
+use tickets::TicketCache;
+
+mod tickets;
 use crate::config::Config;
 use crate::error::BindError;
 use crate::identity::{Keypair, PeerId};
@@ -68,12 +71,18 @@ impl TlsConfigs {
         let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(tls_err)?
-            .with_client_cert_verifier(Arc::new(PeerCertVerifier))
+            .with_client_cert_verifier(Arc::new(PeerCertVerifier {
+                config: config.clone(),
+            }))
             .with_cert_resolver(ours.clone());
         server.alpn_protocols = vec![alpn.to_vec()];
         // Stateful resumption: each ticket is an id into this cache and is taken out when
         // used, so the server accepts a given 0-RTT flight once.
-        server.session_storage = rustls::server::ServerSessionMemoryCache::new(sessions);
+        // Sessions are stored only for peers admitted by the allow/deny lists (the verifier
+        // refuses the others before any ticket is issued), in a cache bounded in bytes.
+        let ticket_bytes =
+            usize::try_from(config.limits.max_ticket_cache_bytes).unwrap_or(usize::MAX);
+        server.session_storage = Arc::new(TicketCache::new(ticket_bytes));
         if config.node.zero_rtt {
             server.max_early_data_size = u32::MAX; // QUIC allows only 0 or u32::MAX
         }
@@ -190,9 +199,13 @@ fn tls12_refused() -> Result<HandshakeSignatureValid, rustls::Error> {
     Err(rustls::Error::General("TLS 1.2 is not supported".into()))
 }
 
-/// The acceptor's verifier: any peer with a valid self-signed Ed25519 certificate.
+/// The acceptor's verifier: any peer with a valid Ed25519 certificate whom the allow and
+/// deny lists admit. Refusing the others here, during the handshake, means they get no
+/// session ticket and cost no connection.
 #[derive(Debug)]
-struct PeerCertVerifier;
+struct PeerCertVerifier {
+    config: Config,
+}
 
 impl ClientCertVerifier for PeerCertVerifier {
     fn offer_client_auth(&self) -> bool {
@@ -213,7 +226,16 @@ impl ClientCertVerifier for PeerCertVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        check_chain(end_entity, intermediates, now).map(|_| ClientCertVerified::assertion())
+        let peer = check_chain(end_entity, intermediates, now)?;
+        if let Err(why) = self.config.admits(&peer) {
+            tracing::warn!(peer = %peer, "refused a connection: {why}");
+            // TLS alert 49 (access_denied): the peer learns it is not admitted, not which
+            // list keeps it out.
+            return Err(rustls::Error::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            ));
+        }
+        Ok(ClientCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
