@@ -56,6 +56,27 @@ fn client_tls(alpn: &[u8]) -> anyhow::Result<rustls::ClientConfig> {
     Ok(config)
 }
 
+/// A QUIC client config for playing a stranger against one of our nodes: an Ed25519
+/// certificate of its own, our ALPN, no check of the node's certificate; with
+/// `stream_window` set, the receive window it advertises per stream.
+pub fn stranger_client(stream_window: Option<u32>) -> anyhow::Result<quinn::ClientConfig> {
+    let (cert, key) = certificate()?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAny))
+        .with_client_auth_cert(vec![cert], key)?;
+    tls.alpn_protocols = vec![b"rustorium".to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    if let Some(window) = stream_window {
+        let mut transport = quinn::TransportConfig::default();
+        transport.stream_receive_window(quinn::VarInt::from_u32(window));
+        config.transport_config(Arc::new(transport));
+    }
+    Ok(config)
+}
+
 /// The baselines skip certificate checks (they measure transport cost, not PKI); they
 /// still verify nothing else is amiss by answering with the right bytes.
 #[derive(Debug)]

@@ -3,6 +3,7 @@
 //! (and the spread, min to max), and the ratios against both baselines, which is what to
 //! compare on a shared, noisy machine.
 
+mod attacks;
 mod baselines;
 mod plot;
 pub mod scale;
@@ -62,6 +63,8 @@ enum Scenario {
     Setup,
     /// Memory, file descriptors and handshake rate at 1,000 and 10,000 connections.
     Scale,
+    /// A good peer's latency while strangers attack the node (docs/SECURITY.md), ours only.
+    Attacks,
 }
 
 /// Sizes of one run.
@@ -72,6 +75,8 @@ struct Plan {
     setups: usize,
     link_setups: usize,
     scale: &'static [usize],
+    /// The good peer's sequential requests under each attack.
+    attack_requests: usize,
 }
 
 impl Plan {
@@ -84,6 +89,7 @@ impl Plan {
                 setups: 3,
                 link_setups: 2,
                 scale: &[20],
+                attack_requests: 50,
             }
         } else {
             Plan {
@@ -93,6 +99,7 @@ impl Plan {
                 setups: 50,
                 link_setups: 20,
                 scale: &[1000, 10_000],
+                attack_requests: 3000,
             }
         }
     }
@@ -199,6 +206,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     } else {
         0
     };
+    let attack_runs = local && wanted(Scenario::Attacks) && ran.contains(&0);
+    let scale_steps = scale_steps
+        + if attack_runs {
+            (attacks::Attack::ALL.len() as u64 + 1) * repeat as u64
+        } else {
+            0
+        };
     let bar = ProgressBar::new(per_repetition * repeat as u64 + scale_steps);
     bar.set_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
@@ -327,6 +341,24 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             );
             let fds = format!("{n} conns: server open fds (before: {})", s.server_fds.1);
             results.add(fds, stack, "fds", s.server_fds.0 as f64);
+        }
+    }
+    // 7. Attacks: a good peer's latency beside the same with no attack.
+    for rep in 1..=repeat {
+        if !attack_runs {
+            break;
+        }
+        let runs = std::iter::once(None).chain(attacks::Attack::ALL.map(Some));
+        for attack in runs {
+            let name = match attack {
+                Some(attack) => attack.name(args.quick),
+                None => "no attack".to_string(),
+            };
+            step(format!("good peer under {name} ({rep} of {repeat})"));
+            let good = attacks::measure(attack, plan.attack_requests, args.quick).await?;
+            let label = |q: &str| format!("good peer p{q}, {name}");
+            results.add(label("50"), 0, "µs", good.p50_us);
+            results.add(label("99"), 0, "µs", good.p99_us);
         }
     }
     bar.finish_and_clear();

@@ -475,9 +475,11 @@ impl Serving<'_> {
     /// connection (close code `LIMIT`).
     async fn answer(&self, send: &mut SendStream, status: Status, body: Bytes, deadline: Instant) {
         let Ok(_pending) = self.share.answers.clone().try_acquire_owned() else {
+            // The peer has its share of answers unread and asks for more: a strike, as
+            // an answer left unread is.
             debug!(peer = %self.peer, "too many unread answers; resetting the stream");
-            self.metrics.answer_abandoned();
             let _ = send.reset(VarInt::from_u32(code::BUSY));
+            self.unread();
             return;
         };
         let _tracked = self.answers.clone().try_acquire_owned();
@@ -491,16 +493,22 @@ impl Serving<'_> {
             Ok(Err(e)) => debug!("answer not delivered: {e}"),
             Err(Stalled) => {
                 debug!(peer = %self.peer, "peer did not read its answer in time; resetting the stream");
-                self.metrics.answer_abandoned();
                 let _ = send.reset(VarInt::from_u32(code::TIMED_OUT));
-                if self.share.stalled() >= self.limits.max_stalls {
-                    warn!(peer = %self.peer, "closing the connection: the peer does not read its answers");
-                    self.conn.close(
-                        code::CLOSE_LIMIT.into(),
-                        b"too many answers left unread (max_pending_answers_per_peer)",
-                    );
-                }
+                self.unread();
             }
+        }
+    }
+
+    /// Counts an answer the peer left unread; past `max_stalls` in a row, the peer loses
+    /// its connection.
+    fn unread(&self) {
+        self.metrics.answer_abandoned();
+        if self.share.stalled() >= self.limits.max_stalls {
+            warn!(peer = %self.peer, "closing the connection: the peer does not read its answers");
+            self.conn.close(
+                code::CLOSE_LIMIT.into(),
+                b"too many answers left unread (max_pending_answers_per_peer)",
+            );
         }
     }
 }
