@@ -40,7 +40,7 @@ pub fn bench_routes(builder: NodeBuilder) -> NodeBuilder {
 /// The three stacks, each with a server and a connected client; against `--target`, ours
 /// only, its server remote.
 pub struct Stacks {
-    pub ours: Arc<Node>,
+    pub ours: Node,
     pub target: PeerAddr,
     _server: Option<Node>,
     quinn: Option<(quinn::Connection, QuinnClient, QuinnServer)>,
@@ -49,7 +49,7 @@ pub struct Stacks {
 
 impl Stacks {
     pub async fn start(target: Option<PeerAddr>) -> anyhow::Result<Stacks> {
-        let ours = Arc::new(Node::builder().config(bench_config()).bind().await?);
+        let ours = Node::builder().config(bench_config()).bind().await?;
         let (server, target) = match target {
             Some(target) => (None, target),
             None => {

@@ -241,7 +241,7 @@ async fn exercise(
 /// A fresh node: full handshake to `server`, then a 0-RTT reconnect, then a rebind to a
 /// new socket in the middle of 200 requests. Prints what happened.
 async fn reconnect_and_rebind(server: &Node) -> Result<(), String> {
-    let client = std::sync::Arc::new(Node::builder().bind().await.map_err(|e| e.to_string())?);
+    let client = Node::builder().bind().await.map_err(|e| e.to_string())?;
     let peer = server.peer_id();
     let ping = |options: RequestOptions| {
         let client = client.clone();

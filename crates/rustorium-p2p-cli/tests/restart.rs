@@ -1,7 +1,6 @@
 //! A known peer that is a real `rustorium-p2p node` process: killed, restarted on the same
 //! address with the same key, and reconnected.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use rustorium_p2p::{Config, DisconnectReason, Keypair, Node, PeerEvent, RequestError};
@@ -92,7 +91,6 @@ async fn a_known_peer_that_crashes_and_restarts_is_reconnected() {
     assert_eq!(a.request(b_addr.peer_id, "sys/ping", "").await.unwrap(), "");
 
     // Traffic keeps flowing while the peer dies.
-    let a = Arc::new(a);
     let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
     let traffic = tokio::spawn({
         let (a, peer) = (a.clone(), b_addr.peer_id);

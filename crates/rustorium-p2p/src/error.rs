@@ -202,7 +202,8 @@ pub enum Refusal {
     HandshakeLimit,
     /// The peer refused us, with its explanation.
     ByPeer(String),
-    /// The peer's allow or deny list does not admit us (TLS alert 49, access denied).
+    /// The peer does not admit us: its allow or deny list, or it is at its connection
+    /// limit (TLS alert 49, access denied).
     DeniedByPeer,
     /// The peer refused the connection at the QUIC level (at a connection limit, or
     /// shutting down).
@@ -223,7 +224,7 @@ impl std::fmt::Display for Refusal {
             ),
             Refusal::ByPeer(why) => write!(f, "the peer refused us: {why}"),
             Refusal::DeniedByPeer => f.write_str(
-                "the peer's allow or deny list does not admit this node (TLS alert 49, access denied)",
+                "the peer does not admit this node: its allow or deny list, or it is at its connection limit (TLS alert 49, access denied)",
             ),
             Refusal::PeerAtLimit => f.write_str(
                 "the peer refused the connection (at a connection limit, or shutting down)",

@@ -34,7 +34,7 @@ async fn max_concurrent_bidi_streams_bounds_requests_in_flight() {
         .bind()
         .await
         .unwrap();
-    let a = Arc::new(Node::builder().bind().await.unwrap());
+    let a = Node::builder().bind().await.unwrap();
     a.connect(&b.peer_addr()).await.unwrap();
     let mut requests = tokio::task::JoinSet::new();
     for i in 0..12u32 {
@@ -150,7 +150,7 @@ async fn stream_limit_grows_to_the_configured_maximum_under_load() {
         .bind()
         .await
         .unwrap();
-    let a = Arc::new(Node::builder().bind().await.unwrap());
+    let a = Node::builder().bind().await.unwrap();
     a.connect(&b.peer_addr()).await.unwrap();
     let mut requests = tokio::task::JoinSet::new();
     for i in 0..IN_FLIGHT {

@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::{raw_client, test_node, Bytes64, ClientCert, WAIT};
@@ -25,7 +24,7 @@ fn metric(node: &Node, name: &str) -> f64 {
 }
 
 /// A good client making `n` concurrent echo requests; all must succeed.
-async fn good_traffic(client: Arc<Node>, server: rustorium_p2p::PeerId, n: usize) {
+async fn good_traffic(client: Node, server: rustorium_p2p::PeerId, n: usize) {
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..n {
         let client = client.clone();
@@ -45,7 +44,7 @@ async fn a_hundred_thousand_random_datagrams_change_nothing() {
     let _alone = ONE_AT_A_TIME.lock().await;
     let (server, _) = test_node();
     let server = server.bind().await.unwrap();
-    let good = Arc::new(Node::builder().bind().await.unwrap());
+    let good = Node::builder().bind().await.unwrap();
     good.connect(&server.peer_addr()).await.unwrap();
     let rss_before = common::rss_kib();
 
@@ -86,7 +85,7 @@ async fn a_client_with_an_expired_certificate_is_refused() {
     let _alone = ONE_AT_A_TIME.lock().await;
     let (server, _) = test_node();
     let server = server.bind().await.unwrap();
-    let good = Arc::new(Node::builder().bind().await.unwrap());
+    let good = Node::builder().bind().await.unwrap();
     good.connect(&server.peer_addr()).await.unwrap();
     let (endpoint, config) = raw_client(ClientCert::Expired, b"rustorium");
     let conn = endpoint
@@ -125,7 +124,7 @@ async fn a_peer_that_never_reads_its_answers_is_cut_off() {
         .bind()
         .await
         .unwrap();
-    let good = Arc::new(Node::builder().bind().await.unwrap());
+    let good = Node::builder().bind().await.unwrap();
     good.connect(&server.peer_addr()).await.unwrap();
     let (_endpoint, conn) = common::raw_connection(server.local_addr()).await;
     // Ask for 8 MB answers ten times and never read them.
@@ -165,7 +164,7 @@ async fn ten_thousand_stalled_streams_do_not_starve_other_peers() {
     config.limits.request_timeout = Duration::from_secs(3);
     config.limits.max_connections_per_ip = 200;
     let server = server.config(config).bind().await.unwrap();
-    let good = Arc::new(Node::builder().bind().await.unwrap());
+    let good = Node::builder().bind().await.unwrap();
     good.connect(&server.peer_addr()).await.unwrap();
     let rss_before = common::rss_kib();
 

@@ -30,7 +30,6 @@ async fn requests_flow_both_ways_over_one_connection() {
 #[tokio::test]
 async fn a_thousand_concurrent_requests_each_get_their_own_answer() {
     let (a, b) = pair().await;
-    let a = Arc::new(a);
     let peer = b.peer_id();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..1000u32 {

@@ -63,7 +63,7 @@ async fn wait_single_connection(
 async fn a_burst_to_an_unconnected_peer_opens_one_connection() {
     let (b, _) = test_node();
     let b = b.bind().await.unwrap();
-    let a = Arc::new(Node::builder().bind().await.unwrap());
+    let a = Node::builder().bind().await.unwrap();
     let (mut a_events, mut b_events) = (a.events(), b.events());
     a.add_address(b.peer_addr());
     assert_eq!(a.connection_count(), 0);
@@ -285,7 +285,7 @@ async fn a_0rtt_dial_this_node_closes_before_its_handshake_is_no_handshake_failu
     // One connection at a time: a new dial is refused until the closed connection's task
     // has finished with it (which is where a handshake failure would be counted).
     config.limits.max_connections = 1;
-    let a = Arc::new(Node::builder().config(config).bind().await.unwrap());
+    let a = Node::builder().config(config).bind().await.unwrap();
     let mut events = a.events();
     a.connect(&b_addr).await.unwrap();
     a.request(b.peer_id(), "seen", "first").await.unwrap(); // session tickets arrive
@@ -414,7 +414,7 @@ async fn rebinding_mid_transfer_keeps_every_connection() {
         .bind()
         .await
         .unwrap();
-    let a = Arc::new(Node::builder().config(config).bind().await.unwrap());
+    let a = Node::builder().config(config).bind().await.unwrap();
     a.connect(&b.peer_addr()).await.unwrap();
     let old_addr = a.local_addr();
 
@@ -465,7 +465,7 @@ async fn rebinding_during_a_thousand_requests_loses_none() {
         .bind()
         .await
         .unwrap();
-    let a = Arc::new(Node::builder().bind().await.unwrap());
+    let a = Node::builder().bind().await.unwrap();
     a.connect(&b.peer_addr()).await.unwrap();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..1000u32 {

@@ -86,6 +86,11 @@ impl Admission {
         self.counts.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Whether established connections are at `max_connections`.
+    pub fn is_full(&self) -> bool {
+        self.lock().established >= self.max_connections
+    }
+
     /// Incoming handshakes in progress.
     pub fn handshakes(&self) -> usize {
         self.lock().handshakes

@@ -203,6 +203,11 @@ impl NodeBuilder {
         let config = self.settings();
         config.validate()?;
         let router = self.router()?;
+        let admission = admission::Admission::new(&config.limits);
+        let full: crate::tls::AtCapacity = {
+            let admission = admission.clone();
+            Arc::new(move || admission.is_full())
+        };
         let keypair = match (self.keypair, &config.node.key_file) {
             (Some(key), _) => key,
             (None, Some(path)) => Keypair::load(path)?,
@@ -210,11 +215,13 @@ impl NodeBuilder {
         };
         #[cfg(test)]
         let tls = match self.certificate {
-            Some(cert) => TlsConfigs::with_certificate(&keypair, &config, cert, false)?,
-            None => TlsConfigs::new(&keypair, &config)?,
+            Some(cert) => {
+                TlsConfigs::with_certificate(&keypair, &config, cert, false, full.clone())?
+            }
+            None => TlsConfigs::new(&keypair, &config, full.clone())?,
         };
         #[cfg(not(test))]
-        let tls = TlsConfigs::new(&keypair, &config)?;
+        let tls = TlsConfigs::new(&keypair, &config, full.clone())?;
         let transport = Arc::new(config.quinn_transport());
 
         let no_initial_cipher = |e: quinn::crypto::rustls::NoInitialCipherSuite| {
@@ -268,7 +275,7 @@ impl NodeBuilder {
             answers: Arc::new(Semaphore::new(ANSWERS_TRACKED as usize)),
             bytes: Arc::new(Semaphore::new(buffered)),
             streams: StreamPool::new(l.max_extra_streams),
-            admission: admission::Admission::new(&config.limits),
+            admission,
             config,
             router,
             endpoint,

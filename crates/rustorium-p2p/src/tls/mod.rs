@@ -20,7 +20,7 @@ use tickets::TicketCache;
 
 mod tickets;
 use crate::config::Config;
-use crate::error::BindError;
+use crate::error::{BindError, Refusal};
 use crate::identity::{Keypair, PeerId};
 
 /// The rustls configurations a node uses. One client config serves every dial (rustls
@@ -33,14 +33,14 @@ pub(crate) struct TlsConfigs {
 }
 
 impl TlsConfigs {
-    pub fn new(key: &Keypair, config: &Config) -> Result<Self, BindError> {
+    pub fn new(key: &Keypair, config: &Config, full: AtCapacity) -> Result<Self, BindError> {
         // rcgen fails only on a key it cannot sign with, which `Keypair` rules out.
         let cert_der = cert::make_certificate(key).map_err(|e| {
             BindError::Tls(rustls::Error::General(format!(
                 "cannot make a certificate: {e}"
             )))
         })?;
-        Self::with_certificate(key, config, cert_der, true)
+        Self::with_certificate(key, config, cert_der, true, full)
     }
 
     /// Configs that present `cert_der`, which must belong to `key` when `check` is set
@@ -50,6 +50,7 @@ impl TlsConfigs {
         config: &Config,
         cert_der: Vec<u8>,
         check: bool,
+        full: AtCapacity,
     ) -> Result<Self, BindError> {
         let alpn = config.node.alpn.as_bytes();
         // Session resumption state for as many peers as the node may hold connections to.
@@ -73,6 +74,7 @@ impl TlsConfigs {
             .map_err(tls_err)?
             .with_client_cert_verifier(Arc::new(PeerCertVerifier {
                 config: config.clone(),
+                full,
             }))
             .with_cert_resolver(ours.clone());
         server.alpn_protocols = vec![alpn.to_vec()];
@@ -199,12 +201,21 @@ fn tls12_refused() -> Result<HandshakeSignatureValid, rustls::Error> {
     Err(rustls::Error::General("TLS 1.2 is not supported".into()))
 }
 
+/// Whether the node is at its connection limit (asked by the acceptor's verifier).
+pub(crate) type AtCapacity = Arc<dyn Fn() -> bool + Send + Sync>;
+
 /// The acceptor's verifier: any peer with a valid Ed25519 certificate whom the allow and
-/// deny lists admit. Refusing the others here, during the handshake, means they get no
-/// session ticket and cost no connection.
-#[derive(Debug)]
+/// deny lists admit, while the node has room for its connection. Refusing the others
+/// here, during the handshake, means they get no session ticket and cost no connection.
 struct PeerCertVerifier {
     config: Config,
+    full: AtCapacity,
+}
+
+impl std::fmt::Debug for PeerCertVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerCertVerifier").finish_non_exhaustive()
+    }
 }
 
 impl ClientCertVerifier for PeerCertVerifier {
@@ -227,10 +238,13 @@ impl ClientCertVerifier for PeerCertVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         let peer = check_chain(end_entity, intermediates, now)?;
-        if let Err(why) = self.config.admits(&peer) {
+        let admitted = match self.config.admits(&peer) {
+            Ok(()) if (self.full)() => Err(Refusal::ConnectionLimit),
+            other => other,
+        };
+        if let Err(why) = admitted {
             tracing::warn!(peer = %peer, "refused a connection: {why}");
-            // TLS alert 49 (access_denied): the peer learns it is not admitted, not which
-            // list keeps it out.
+            // TLS alert 49 (access_denied): the peer learns it is not admitted, not why.
             return Err(rustls::Error::InvalidCertificate(
                 CertificateError::ApplicationVerificationFailure,
             ));
