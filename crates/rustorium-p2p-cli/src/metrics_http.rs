@@ -1,7 +1,8 @@
 //! A minimal HTTP/1.1 endpoint that serves `GET /metrics`. Hand-written on tokio rather
 //! than pulling in an HTTP stack for one route: it reads at most 8 KiB of request head
 //! within 2 s, answers, and closes the connection, all within 5 s. At most 32 scrapes are
-//! served at once, and at most 4 from one IP address, so slow clients cannot hold it.
+//! served at once, and at most 4 from one IP address (one /64 for IPv6), so slow clients
+//! cannot hold it.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -20,6 +21,18 @@ const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_SCRAPES: usize = 32;
 /// Scrapes at once from one IP address.
 pub const MAX_SCRAPES_PER_IP: usize = 4;
+
+/// The address a scrape counts under: an IPv4 address, or an IPv6 address's /64 (a host
+/// is usually given a whole /64).
+fn prefix(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+        },
+        v4 => v4,
+    }
+}
 
 /// Scrapes in progress per IP address.
 #[derive(Default)]
@@ -73,7 +86,7 @@ where
                 continue;
             }
         };
-        let Some(ip_slot) = per_ip.take(peer.ip()) else {
+        let Some(ip_slot) = per_ip.take(prefix(peer.ip())) else {
             continue; // that address is at its limit: drop the connection
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
@@ -98,7 +111,14 @@ async fn respond(
     let mut head = Vec::with_capacity(1024);
     let read = tokio::time::timeout(HEAD_TIMEOUT, async {
         let mut buf = [0u8; 1024];
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        // Only the bytes new since the last read (and the 3 before them) can complete the
+        // end of the head: a client sending a byte at a time costs no rescans.
+        let mut scanned = 0usize;
+        while !head[scanned.saturating_sub(3)..]
+            .windows(4)
+            .any(|w| w == b"\r\n\r\n")
+        {
+            scanned = head.len();
             if head.len() >= MAX_HEAD {
                 return Err(std::io::Error::other("request head too large"));
             }

@@ -176,8 +176,9 @@ impl PeerConnection {
             if !self.retired.load(Ordering::SeqCst) {
                 return; // it became the peer's connection again
             }
-            let since_last =
-                self.epoch.elapsed().as_micros() as u64 - self.last_stream.load(Ordering::SeqCst);
+            // `saturating_sub`: a stream may start (and store a later time) meanwhile.
+            let since_last = (self.epoch.elapsed().as_micros() as u64)
+                .saturating_sub(self.last_stream.load(Ordering::SeqCst));
             let idle = self.active.load(Ordering::SeqCst) == 0
                 && Duration::from_micros(since_last) >= quiet;
             if idle {

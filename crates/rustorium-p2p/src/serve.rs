@@ -246,12 +246,14 @@ impl Serving<'_> {
                 return Served::new(&route, Outcome::Cancelled);
             }
         };
-        // The slots and the body's bytes go back as soon as the handler returns (an echoed
-        // body is not counted twice): writing the answer waits on the peer, and that wait
-        // is bounded by `answer_timeout` and the peer's share of pending answers, never by
-        // the node's handler slots or byte budget.
-        drop((slots, held));
+        // The slots go back as soon as the handler returns: writing the answer waits on
+        // the peer, and that wait is bounded by `answer_timeout` and the peer's share of
+        // pending answers, never by the node's handler slots. The request's bytes stay
+        // counted until the answer is written: an answer made of them (an echo) holds the
+        // same memory, counted once.
+        drop(slots);
         let deadline = Instant::now() + self.limits.request_timeout;
+        let _held = held;
         match result {
             Ok(body) => {
                 self.answer(&mut send, Status::Ok, body, deadline).await;

@@ -277,6 +277,68 @@ async fn only_early_data_routes_run_before_the_handshake_completes() {
     assert_eq!(*seen.lock().unwrap(), vec![false, true]);
 }
 
+/// A 0-RTT request whose connection closes before the handshake completes (what a
+/// replayed first flight followed by a close looks like) never reaches a handler that did
+/// not ask for early data.
+#[tokio::test]
+async fn early_data_on_a_connection_closed_before_its_handshake_runs_no_ordinary_handler() {
+    let (b, seen, _early, link) = early_data_node_with_log().await;
+    let b_addr = rustorium_p2p::PeerAddr::new(b.peer_id(), link.local_addr());
+    let a = Node::builder().bind().await.unwrap();
+    let mut events = a.events();
+    a.connect(&b_addr).await.unwrap();
+    a.request(b.peer_id(), "seen", "first").await.unwrap(); // session tickets arrive
+    a.disconnect(&b.peer_id());
+    wait_event(&mut events, "disconnect", |e| {
+        matches!(e, PeerEvent::Disconnected { .. })
+    })
+    .await;
+
+    // A 0-RTT request to `seen`; once its first flight is through the link (10 ms each
+    // way), the dialer closes the connection, before the server's answer flight can
+    // reach it: the server sees the close before the handshake completes.
+    let before = link.stats().delivered;
+    let (a2, to) = (a.clone(), b.peer_id());
+    let idempotent = RequestOptions::new().idempotent(true);
+    let request =
+        tokio::spawn(async move { a2.request_with(to, "seen", "replayed", idempotent).await });
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while link.stats().delivered < before + 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "first flight never went through"
+        );
+        tokio::task::yield_now().await;
+    }
+    a.disconnect(&b.peer_id());
+    assert!(
+        request.await.unwrap().is_err(),
+        "the request cannot have been answered"
+    );
+
+    // The server gives the held request up (it is counted as timed out), without running
+    // the handler.
+    let gave_up = || {
+        b.metrics_text().lines().any(|l| {
+            l.contains("route=\"seen\"") && l.contains("status=\"timed_out\"") && !l.ends_with(" 0")
+        })
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !gave_up() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{}",
+            b.metrics_text()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![false],
+        "a handler ran on unconfirmed data"
+    );
+}
+
 #[tokio::test]
 async fn a_0rtt_dial_this_node_closes_before_its_handshake_is_no_handshake_failure() {
     let (b, _seen, link) = early_data_node().await;

@@ -146,6 +146,9 @@ pub struct Limits {
     /// Incoming connections and handshakes at once from one address prefix (see
     /// `ipv4_prefix` and `ipv6_prefix`). Default 64.
     pub max_connections_per_ip: u32,
+    /// Incoming handshakes in progress at once from one address prefix, so that a few
+    /// addresses cannot hold all of `max_handshakes`. Default 8.
+    pub max_handshakes_per_ip: u32,
     /// Length of the IPv4 prefix that `max_connections_per_ip` counts per. Default 32
     /// (one address).
     pub ipv4_prefix: u8,
@@ -185,6 +188,7 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(5),
             retry_threshold: 32,
             max_connections_per_ip: 64,
+            max_handshakes_per_ip: 8,
             ipv4_prefix: 32,
             ipv6_prefix: 64,
             connect_timeout: Duration::from_secs(5),
@@ -326,6 +330,7 @@ impl Config {
             ),
             ("limits.max_connections", l.max_connections),
             ("limits.max_handshakes", l.max_handshakes),
+            ("limits.max_handshakes_per_ip", l.max_handshakes_per_ip),
             ("limits.max_connections_per_ip", l.max_connections_per_ip),
             ("transport.stream_receive_window", t.stream_receive_window),
             ("transport.receive_window", t.receive_window),

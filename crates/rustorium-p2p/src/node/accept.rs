@@ -134,9 +134,14 @@ async fn accept_one(shared: Arc<Shared>, incoming: quinn::Incoming, handshake: H
             let watched = conn.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout_at(deadline, accepted).await {
-                    Ok(_) => {
+                    // Complete only if the handshake completed: `accepted` also resolves
+                    // (to `false`) when the connection dies first, as a replayed flight
+                    // followed by a close does, and that must not release requests held
+                    // for the handshake. (Dropping `tx` tells the waiters it never will.)
+                    Ok(true) if watched.close_reason().is_none() => {
                         tx.send_replace(true);
                     }
+                    Ok(_) => {}
                     Err(_) => watched.close(code::CLOSE_PROTOCOL.into(), b"handshake timed out"),
                 }
             });

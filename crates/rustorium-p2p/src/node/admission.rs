@@ -46,16 +46,18 @@ pub(crate) fn prefix(ip: IpAddr, v4: u8, v6: u8) -> IpAddr {
 struct Counts {
     established: usize,
     handshakes: usize,
+    /// Incoming handshakes and connections per prefix.
     per_prefix: HashMap<IpAddr, usize>,
+    /// Incoming handshakes per prefix.
+    handshakes_per_prefix: HashMap<IpAddr, usize>,
 }
 
-impl Counts {
-    fn release_prefix(&mut self, prefix: IpAddr) {
-        if let Some(n) = self.per_prefix.get_mut(&prefix) {
-            *n -= 1;
-            if *n == 0 {
-                self.per_prefix.remove(&prefix);
-            }
+/// Takes one from `prefix`'s count in `map`, forgetting it at zero.
+fn release(map: &mut HashMap<IpAddr, usize>, prefix: IpAddr) {
+    if let Some(n) = map.get_mut(&prefix) {
+        *n -= 1;
+        if *n == 0 {
+            map.remove(&prefix);
         }
     }
 }
@@ -65,6 +67,7 @@ pub(crate) struct Admission {
     max_connections: usize,
     max_handshakes: usize,
     max_per_prefix: usize,
+    max_handshakes_per_prefix: usize,
     v4: u8,
     v6: u8,
     counts: Mutex<Counts>,
@@ -76,6 +79,7 @@ impl Admission {
             max_connections: limits.max_connections as usize,
             max_handshakes: limits.max_handshakes as usize,
             max_per_prefix: limits.max_connections_per_ip as usize,
+            max_handshakes_per_prefix: limits.max_handshakes_per_ip as usize,
             v4: limits.ipv4_prefix,
             v6: limits.ipv6_prefix,
             counts: Mutex::default(),
@@ -106,11 +110,16 @@ impl Admission {
             return Err(Refusal::HandshakeLimit);
         }
         let prefix = prefix(ip, self.v4, self.v6);
+        let in_progress = counts.handshakes_per_prefix.get(&prefix).copied();
+        if in_progress.unwrap_or(0) >= self.max_handshakes_per_prefix {
+            return Err(Refusal::AddressLimit);
+        }
         let per_prefix = counts.per_prefix.entry(prefix).or_default();
         if *per_prefix >= self.max_per_prefix {
             return Err(Refusal::AddressLimit);
         }
         *per_prefix += 1;
+        *counts.handshakes_per_prefix.entry(prefix).or_default() += 1;
         counts.handshakes += 1;
         Ok(Handshake {
             admission: self.clone(),
@@ -151,6 +160,9 @@ impl Handshake {
         counts.handshakes -= 1;
         counts.established += 1;
         let prefix = self.prefix.take();
+        if let Some(prefix) = prefix {
+            release(&mut counts.handshakes_per_prefix, prefix);
+        }
         Ok(Admitted {
             admission: admission.clone(),
             prefix,
@@ -163,7 +175,8 @@ impl Drop for Handshake {
         if let Some(prefix) = self.prefix {
             let mut counts = self.admission.lock();
             counts.handshakes -= 1;
-            counts.release_prefix(prefix);
+            release(&mut counts.per_prefix, prefix);
+            release(&mut counts.handshakes_per_prefix, prefix);
         }
     }
 }
@@ -179,7 +192,7 @@ impl Drop for Admitted {
         let mut counts = self.admission.lock();
         counts.established -= 1;
         if let Some(prefix) = self.prefix {
-            counts.release_prefix(prefix);
+            release(&mut counts.per_prefix, prefix);
         }
     }
 }
@@ -193,6 +206,7 @@ mod tests {
             max_connections: connections,
             max_handshakes: handshakes,
             max_connections_per_ip: per_ip,
+            max_handshakes_per_ip: per_ip,
             ..Limits::default()
         }
     }
@@ -260,5 +274,23 @@ mod tests {
         drop(conn);
         assert!(admission.lock().per_prefix.is_empty());
         assert_eq!(admission.lock().established, 0);
+    }
+
+    #[test]
+    fn one_prefix_holds_only_its_share_of_the_handshakes() {
+        let mut l = limits(100, 100, 50);
+        l.max_handshakes_per_ip = 2;
+        let admission = Admission::new(&l);
+        let a = admission.begin_handshake(ip("10.0.0.1")).unwrap();
+        let _b = admission.begin_handshake(ip("10.0.0.1")).unwrap();
+        assert!(matches!(
+            admission.begin_handshake(ip("10.0.0.1")),
+            Err(Refusal::AddressLimit)
+        ));
+        // Another prefix is not affected; a completed handshake frees its place.
+        admission.begin_handshake(ip("10.0.0.2")).unwrap();
+        let _conn = a.established().unwrap();
+        admission.begin_handshake(ip("10.0.0.1")).unwrap();
+        assert!(admission.lock().handshakes_per_prefix.len() <= 2);
     }
 }
