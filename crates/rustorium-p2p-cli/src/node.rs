@@ -121,32 +121,20 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
         let render = move || weak.upgrade().map(|n| n.metrics_text()).unwrap_or_default();
         tokio::spawn(crate::metrics_http::serve(listener, render));
     }
-    let mut events = node.events();
-    tokio::spawn(async move {
-        use tokio::sync::broadcast::error::RecvError;
-        loop {
-            match events.recv().await {
-                Ok(PeerEvent::Connected {
-                    peer,
-                    addr,
-                    direction,
-                }) => {
-                    tracing::info!(%peer, %addr, ?direction, "peer connected")
-                }
-                Ok(PeerEvent::Disconnected {
-                    peer, addr, reason, ..
-                }) => {
-                    tracing::info!(%peer, %addr, %reason, "peer disconnected")
-                }
-                Ok(_) => {}
-                // The log fell behind a burst of events: say so, and go on.
-                Err(RecvError::Lagged(skipped)) => {
-                    tracing::warn!("{skipped} connection events skipped (the log fell behind)")
-                }
-                Err(RecvError::Closed) => break,
-            }
+    tokio::spawn(follow_events(node.events(), |seen| match seen {
+        Seen::Event(PeerEvent::Connected {
+            peer,
+            addr,
+            direction,
+        }) => tracing::info!(%peer, %addr, ?direction, "peer connected"),
+        Seen::Event(PeerEvent::Disconnected {
+            peer, addr, reason, ..
+        }) => tracing::info!(%peer, %addr, %reason, "peer disconnected"),
+        Seen::Event(_) => {}
+        Seen::Skipped(skipped) => {
+            tracing::warn!("{skipped} connection events skipped (the log fell behind)")
         }
-    });
+    }));
 
     let signal = signals.next().await.unwrap_or("signal stream ended");
     tracing::info!("{signal}: shutting down (a second signal exits at once)");
@@ -194,5 +182,56 @@ impl Signals {
         {
             tokio::signal::ctrl_c().await.ok().map(|_| "Ctrl-C")
         }
+    }
+}
+
+/// What the event log sees: an event, or how many it missed.
+#[derive(Debug)]
+enum Seen {
+    Event(PeerEvent),
+    Skipped(u64),
+}
+
+/// Hands every connection event to `log` until the node is gone. A log that falls behind
+/// a burst of events is told how many it missed, and goes on.
+async fn follow_events(
+    mut events: tokio::sync::broadcast::Receiver<PeerEvent>,
+    mut log: impl FnMut(Seen),
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        match events.recv().await {
+            Ok(event) => log(Seen::Event(event)),
+            Err(RecvError::Lagged(skipped)) => log(Seen::Skipped(skipped)),
+            Err(RecvError::Closed) => break,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_log_that_falls_behind_says_so_and_goes_on() {
+        let (tx, rx) = tokio::sync::broadcast::channel(2);
+        let event = |n: u16| PeerEvent::Connected {
+            peer: rustorium_p2p::PeerId::from_bytes([1; 32]),
+            addr: std::net::SocketAddr::from(([127, 0, 0, 1], n)),
+            direction: rustorium_p2p::Direction::Inbound,
+        };
+        for n in 1..=5 {
+            tx.send(event(n)).unwrap();
+        }
+        drop(tx);
+        let mut seen = Vec::new();
+        follow_events(rx, |s| seen.push(s)).await;
+        assert_eq!(seen.len(), 3, "{seen:?}");
+        assert!(matches!(seen[0], Seen::Skipped(3)), "{seen:?}");
+        // The events after the gap are still seen.
+        assert!(
+            matches!(&seen[2], Seen::Event(PeerEvent::Connected { addr, .. }) if addr.port() == 5),
+            "{seen:?}"
+        );
     }
 }
