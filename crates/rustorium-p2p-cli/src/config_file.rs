@@ -39,6 +39,7 @@ pub struct NodeSection {
     pub allow: Option<HashSet<PeerId>>,
     pub deny: HashSet<PeerId>,
     pub zero_rtt: bool,
+    pub io_thread: bool,
     /// Serve Prometheus metrics over HTTP at `http://<addr>/metrics`; `None`: off.
     pub metrics_addr: Option<SocketAddr>,
     /// Log filter (`RUST_LOG` syntax), overridden by `RUST_LOG`.
@@ -69,6 +70,7 @@ impl Default for NodeSection {
             allow: lib.allow,
             deny: lib.deny,
             zero_rtt: lib.zero_rtt,
+            io_thread: lib.io_thread,
             metrics_addr: None,
             log_level: "info".to_string(),
             log_format: LogFormat::Pretty,
@@ -102,6 +104,7 @@ impl FileConfig {
         config.node.allow = n.allow.clone();
         config.node.deny = n.deny.clone();
         config.node.zero_rtt = n.zero_rtt;
+        config.node.io_thread = n.io_thread;
         config.limits = self.limits.clone();
         config.transport = self.transport.clone();
         config

@@ -61,6 +61,12 @@ impl<'a> Target<'a> {
     }
 
     fn zero_rtt_rejected(&self) -> Failure {
+        // quinn also reports a 0-RTT stream as rejected when its connection closed before
+        // the handshake completed (for example `Node::disconnect`): that is a lost
+        // connection, not a rejection to re-send after.
+        if let Some(closed) = self.conn.conn.close_reason() {
+            return self.lost(&closed);
+        }
         Failure {
             error: RequestError::ZeroRttRejected { peer: self.peer },
             interrupted: Some(Interruption::ZeroRttRejected),

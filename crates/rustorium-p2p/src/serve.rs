@@ -50,6 +50,8 @@ pub(crate) struct Serving<'a> {
     pub conn: quinn::Connection,
     /// `true` once the connection's handshake is complete.
     pub confirmed: &'a watch::Receiver<bool>,
+    /// Set when the node starts shutting down.
+    pub closing: &'a std::sync::atomic::AtomicBool,
 }
 
 /// How serving a stream ended, for metrics and logs: the route label (a registered
@@ -250,7 +252,9 @@ impl Serving<'_> {
         // the peer, and that wait is bounded by `answer_timeout` and the peer's share of
         // pending answers, never by the node's handler slots. The request's bytes stay
         // counted until the answer is written: an answer made of them (an echo) holds the
-        // same memory, counted once.
+        // same memory, counted once. The answer is tracked (for shutdown, which waits for
+        // answers in flight) before the slots go, so that no moment sees neither.
+        let _tracked = self.answers.clone().try_acquire_owned();
         drop(slots);
         let deadline = Instant::now() + self.limits.request_timeout;
         let _held = held;
@@ -491,6 +495,11 @@ impl Serving<'_> {
             Ok(Ok(())) => {
                 self.share.read();
                 let _ = send.finish();
+                // While the node shuts down, an answer counts as delivered once the peer
+                // has it: shutdown waits for answers in flight, then closes.
+                if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
+                    let _ = timeout_at(deadline, send.stopped()).await;
+                }
             }
             Ok(Err(e)) => debug!("answer not delivered: {e}"),
             Err(Stalled) => {

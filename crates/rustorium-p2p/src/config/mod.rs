@@ -66,6 +66,12 @@ pub struct NodeSettings {
     pub deny: HashSet<PeerId>,
     /// 0-RTT for idempotent requests on reconnect, and accepting early data. Default on.
     pub zero_rtt: bool,
+    /// Run the node's I/O (quinn's drivers, and the tasks serving peers' streams, handlers
+    /// included) on a thread of its own with a single-threaded runtime. Default on: answers
+    /// then share datagrams and no wake-up crosses threads on the serving path. Handlers
+    /// must not block that thread (run heavy work with `tokio::task::spawn_blocking`, or
+    /// on a runtime of your own). Off: everything runs on the runtime that called `bind`.
+    pub io_thread: bool,
 }
 
 impl Default for NodeSettings {
@@ -78,6 +84,7 @@ impl Default for NodeSettings {
             allow: None,
             deny: HashSet::new(),
             zero_rtt: true,
+            io_thread: true,
         }
     }
 }

@@ -39,7 +39,9 @@ pub(super) async fn accept_loop(shared: Arc<Shared>) {
         }
         match shared.admission.begin_handshake(remote.ip()) {
             Ok(handshake) => {
-                tokio::spawn(accept_one(shared.clone(), incoming, handshake));
+                shared
+                    .io
+                    .spawn(accept_one(shared.clone(), incoming, handshake));
             }
             Err(why) => {
                 warn!(%remote, "refused a connection: {why}");
@@ -132,13 +134,15 @@ async fn accept_one(shared: Arc<Shared>, incoming: quinn::Incoming, handshake: H
         Some(accepted) => {
             let (tx, rx) = watch::channel(false);
             let watched = conn.clone();
-            tokio::spawn(async move {
+            shared.io.spawn(async move {
                 match tokio::time::timeout_at(deadline, accepted).await {
                     // Complete only if the handshake completed: `accepted` also resolves
-                    // (to `false`) when the connection dies first, as a replayed flight
-                    // followed by a close does, and that must not release requests held
-                    // for the handshake. (Dropping `tx` tells the waiters it never will.)
-                    Ok(true) if watched.close_reason().is_none() => {
+                    // when the connection dies first, as a replayed flight followed by a
+                    // close does, and that must not release requests held for the
+                    // handshake. (On a server its value says nothing: quinn reports
+                    // `accepted_0rtt` for clients only. Dropping `tx` tells the waiters
+                    // the handshake never will complete.)
+                    Ok(_) if watched.close_reason().is_none() => {
                         tx.send_replace(true);
                     }
                     Ok(_) => {}
@@ -171,7 +175,9 @@ pub(super) fn register(
     admitted: Admitted,
 ) -> Arc<PeerConnection> {
     pool(shared, &conn);
-    tokio::spawn(serve_connection(shared.clone(), conn.clone(), admitted));
+    shared
+        .io
+        .spawn(serve_connection(shared.clone(), conn.clone(), admitted));
     conn
 }
 
@@ -184,7 +190,9 @@ fn pool(shared: &Arc<Shared>, conn: &Arc<PeerConnection>) {
         shared.metrics.duplicate_closed();
         debug!(peer = %loser.peer, "two connections to one peer: retiring one");
         let quiet = (loser.conn.rtt() * 4).max(Duration::from_millis(100));
-        tokio::spawn(async move { loser.close_when_quiet(quiet).await });
+        shared
+            .io
+            .spawn(async move { loser.close_when_quiet(quiet).await });
     }
 }
 
@@ -222,7 +230,9 @@ async fn announce(shared: &Arc<Shared>, entry: &Arc<PeerConnection>) -> bool {
     });
     shared.metrics.connection_opened(entry.direction);
     let watched = (shared.clone(), entry.clone());
-    tokio::spawn(async move { watched.0.metrics.watch_connection(&watched.1.conn).await });
+    shared
+        .io
+        .spawn(async move { watched.0.metrics.watch_connection(&watched.1.conn).await });
     true
 }
 
@@ -242,6 +252,7 @@ async fn serve_connection(shared: Arc<Shared>, entry: Arc<PeerConnection>, admit
                     Ok((send, recv)) => {
                         let guard = entry.peer_stream_guard(StreamType::Bi);
                         let (shared, entry) = (shared.clone(), entry.clone());
+                        // This task runs on the node's I/O runtime: so does each stream's.
                         tokio::spawn(async move {
                             let _active = shared.metrics.stream_opened(StreamKind::Request, Direction::Inbound);
                             let closing = shared.is_closing();
@@ -274,13 +285,15 @@ async fn serve_connection(shared: Arc<Shared>, entry: Arc<PeerConnection>, admit
             DisconnectReason::Lost(_) => shared.metrics.connection_failed(ConnectionFailure::Lost),
             _ => {}
         }
+        // Its place goes back before anyone hears of the close: whoever redials on the
+        // event finds room.
+        drop(admitted);
         shared.emit(PeerEvent::Disconnected {
             peer: entry.peer,
             addr: conn.remote_address(),
             direction: entry.direction,
             reason,
         });
-        drop(admitted);
     }
     .instrument(span)
     .await
@@ -299,5 +312,6 @@ fn serving<'a>(shared: &'a Shared, entry: &'a PeerConnection) -> Serving<'a> {
         peer: entry.peer,
         conn: entry.conn.clone(),
         confirmed: entry.confirmed_watch(),
+        closing: &shared.closing,
     }
 }

@@ -168,7 +168,7 @@ async fn dial(
                 let (confirmed_tx, confirmed) = watch::channel(false);
                 let watched = conn.clone();
                 let node = shared.clone();
-                tokio::spawn(async move {
+                shared.io.spawn(async move {
                     // `true` only once the handshake completed with the early data
                     // accepted; `false` if it was rejected or the connection ended first.
                     let accepted = accepted.await;

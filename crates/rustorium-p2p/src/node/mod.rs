@@ -5,6 +5,7 @@
 mod accept;
 mod admission;
 mod dial;
+mod io;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -238,11 +239,18 @@ impl NodeBuilder {
         let addr = config.node.listen;
         let bind_error = |source| BindError::Socket { addr, source };
         let socket = config.bind_socket(addr).map_err(bind_error)?;
+        let (io, io_thread) = if config.node.io_thread {
+            let (handle, thread) =
+                io::IoThread::start("rustorium-io".into()).map_err(bind_error)?;
+            (handle, Some(thread))
+        } else {
+            (tokio::runtime::Handle::current(), None)
+        };
         let endpoint = quinn::Endpoint::new(
             config.quinn_endpoint(),
             Some(server_config),
             socket,
-            Arc::new(quinn::TokioRuntime),
+            Arc::new(io::IoRuntime(io.clone())),
         )
         .map_err(bind_error)?;
         let local_addr = endpoint.local_addr().map_err(bind_error)?;
@@ -275,6 +283,7 @@ impl NodeBuilder {
             answers: Arc::new(Semaphore::new(ANSWERS_TRACKED as usize)),
             bytes: Arc::new(Semaphore::new(buffered)),
             streams: StreamPool::new(l.max_extra_streams),
+            io,
             admission,
             config,
             router,
@@ -288,10 +297,13 @@ impl NodeBuilder {
             closing: AtomicBool::new(false),
             shutdown,
         });
-        tokio::spawn(accept::accept_loop(shared.clone()));
+        shared.io.spawn(accept::accept_loop(shared.clone()));
         info!(peer_id = %shared.peer_id, %local_addr, "node listening");
         let node = Node {
-            inner: Arc::new(Handle { shared }),
+            inner: Arc::new(Handle {
+                shared,
+                io_thread: Mutex::new(io_thread),
+            }),
         };
         for peer in node.shared().config.node.peers.clone() {
             node.add_known_peer(peer);
@@ -324,6 +336,8 @@ struct Shared {
     bytes: Arc<Semaphore>,
     /// Streams connections may grow into beyond their first ones.
     streams: Arc<StreamPool>,
+    /// The runtime the node's tasks and quinn's drivers run on.
+    io: tokio::runtime::Handle,
     closing: AtomicBool,
     /// Flips to `true` when the node starts shutting down.
     shutdown: watch::Sender<bool>,
@@ -403,11 +417,26 @@ pub struct Node {
 /// [`Shared`] state only, so they do not keep it alive.
 struct Handle {
     shared: Arc<Shared>,
+    /// The node's I/O thread, if it has one (`node.io_thread`).
+    io_thread: Mutex<Option<io::IoThread>>,
 }
 
 impl Drop for Handle {
     fn drop(&mut self) {
         self.shared.close_now();
+        let thread = self
+            .io_thread
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(mut thread) = thread {
+            // The thread lets the close frames go out (bounded: a peer may never answer),
+            // then ends.
+            let endpoint = self.shared.endpoint.clone();
+            thread.stop_after(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+            });
+        }
     }
 }
 
@@ -551,7 +580,9 @@ impl Node {
     pub fn add_known_peer(&self, addr: PeerAddr) {
         let shared = self.shared();
         shared.peers.set_addr(addr.peer_id, addr.addr, false);
-        let task = tokio::spawn(dial::keep_connected(shared.clone(), addr.peer_id));
+        let task = shared
+            .io
+            .spawn(dial::keep_connected(shared.clone(), addr.peer_id));
         let mut known = shared.known.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(old) = known.insert(addr.peer_id, task) {
             old.abort();
@@ -725,9 +756,14 @@ impl Node {
             warn!("shutdown: {running} requests still running after {grace:?}; closing anyway");
         }
         shared.requests.close();
-        shared
-            .endpoint
-            .close(code::CLOSE_SHUTDOWN.into(), b"node shutting down");
+        // Closed from the node's own runtime, after what its drivers have queued: the last
+        // answers are on their way before the close frames.
+        let endpoint = shared.endpoint.clone();
+        let closed = shared.io.spawn(async move {
+            tokio::task::yield_now().await;
+            endpoint.close(code::CLOSE_SHUTDOWN.into(), b"node shutting down");
+        });
+        let _ = closed.await;
         // Lets the close frames go out; bounded because a peer may never answer.
         let _ = tokio::time::timeout(Duration::from_secs(1), shared.endpoint.wait_idle()).await;
         info!(peer_id = %shared.peer_id, "node shut down");
