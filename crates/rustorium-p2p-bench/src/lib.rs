@@ -5,6 +5,7 @@
 
 mod attacks;
 mod baselines;
+mod pinned;
 mod plot;
 pub mod scale;
 mod scenarios;
@@ -65,6 +66,9 @@ enum Scenario {
     Scale,
     /// A good peer's latency while strangers attack the node (docs/SECURITY.md), ours only.
     Attacks,
+    /// Per core: each server in a process of its own pinned to CPU 0 (raw quinn on a
+    /// single-threaded runtime), the client pinned to CPU 1; server CPU per request.
+    Pinned,
 }
 
 /// Sizes of one run.
@@ -77,6 +81,8 @@ struct Plan {
     scale: &'static [usize],
     /// The good peer's sequential requests under each attack.
     attack_requests: usize,
+    /// Requests of each pinned rate scenario.
+    pinned_requests: usize,
 }
 
 impl Plan {
@@ -90,6 +96,7 @@ impl Plan {
                 link_setups: 2,
                 scale: &[20],
                 attack_requests: 50,
+                pinned_requests: 2000,
             }
         } else {
             Plan {
@@ -100,6 +107,7 @@ impl Plan {
                 link_setups: 20,
                 scale: &[1000, 10_000],
                 attack_requests: 3000,
+                pinned_requests: 200_000,
             }
         }
     }
@@ -207,12 +215,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         0
     };
     let attack_runs = local && wanted(Scenario::Attacks) && ran.contains(&0);
+    let pinned_stacks: Vec<usize> = if local && wanted(Scenario::Pinned) {
+        ran.iter().copied().filter(|&s| s < 2).collect()
+    } else {
+        Vec::new()
+    };
     let scale_steps = scale_steps
         + if attack_runs {
             (attacks::Attack::ALL.len() as u64 + 1) * repeat as u64
         } else {
             0
-        };
+        }
+        + (pinned_stacks.len() * repeat) as u64;
     let bar = ProgressBar::new(per_repetition * repeat as u64 + scale_steps);
     bar.set_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
@@ -343,7 +357,22 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             results.add(fds, stack, "fds", s.server_fds.0 as f64);
         }
     }
-    // 7. Attacks: a good peer's latency beside the same with no attack.
+    // 7. Per core: pinned servers in processes of their own.
+    for rep in 1..=repeat {
+        let mut order = pinned_stacks.clone();
+        let turn = (rep - 1) % order.len().max(1);
+        order.rotate_left(turn);
+        for stack in order {
+            step(format!("pinned, {} ({rep} of {repeat})", STACKS[stack]));
+            let figures =
+                pinned::measure(STACKS[stack], plan.pinned_requests, plan.sequential).await?;
+            for (scenario, unit, value) in figures.figures {
+                results.add(scenario, stack, unit, value);
+            }
+        }
+    }
+
+    // 8. Attacks: a good peer's latency beside the same with no attack.
     for rep in 1..=repeat {
         if !attack_runs {
             break;

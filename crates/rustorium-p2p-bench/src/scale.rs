@@ -31,6 +31,16 @@ pub struct ServerArgs {
     /// line on stdout. The bench dials them all from one node to measure the dialing side.
     #[arg(long, default_value_t = 1)]
     nodes: usize,
+    /// Run on a single-threaded tokio runtime (raw quinn's strongest configuration).
+    #[arg(long)]
+    current_thread: bool,
+}
+
+impl ServerArgs {
+    /// Whether the server wants a single-threaded runtime.
+    pub fn current_thread(&self) -> bool {
+        self.current_thread
+    }
 }
 
 /// Both stream limits at 1000, as in the original design, and room for many connections.
@@ -41,6 +51,11 @@ pub fn scale_config() -> Config {
     config.transport.max_idle_timeout = Duration::from_secs(120);
     config.limits.max_connections = 20_000;
     config.limits.max_connections_per_ip = 20_000;
+    // Thousands of handshakes from one address at once, on purpose: no per-address
+    // handshake limit, and no Retry (it would add a round trip to every set-up measured).
+    config.limits.max_handshakes = 20_000;
+    config.limits.max_handshakes_per_ip = 20_000;
+    config.limits.retry_threshold = 20_000;
     config
 }
 

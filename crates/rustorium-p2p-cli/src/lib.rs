@@ -92,7 +92,7 @@ pub fn main() -> ExitCode {
         Command::Config(ConfigCommand::Check { file }) => node::check_config(&file),
         Command::Keygen { out } => keys::keygen(&out),
         Command::Id { key } => keys::id(&key),
-        command => runtime().and_then(|rt| {
+        command => runtime_for(&command).and_then(|rt| {
             rt.block_on(async move {
                 match command {
                     Command::Node(args) => node::run(args).await,
@@ -120,10 +120,16 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?)
+/// The runtime a command runs on: tokio's multi-thread one, but a single-threaded one for
+/// `bench-server --current-thread` (raw quinn's strongest configuration).
+fn runtime_for(command: &Command) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = match command {
+        Command::BenchServer(args) if args.current_thread() => {
+            tokio::runtime::Builder::new_current_thread()
+        }
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    Ok(builder.enable_all().build()?)
 }
 
 /// Logs to stderr, filtered by `RUST_LOG` if set, else by `default_level`; colours only

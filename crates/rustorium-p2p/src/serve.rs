@@ -447,8 +447,10 @@ async fn read_header<T>(
             Ok(None) => {}
             Err(e) => return Err(HeaderFailure::Malformed(e)),
         }
-        // The header is at most 256 bytes: ask for no more than it can still need.
-        let want = 1 + wire::MAX_ROUTE_LEN - pending.len().min(wire::MAX_ROUTE_LEN);
+        // Take whatever arrived with the header: the body's first bytes then come without
+        // another read or a copy. (One read returns at most one received frame, a packet's
+        // worth; like the header, it is left out of the byte budget.)
+        let want = crate::budget::CHUNK;
         match recv.read_chunk(want, true).await {
             Ok(Some(chunk)) if pending.is_empty() => pending = chunk.bytes,
             Ok(Some(chunk)) => {

@@ -154,7 +154,7 @@ pub struct Limits {
     /// `ipv4_prefix` and `ipv6_prefix`). Default 64.
     pub max_connections_per_ip: u32,
     /// Incoming handshakes in progress at once from one address prefix, so that a few
-    /// addresses cannot hold all of `max_handshakes`. Default 8.
+    /// addresses cannot hold all of `max_handshakes`. Default 32.
     pub max_handshakes_per_ip: u32,
     /// Length of the IPv4 prefix that `max_connections_per_ip` counts per. Default 32
     /// (one address).
@@ -195,7 +195,7 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(5),
             retry_threshold: 32,
             max_connections_per_ip: 64,
-            max_handshakes_per_ip: 8,
+            max_handshakes_per_ip: 32,
             ipv4_prefix: 32,
             ipv6_prefix: 64,
             connect_timeout: Duration::from_secs(5),
