@@ -88,6 +88,9 @@ enum Refusal {
     TooLarge(Arc<str>, usize),
     /// The peer did not send it all within `request_timeout` (route, if known).
     TimedOut(Option<Arc<str>>),
+    /// It came as 0-RTT data for a route that does not take early data, and the
+    /// connection's handshake never completed (a replay, or a dialer that gave up).
+    Unconfirmed(Arc<str>),
     /// The stream broke (route, if known).
     Broken(Option<Arc<str>>),
 }
@@ -99,7 +102,7 @@ impl Refusal {
             Refusal::Malformed(_) => Some(code::BAD_REQUEST),
             Refusal::UnknownRoute(_) => Some(code::UNKNOWN_ROUTE),
             Refusal::TooLarge(..) => Some(code::TOO_LARGE),
-            Refusal::TimedOut(_) => Some(code::TIMED_OUT),
+            Refusal::TimedOut(_) | Refusal::Unconfirmed(_) => Some(code::TIMED_OUT),
             Refusal::Broken(_) => None,
         }
     }
@@ -118,7 +121,7 @@ impl Refusal {
                 Status::TooLarge,
                 format!("request body exceeds the peer's max_request_size of {limit} bytes"),
             )),
-            Refusal::TimedOut(_) | Refusal::Broken(_) => None,
+            Refusal::TimedOut(_) | Refusal::Unconfirmed(_) | Refusal::Broken(_) => None,
         }
     }
 
@@ -133,6 +136,7 @@ impl Refusal {
                 route: known(route),
                 outcome: Outcome::TimedOut,
             },
+            Refusal::Unconfirmed(route) => Served::new(route, Outcome::TimedOut),
             Refusal::Broken(route) => Served {
                 route: known(route),
                 outcome: Outcome::StreamError,
@@ -146,6 +150,9 @@ impl std::fmt::Display for Refusal {
         match self.answer() {
             Some((_, message)) => f.write_str(&message),
             None if matches!(self, Refusal::TimedOut(_)) => f.write_str("the peer was too slow"),
+            None if matches!(self, Refusal::Unconfirmed(_)) => {
+                f.write_str("it came as 0-RTT data and the handshake never completed")
+            }
             None => f.write_str("the stream broke"),
         }
     }
@@ -201,7 +208,7 @@ impl Serving<'_> {
                         let message = Bytes::from(message);
                         self.answer(&mut send, status, message, deadline).await
                     }
-                    None if matches!(refusal, Refusal::TimedOut(_)) => {
+                    None if matches!(refusal, Refusal::TimedOut(_) | Refusal::Unconfirmed(_)) => {
                         let _ = send.reset(VarInt::from_u32(code::TIMED_OUT));
                     }
                     None => {}
@@ -211,19 +218,11 @@ impl Serving<'_> {
         };
         let Read {
             name: route,
-            route:
-                Route {
-                    handler,
-                    early_data: early_route,
-                },
+            route: Route { handler, .. },
             body,
             held,
             early,
         } = read;
-        if !early_route && !self.confirmed_by(deadline).await {
-            let _ = send.reset(VarInt::from_u32(code::TIMED_OUT));
-            return Served::new(&route, Outcome::TimedOut);
-        }
         // A slot for the handler is taken only now, with the whole request read: a peer
         // that stalls while sending holds its own stream, never a slot others need. The
         // peer's own share is taken first, so a peer at its share takes none of the node's.
@@ -301,19 +300,11 @@ impl Serving<'_> {
         };
         let Read {
             name: route,
-            route:
-                Route {
-                    handler,
-                    early_data: early_route,
-                },
+            route: Route { handler, .. },
             body,
             held,
             early,
         } = read;
-        if !early_route && !self.confirmed_by(deadline).await {
-            warn!(peer = %self.peer, "dropped a one-way message on {route:?}: its handshake did not complete");
-            return Served::new(&route, Outcome::TimedOut);
-        }
         // As for requests, handler slots are taken once the message is read (the peer's
         // share first). With no answer to say BUSY in, the message waits for them until
         // its deadline.
@@ -338,15 +329,11 @@ impl Serving<'_> {
         }
     }
 
-    /// Waits (until `deadline`) for the connection's handshake to complete; `false` if it
-    /// did not.
-    async fn confirmed_by(&self, deadline: Instant) -> bool {
-        if *self.confirmed.borrow() {
-            return true;
-        }
+    /// Waits for the connection's handshake to complete; `false` if it never will.
+    async fn confirmed(&self) -> bool {
         let mut confirmed = self.confirmed.clone();
-        let waited = timeout_at(deadline, confirmed.wait_for(|done| *done)).await;
-        matches!(waited, Ok(Ok(_)))
+        let done = confirmed.wait_for(|done| *done).await.is_ok();
+        done
     }
 
     fn context(&self, route: &Arc<str>, one_way: bool, early_data: bool) -> RequestContext {
@@ -392,7 +379,7 @@ impl Serving<'_> {
                 peer: &self.share.bytes,
                 node: self.bytes,
             };
-            match read_body(recv, first, limit, Some(budget)).await {
+            let read = match read_body(recv, first, limit, Some(budget)).await {
                 Ok((body, held)) => Ok((handler, body, held)),
                 Err(BodyError::TooLarge) => {
                     Err(Refusal::TooLarge(route().unwrap_or_default(), limit))
@@ -402,7 +389,13 @@ impl Serving<'_> {
                     Err(Refusal::Broken(route()))
                 }
                 Err(BodyError::Closing) => Err(Refusal::Broken(route())),
+            }?;
+            // Early data runs only on routes that take it; any other waits for the
+            // handshake (under the same deadline), and is dropped if it never completes.
+            if !read.0.early_data && !self.confirmed().await {
+                return Err(Refusal::Unconfirmed(route().unwrap_or_default()));
             }
+            Ok(read)
         };
         match timeout_at(deadline, work).await {
             Ok(Ok((route, body, held))) => Ok(Read {
