@@ -57,7 +57,7 @@ async fn a_thousand_connections_ten_in_flight_each_for_a_minute() {
             .request(server.peer_id(), "echo", "hi")
             .await
             .unwrap();
-        clients.push(Arc::new(client));
+        clients.push(client);
     }
     assert_eq!(server.connection_count(), CLIENTS);
 
