@@ -253,13 +253,14 @@ impl Serving<'_> {
         // counted until the answer is written: an answer made of them (an echo) holds the
         // same memory, counted once. The answer is tracked (for shutdown, which waits for
         // answers in flight) before the slots go, so that no moment sees neither.
-        let _tracked = self.answers.clone().try_acquire_owned();
+        let tracked = self.answers.clone().try_acquire_owned().ok();
         drop(slots);
         let deadline = Instant::now() + self.limits.request_timeout;
         let _held = held;
         match result {
             Ok(body) => {
-                self.answer(&mut send, Status::Ok, body, deadline).await;
+                self.answer_tracked(tracked, &mut send, Status::Ok, body, deadline)
+                    .await;
                 Served::new(&route, Outcome::Ok)
             }
             Err(e) => {
@@ -270,7 +271,8 @@ impl Serving<'_> {
                     Outcome::HandlerError
                 };
                 let message = Bytes::from(e.message);
-                self.answer(&mut send, e.status, message, deadline).await;
+                self.answer_tracked(tracked, &mut send, e.status, message, deadline)
+                    .await;
                 Served::new(&route, outcome)
             }
         }
@@ -475,6 +477,21 @@ impl Serving<'_> {
     /// waiting. A peer that leaves `max_stalls` answers in a row unread loses its
     /// connection (close code `LIMIT`).
     async fn answer(&self, send: &mut SendStream, status: Status, body: Bytes, deadline: Instant) {
+        self.answer_tracked(None, send, status, body, deadline)
+            .await
+    }
+
+    /// [`answer`](Self::answer), already counted among the answers in flight when
+    /// `tracked` is given (else counted here).
+    async fn answer_tracked(
+        &self,
+        tracked: Option<OwnedSemaphorePermit>,
+        send: &mut SendStream,
+        status: Status,
+        body: Bytes,
+        deadline: Instant,
+    ) {
+        let _tracked = tracked.or_else(|| self.answers.clone().try_acquire_owned().ok());
         let Ok(_pending) = self.share.answers.clone().try_acquire_owned() else {
             // The peer has its share of answers unread and asks for more: a strike, as
             // an answer left unread is.
@@ -483,7 +500,6 @@ impl Serving<'_> {
             self.unread();
             return;
         };
-        let _tracked = self.answers.clone().try_acquire_owned();
         let status_byte = [wire::encode_status(status)];
         let stall = self.limits.answer_timeout;
         match write_framed_within(send, &status_byte, body, stall, deadline).await {
