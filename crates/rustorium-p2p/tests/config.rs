@@ -41,14 +41,18 @@ async fn max_concurrent_bidi_streams_bounds_requests_in_flight() {
         let (a, peer) = (a.clone(), b.peer_id());
         requests.spawn(async move { a.request(peer, "hold", i.to_string()).await });
     }
-    // Let one request finish for each one that starts.
-    for _ in 0..12 {
+    // The first 4 start and are held (the limit lets no fifth stream open); then one
+    // request finishes for each one that starts.
+    for i in 0..12 {
         tokio::time::timeout(WAIT, started_rx.recv())
             .await
             .unwrap()
             .unwrap();
-        gate.add_permits(1);
+        if i >= 3 {
+            gate.add_permits(1);
+        }
     }
+    gate.add_permits(3);
     while let Some(done) = requests.join_next().await {
         done.unwrap().unwrap();
     }
