@@ -40,17 +40,48 @@ fn framed(prefix: &[u8], body: Bytes) -> ([Bytes; 2], usize) {
 /// No byte of an answer could be written for the stall timeout (or the deadline passed).
 pub(crate) struct Stalled;
 
+/// When a write must be done by.
+#[derive(Clone, Copy)]
+pub(crate) enum Deadline {
+    /// At this instant.
+    At(Instant),
+    /// This long after the write starts (the clock is read only if the write has to wait).
+    After(Duration),
+}
+
+impl Deadline {
+    /// The instant, reading the clock for [`Deadline::After`].
+    pub fn at(self) -> Instant {
+        match self {
+            Deadline::At(at) => at,
+            Deadline::After(after) => Instant::now() + after,
+        }
+    }
+}
+
 /// Writes `prefix` then `body` on `send` (without finishing it), giving up with
 /// [`Stalled`] when no byte goes out for `stall`, or at `deadline`.
+///
+/// An answer that fits the stream's window goes out in one step with no timer and no
+/// clock read; only a write that has to wait arms the timers.
 pub(crate) async fn write_framed_within(
     send: &mut SendStream,
     prefix: &[u8],
     body: Bytes,
     stall: Duration,
-    deadline: Instant,
+    deadline: Deadline,
 ) -> Result<Result<(), WriteError>, Stalled> {
     let (mut chunks, count) = framed(prefix, body);
-    let mut done = 0;
+    // `write_chunks` is cancel-safe: dropped while pending, it has written nothing.
+    let mut done = match poll_once(send.write_chunks(&mut chunks[..count])).await {
+        Some(Ok(written)) => written.chunks,
+        Some(Err(e)) => return Ok(Err(e)),
+        None => 0,
+    };
+    if done == count {
+        return Ok(Ok(()));
+    }
+    let deadline = deadline.at();
     while done < count {
         let by = deadline.min(Instant::now() + stall);
         match timeout_at(by, send.write_chunks(&mut chunks[done..count])).await {
@@ -60,6 +91,18 @@ pub(crate) async fn write_framed_within(
         }
     }
     Ok(Ok(()))
+}
+
+/// Polls `future` once: its output if it is ready at once, else `None` (dropping the
+/// future, or, for a pinned `&mut`, leaving it to be polled again).
+pub(crate) async fn poll_once<F: std::future::Future>(future: F) -> Option<F::Output> {
+    use std::task::Poll;
+    let mut future = std::pin::pin!(future);
+    std::future::poll_fn(|cx| match future.as_mut().poll(cx) {
+        Poll::Ready(output) => Poll::Ready(Some(output)),
+        Poll::Pending => Poll::Ready(None),
+    })
+    .await
 }
 
 /// Why a body could not be read.

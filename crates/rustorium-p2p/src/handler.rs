@@ -12,19 +12,31 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 
 use crate::identity::PeerId;
+use crate::peers::PeerConnection;
 use crate::wire::Status;
 
 /// What a handler knows about the request it is answering.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RequestContext {
     pub(crate) peer: PeerId,
-    /// The connection it came on (its address is read only if asked for).
-    pub(crate) conn: quinn::Connection,
+    /// The connection it came on (its address and handshake state are read only if
+    /// asked for). The pool's entry, not a quinn handle: cloning that locks the
+    /// connection, and a context is made for every request.
+    pub(crate) connection: Arc<PeerConnection>,
     pub(crate) route: Arc<str>,
     pub(crate) one_way: bool,
     pub(crate) early_data: bool,
-    /// `true` once the connection's handshake is complete.
-    pub(crate) confirmed: tokio::sync::watch::Receiver<bool>,
+}
+
+impl std::fmt::Debug for RequestContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestContext")
+            .field("peer", &self.peer)
+            .field("route", &self.route)
+            .field("one_way", &self.one_way)
+            .field("early_data", &self.early_data)
+            .finish_non_exhaustive()
+    }
 }
 
 impl RequestContext {
@@ -35,7 +47,7 @@ impl RequestContext {
 
     /// The sender's UDP address (now: it changes if the peer migrates).
     pub fn remote_addr(&self) -> SocketAddr {
-        self.conn.remote_address()
+        self.connection.conn.remote_address()
     }
 
     /// The route the request was sent to.
@@ -63,7 +75,7 @@ impl RequestContext {
     /// `true` for routes registered with [`NodeBuilder::route`](crate::NodeBuilder::route);
     /// an early-data route may see `false`.
     pub fn is_handshake_complete(&self) -> bool {
-        *self.confirmed.borrow()
+        *self.connection.confirmed_watch().borrow()
     }
 }
 

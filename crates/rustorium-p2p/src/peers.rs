@@ -23,7 +23,7 @@ use tokio::sync::{watch, Semaphore};
 use crate::event::{Direction, DisconnectReason};
 use crate::identity::PeerId;
 use crate::policy::old_connection_survives;
-use crate::stream_budget::{StreamBudget, StreamType};
+use crate::stream_budget::{Shrink, StreamBudget, StreamType};
 use crate::wire::code;
 
 /// What one peer may hold of this node at once, shared by all its connections: handler
@@ -69,8 +69,9 @@ pub(crate) struct PeerConnection {
     pub dialer: PeerId,
     /// Streams in progress on it: requests we sent, requests and messages we serve.
     active: AtomicUsize,
-    /// Microseconds since `epoch` when a stream last started.
-    last_stream: AtomicU64,
+    /// Streams started or ended so far: a quiet connection is one where this stands still
+    /// (a counter, not a clock: no clock read on the path of every stream).
+    stream_events: AtomicU64,
     epoch: tokio::time::Instant,
     retired: AtomicBool,
     /// Why this node closed it, when it did.
@@ -79,6 +80,8 @@ pub(crate) struct PeerConnection {
     confirmed: watch::Receiver<bool>,
     /// The streams the peer may open at once, raised as it uses them.
     budget: StreamBudget,
+    /// Per direction: a task is waiting to shrink the limit.
+    settling: [AtomicBool; 2],
     /// What the peer may hold of this node (shared with its other connections).
     pub share: Arc<PeerShare>,
 }
@@ -99,12 +102,13 @@ impl PeerConnection {
             direction,
             dialer,
             active: AtomicUsize::new(0),
-            last_stream: AtomicU64::new(0),
+            stream_events: AtomicU64::new(0),
             epoch: tokio::time::Instant::now(),
             retired: AtomicBool::new(false),
             closed_by_us: Mutex::new(None),
             confirmed,
             budget,
+            settling: [AtomicBool::new(false), AtomicBool::new(false)],
             share,
         })
     }
@@ -136,10 +140,43 @@ impl PeerConnection {
         }
     }
 
-    /// Records stream activity now.
+    /// Lets the limit of `dir` shrink once it has held long enough (`wait` from now), if
+    /// the peer is still using little of it then: at most one such task per direction.
+    fn settle_later(self: &Arc<Self>, dir: StreamType, wait: Duration) {
+        let d = dir as usize;
+        if self.settling[d].swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.settling[d].store(false, Ordering::Relaxed);
+            return;
+        };
+        let entry = self.clone();
+        runtime.spawn(async move {
+            let mut wait = wait;
+            // Bounded: each round waits out what is left of a hold that started before it,
+            // and a hold restarts only when the limit changes.
+            for _ in 0..1000 {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = entry.conn.closed() => return,
+                }
+                match entry.budget.settle(dir) {
+                    Shrink::After(more) => wait = more,
+                    Shrink::Now(limit) => {
+                        entry.advertise(dir, limit);
+                        break;
+                    }
+                    Shrink::No => break,
+                }
+            }
+            entry.settling[d].store(false, Ordering::Relaxed);
+        });
+    }
+
+    /// Records stream activity.
     fn touch(&self) {
-        let now = self.epoch.elapsed().as_micros() as u64;
-        self.last_stream.store(now, Ordering::SeqCst);
+        self.stream_events.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Waits until the handshake is complete. `false` if the connection failed first.
@@ -168,6 +205,7 @@ impl PeerConnection {
     /// retired connection, so it goes quiet unless the peer does not see it as retired,
     /// in which case it simply stays open.)
     pub async fn close_when_quiet(&self, quiet: Duration) {
+        let mut seen = self.stream_events.load(Ordering::Relaxed);
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(quiet) => {}
@@ -176,14 +214,12 @@ impl PeerConnection {
             if !self.retired.load(Ordering::SeqCst) {
                 return; // it became the peer's connection again
             }
-            // `saturating_sub`: a stream may start (and store a later time) meanwhile.
-            let since_last = (self.epoch.elapsed().as_micros() as u64)
-                .saturating_sub(self.last_stream.load(Ordering::SeqCst));
-            let idle = self.active.load(Ordering::SeqCst) == 0
-                && Duration::from_micros(since_last) >= quiet;
-            if idle {
+            // Quiet: no stream in progress, and none started or ended for `quiet`.
+            let now = self.stream_events.load(Ordering::Relaxed);
+            if self.active.load(Ordering::SeqCst) == 0 && now == seen {
                 break;
             }
+            seen = now;
         }
         self.close(
             DisconnectReason::Duplicate,
@@ -225,8 +261,10 @@ impl Drop for StreamGuard {
         self.0.touch();
         self.0.active.fetch_sub(1, Ordering::SeqCst);
         if let Some(dir) = self.1 {
-            if let Some(limit) = self.0.budget.closed(dir) {
-                self.0.advertise(dir, limit);
+            match self.0.budget.closed(dir) {
+                Shrink::Now(limit) => self.0.advertise(dir, limit),
+                Shrink::After(wait) => self.0.settle_later(dir, wait),
+                Shrink::No => {}
             }
         }
     }

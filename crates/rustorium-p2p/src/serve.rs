@@ -14,11 +14,11 @@ use tokio::time::{timeout_at, Instant};
 use tracing::{debug, warn, Instrument};
 
 use crate::budget::{ByteBudget, Held};
-use crate::framing::{read_body, write_framed_within, BodyError, Stalled};
+use crate::framing::{poll_once, read_body, write_framed_within, BodyError, Deadline, Stalled};
 use crate::handler::{call_handler, RequestContext, Route, Router};
 use crate::identity::PeerId;
 use crate::metrics::{Metrics, Outcome, Side};
-use crate::peers::PeerShare;
+use crate::peers::{PeerConnection, PeerShare};
 use crate::wire::{self, code, HeaderError, Status};
 
 /// Limits that the answering side applies.
@@ -47,7 +47,8 @@ pub(crate) struct Serving<'a> {
     /// The node's budget of request bytes held in memory.
     pub bytes: &'a Arc<Semaphore>,
     pub peer: PeerId,
-    pub conn: quinn::Connection,
+    /// The connection, as the pool knows it.
+    pub connection: &'a Arc<PeerConnection>,
     /// `true` once the connection's handshake is complete.
     pub confirmed: &'a watch::Receiver<bool>,
     /// Set when the node starts shutting down.
@@ -162,7 +163,9 @@ impl Serving<'_> {
     /// Answers one request stream (BUSY, with the reason, when `closing`), and records
     /// it in the metrics and a `request` span.
     pub async fn request(&self, closing: bool, send: SendStream, recv: RecvStream) {
-        let started = std::time::Instant::now();
+        // The one clock read at the start of a request: its deadline and its duration
+        // both come from it.
+        let started = Instant::now();
         let span = tracing::debug_span!(
             "request",
             peer = %self.peer.short(),
@@ -172,7 +175,7 @@ impl Serving<'_> {
             duration_us = tracing::field::Empty,
         );
         let served = self
-            .answer_request(closing, send, recv)
+            .answer_request(started, closing, send, recv)
             .instrument(span.clone())
             .await;
         let took = started.elapsed();
@@ -185,15 +188,17 @@ impl Serving<'_> {
 
     async fn answer_request(
         &self,
+        started: Instant,
         closing: bool,
         mut send: SendStream,
         mut recv: RecvStream,
     ) -> Served {
-        let deadline = Instant::now() + self.limits.request_timeout;
+        let deadline = started + self.limits.request_timeout;
         if closing {
             let _ = recv.stop(VarInt::from_u32(code::SHUTTING_DOWN));
             let msg = Bytes::from_static(b"the node is shutting down");
-            self.answer(&mut send, Status::Busy, msg, deadline).await;
+            self.answer(&mut send, Status::Busy, msg, Deadline::At(deadline))
+                .await;
             return Served::unregistered("unknown", Outcome::Busy);
         }
         let read = match self.read_request(&mut recv, deadline).await {
@@ -206,7 +211,8 @@ impl Serving<'_> {
                 match refusal.answer() {
                     Some((status, message)) => {
                         let message = Bytes::from(message);
-                        self.answer(&mut send, status, message, deadline).await
+                        self.answer(&mut send, status, message, Deadline::At(deadline))
+                            .await
                     }
                     None if matches!(refusal, Refusal::TimedOut(_) | Refusal::Unconfirmed(_)) => {
                         let _ = send.reset(VarInt::from_u32(code::TIMED_OUT));
@@ -230,7 +236,8 @@ impl Serving<'_> {
             Ok(slots) => slots,
             Err(why) => {
                 let msg = Bytes::from_static(why.as_bytes());
-                self.answer(&mut send, Status::Busy, msg, deadline).await;
+                self.answer(&mut send, Status::Busy, msg, Deadline::At(deadline))
+                    .await;
                 return Served::new(&route, Outcome::Busy);
             }
         };
@@ -255,7 +262,9 @@ impl Serving<'_> {
         // answers in flight) before the slots go, so that no moment sees neither.
         let tracked = self.answers.clone().try_acquire_owned().ok();
         drop(slots);
-        let deadline = Instant::now() + self.limits.request_timeout;
+        // The answer has `request_timeout` from now; the clock is read only if writing it
+        // has to wait.
+        let deadline = Deadline::After(self.limits.request_timeout);
         let _held = held;
         match result {
             Ok(body) => {
@@ -280,16 +289,16 @@ impl Serving<'_> {
 
     /// Delivers one one-way message to its handler, and records it.
     pub async fn message(&self, recv: RecvStream) {
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let span = tracing::debug_span!("message", peer = %self.peer.short(), stream = %recv.id());
-        let served = self.deliver_message(recv).instrument(span).await;
+        let served = self.deliver_message(started, recv).instrument(span).await;
         let took = started.elapsed();
         let metrics = self.metrics;
         metrics.request_done(Side::Server, &served.route, served.outcome, took);
     }
 
-    async fn deliver_message(&self, mut recv: RecvStream) -> Served {
-        let deadline = Instant::now() + self.limits.request_timeout;
+    async fn deliver_message(&self, started: Instant, mut recv: RecvStream) -> Served {
+        let deadline = started + self.limits.request_timeout;
         let read = match self.read_request(&mut recv, deadline).await {
             Ok(read) => read,
             Err(refusal) => {
@@ -341,11 +350,10 @@ impl Serving<'_> {
     fn context(&self, route: &Arc<str>, one_way: bool, early_data: bool) -> RequestContext {
         RequestContext {
             peer: self.peer,
-            conn: self.conn.clone(),
+            connection: self.connection.clone(),
             route: route.clone(),
             one_way,
             early_data,
-            confirmed: self.confirmed.clone(),
         }
     }
 
@@ -399,7 +407,16 @@ impl Serving<'_> {
             }
             Ok(read)
         };
-        match timeout_at(deadline, work).await {
+        // A request that is all there when its stream is accepted (most are) is read with
+        // no timer; only one that has to wait is raced against the deadline.
+        let result = {
+            let mut work = std::pin::pin!(work);
+            match poll_once(work.as_mut()).await {
+                Some(done) => Ok(done),
+                None => timeout_at(deadline, work).await,
+            }
+        };
+        match result {
             Ok(Ok((route, body, held))) => Ok(Read {
                 name: route_read.unwrap_or_default(),
                 route,
@@ -476,7 +493,7 @@ impl Serving<'_> {
     /// the peer reads none of it for `answer_timeout`, or already has its share of answers
     /// waiting. A peer that leaves `max_stalls` answers in a row unread loses its
     /// connection (close code `LIMIT`).
-    async fn answer(&self, send: &mut SendStream, status: Status, body: Bytes, deadline: Instant) {
+    async fn answer(&self, send: &mut SendStream, status: Status, body: Bytes, deadline: Deadline) {
         self.answer_tracked(None, send, status, body, deadline)
             .await
     }
@@ -489,7 +506,7 @@ impl Serving<'_> {
         send: &mut SendStream,
         status: Status,
         body: Bytes,
-        deadline: Instant,
+        deadline: Deadline,
     ) {
         let _tracked = tracked.or_else(|| self.answers.clone().try_acquire_owned().ok());
         let Ok(_pending) = self.share.answers.clone().try_acquire_owned() else {
@@ -509,7 +526,7 @@ impl Serving<'_> {
                 // While the node shuts down, an answer counts as delivered once the peer
                 // has it: shutdown waits for answers in flight, then closes.
                 if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
-                    let _ = timeout_at(deadline, send.stopped()).await;
+                    let _ = timeout_at(deadline.at(), send.stopped()).await;
                 }
             }
             Ok(Err(e)) => debug!("answer not delivered: {e}"),
@@ -527,7 +544,7 @@ impl Serving<'_> {
         self.metrics.answer_abandoned();
         if self.share.stalled() >= self.limits.max_stalls {
             warn!(peer = %self.peer, "closing the connection: the peer does not read its answers");
-            self.conn.close(
+            self.connection.conn.close(
                 code::CLOSE_LIMIT.into(),
                 b"too many answers left unread (max_pending_answers_per_peer)",
             );

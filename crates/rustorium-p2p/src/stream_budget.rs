@@ -9,8 +9,12 @@
 //!   has three quarters of it in use, as long as the node-wide pool of extra streams
 //!   (`limits.max_extra_streams`, shared by every connection) has room for the growth;
 //! * it halves again (never below where it started) when the peer has an eighth of it or
-//!   less in use, giving the growth back to the pool (quinn allocates state only up to the
-//!   new limit as the peer's streams close);
+//!   less in use and the limit has held for [`SHRINK_HOLD`], giving the growth back to the
+//!   pool (quinn allocates state only up to the new limit as the peer's streams close).
+//!   The hold matters: a peer that sends requests in bursts drains to almost nothing
+//!   between them, and a limit that shrank on every dip would throttle each next burst
+//!   (measured: thousands of shrink-and-grow rounds per second, and a third more
+//!   datagrams per request, at 64 requests in flight);
 //! * a connection that closes gives all its growth back.
 //!
 //! So no peer can ratchet the limits up and leave them there, and all connections
@@ -18,9 +22,13 @@
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// The most streams of each direction a new connection lets the peer open at once.
 pub const INITIAL_STREAM_LIMIT: u32 = 32;
+
+/// How long a limit holds before it may shrink.
+pub const SHRINK_HOLD: Duration = Duration::from_secs(1);
 
 /// Which kind of stream the peer opened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,6 +76,17 @@ impl StreamPool {
     }
 }
 
+/// What closing a stream does to its direction's limit.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Shrink {
+    /// Nothing.
+    No,
+    /// It shrank to this: advertise it.
+    Now(u32),
+    /// It may shrink once it has held this much longer: [`StreamBudget::settle`] then.
+    After(Duration),
+}
+
 /// The peer's streams in use and its current limits, for one connection.
 #[derive(Debug)]
 pub(crate) struct StreamBudget {
@@ -79,6 +98,10 @@ pub(crate) struct StreamBudget {
     pool: Arc<StreamPool>,
     /// Serialises changes of the limits.
     changing: Mutex<()>,
+    /// When each limit last changed, in microseconds since `epoch`.
+    changed: [AtomicU64; 2],
+    epoch: Instant,
+    hold: Duration,
 }
 
 impl StreamBudget {
@@ -93,7 +116,16 @@ impl StreamBudget {
             max: [max_bi, max_uni],
             pool,
             changing: Mutex::new(()),
+            changed: [AtomicU64::new(0), AtomicU64::new(0)],
+            epoch: Instant::now(),
+            hold: SHRINK_HOLD,
         }
+    }
+
+    /// Microseconds since this budget was made (a clock read: only when a limit changes
+    /// or may shrink, never on the common path of a stream).
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
     }
 
     /// Counts one more stream of `dir` in use. Returns the new limit to advertise when the
@@ -111,22 +143,61 @@ impl StreamBudget {
             return None;
         }
         self.limit[d].store(limit + taken, Ordering::Relaxed);
+        self.changed[d].store(self.now(), Ordering::Relaxed);
         Some(limit + taken)
     }
 
     /// Counts a stream of `dir` as no longer in use. Returns the new limit to advertise
     /// when the limit shrinks.
-    pub fn closed(&self, dir: StreamType) -> Option<u32> {
+    pub fn closed(&self, dir: StreamType) -> Shrink {
+        self.closed_at(dir, || self.now())
+    }
+
+    /// [`closed`](Self::closed), with `now` giving the time (read only if the limit may
+    /// shrink).
+    fn closed_at(&self, dir: StreamType, now: impl FnOnce() -> u64) -> Shrink {
         let d = dir as usize;
         let active = self.active[d].fetch_sub(1, Ordering::Relaxed) - 1;
         let limit = self.limit[d].load(Ordering::Relaxed);
-        shrunk_limit(limit, active, self.initial[d])?;
+        if shrunk_limit(limit, active, self.initial[d]).is_none() {
+            return Shrink::No;
+        }
+        let now = now();
+        let held =
+            Duration::from_micros(now.saturating_sub(self.changed[d].load(Ordering::Relaxed)));
+        if held < self.hold {
+            return Shrink::After(self.hold - held);
+        }
+        self.settle_at(dir, now)
+    }
+
+    /// Shrinks the limit of `dir` as far as the streams in use now allow, if it has held
+    /// long enough; else says how much longer it must hold.
+    pub fn settle(&self, dir: StreamType) -> Shrink {
+        self.settle_at(dir, self.now())
+    }
+
+    fn settle_at(&self, dir: StreamType, now: u64) -> Shrink {
+        let d = dir as usize;
         let _changing = self.changing.lock().unwrap_or_else(|e| e.into_inner());
-        let limit = self.limit[d].load(Ordering::Relaxed);
-        let shrunk = shrunk_limit(limit, active, self.initial[d])?;
-        self.limit[d].store(shrunk, Ordering::Relaxed);
-        self.pool.give_back(limit - shrunk);
-        Some(shrunk)
+        let before = self.limit[d].load(Ordering::Relaxed);
+        let active = self.active[d].load(Ordering::Relaxed);
+        if shrunk_limit(before, active, self.initial[d]).is_none() {
+            return Shrink::No;
+        }
+        let changed = self.changed[d].load(Ordering::Relaxed);
+        let held = Duration::from_micros(now.saturating_sub(changed));
+        if held < self.hold {
+            return Shrink::After(self.hold - held);
+        }
+        let mut limit = before;
+        while let Some(shrunk) = shrunk_limit(limit, active, self.initial[d]) {
+            limit = shrunk;
+        }
+        self.limit[d].store(limit, Ordering::Relaxed);
+        self.changed[d].store(now, Ordering::Relaxed);
+        self.pool.give_back(before - limit);
+        Shrink::Now(limit)
     }
 
     /// The limit currently advertised for `dir`.
@@ -208,14 +279,45 @@ mod tests {
             32,
             "the other direction is untouched"
         );
+        // Each close a second after the last: every limit has held long enough.
         let mut lowered = Vec::new();
+        let mut clock = budget.now();
         for _ in 0..1000 {
-            if let Some(limit) = budget.closed(StreamType::Bi) {
+            clock += SHRINK_HOLD.as_micros() as u64;
+            if let Shrink::Now(limit) = budget.closed_at(StreamType::Bi, || clock) {
                 lowered.push(limit);
             }
         }
         assert_eq!(lowered, vec![500, 250, 125, 62, 32]);
         assert_eq!(pool.left(), 10_000, "all growth given back");
+    }
+
+    #[test]
+    fn a_limit_holds_through_dips_between_bursts() {
+        let (budget, _pool) = budget(1000, 100, 10_000);
+        let start = budget.now();
+        // A burst of 64 raises the limit to 128; it drains to nothing, and the next burst
+        // comes within the hold.
+        for _ in 0..64 {
+            budget.opened(StreamType::Bi);
+        }
+        assert_eq!(budget.limit(StreamType::Bi), 128);
+        let half = SHRINK_HOLD.as_micros() as u64 / 2;
+        let mut later = Vec::new();
+        for _ in 0..64 {
+            if let Shrink::After(wait) = budget.closed_at(StreamType::Bi, || start + half) {
+                later.push(wait);
+            }
+        }
+        assert_eq!(budget.limit(StreamType::Bi), 128, "held through the dip");
+        assert!(!later.is_empty(), "a shrink is due later");
+        assert!(later
+            .iter()
+            .all(|&wait| wait <= SHRINK_HOLD / 2 + Duration::from_millis(1)));
+        // Past the hold, settling shrinks it as far as the streams in use allow.
+        let late = start + 2 * SHRINK_HOLD.as_micros() as u64;
+        assert_eq!(budget.settle_at(StreamType::Bi, late), Shrink::Now(32));
+        assert_eq!(budget.settle_at(StreamType::Bi, late), Shrink::No);
     }
 
     #[test]
