@@ -7,6 +7,7 @@ mod attacks;
 mod baselines;
 mod pinned;
 mod plot;
+mod raw_wire;
 pub mod scale;
 mod scenarios;
 
@@ -83,6 +84,8 @@ struct Plan {
     attack_requests: usize,
     /// Requests of each pinned rate scenario.
     pinned_requests: usize,
+    /// Connections of each pinned set-up scenario.
+    pinned_setups: usize,
 }
 
 impl Plan {
@@ -97,6 +100,7 @@ impl Plan {
                 scale: &[20],
                 attack_requests: 50,
                 pinned_requests: 2000,
+                pinned_setups: 5,
             }
         } else {
             Plan {
@@ -108,6 +112,7 @@ impl Plan {
                 scale: &[1000, 10_000],
                 attack_requests: 3000,
                 pinned_requests: 200_000,
+                pinned_setups: 2000,
             }
         }
     }
@@ -364,8 +369,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         order.rotate_left(turn);
         for stack in order {
             step(format!("pinned, {} ({rep} of {repeat})", STACKS[stack]));
-            let figures =
-                pinned::measure(STACKS[stack], plan.pinned_requests, plan.sequential).await?;
+            let sizes = pinned::Sizes {
+                requests: plan.pinned_requests,
+                sequential: plan.sequential,
+                setups: plan.pinned_setups,
+            };
+            let figures = tokio::task::block_in_place(|| pinned::measure(STACKS[stack], sizes))?;
             for (scenario, unit, value) in figures.figures {
                 results.add(scenario, stack, unit, value);
             }

@@ -1,22 +1,31 @@
-//! Servers in processes of their own, pinned to one CPU, the client pinned to another:
-//! the per-core comparison. The raw quinn server runs on a single-threaded runtime, its
-//! strongest configuration; our server is a node as the CLI runs it (its I/O on a thread
-//! of its own). Besides requests per second and latency, each server's CPU time per
-//! request is read from `/proc/<pid>/stat`.
+//! Servers in processes of their own, pinned to one CPU, one client pinned to another:
+//! the per-core comparison.
+//!
+//! The baseline is raw quinn at its strongest: its server on a single-threaded runtime,
+//! speaking our wire protocol with mutual TLS ([`raw_wire`](crate::raw_wire)). Ours is a
+//! node as the CLI and a library user run it: a default multi-thread tokio runtime, the
+//! node's I/O on a thread of its own. One raw quinn client, on a single-threaded runtime
+//! of its own, drives both, so the two figures differ only by the server. A second row
+//! each shows the weaker variants: raw quinn on the multi-thread runtime, and our node
+//! with `io_thread = false`.
+//!
+//! Besides requests per second and latency: the server's CPU time per request and per
+//! connection set-up (from `/proc/<pid>/task/*/schedstat`, in nanoseconds), and the
+//! datagrams the server sent per request (what the client's connection received).
 //!
 //! Pinning uses `taskset` (util-linux). With fewer than two CPUs, or without `taskset`,
 //! nothing is pinned and the figures say so.
 
 use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use bytes::Bytes;
 use futures_util::future::join_all;
-use rustorium_p2p::{Node, PeerAddr};
 
-use crate::baselines::{quinn_call, QuinnClient};
+use crate::raw_wire;
 use crate::scenarios::ECHO;
 
 /// The CPUs this process may use, counted once (before any pinning).
@@ -30,19 +39,39 @@ pub fn can_pin() -> bool {
     cpus() >= 2 && Command::new("taskset").arg("-V").output().is_ok()
 }
 
+/// A server under test.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Variant {
+    /// Our node, as the CLI runs it (multi-thread runtime, I/O thread on).
+    Ours,
+    /// Our node with `io_thread = false`.
+    OursWithoutIoThread,
+    /// Raw quinn on a single-threaded runtime: the baseline.
+    Raw,
+    /// Raw quinn on tokio's multi-thread runtime.
+    RawMultiThread,
+}
+
+impl Variant {
+    fn args(self) -> &'static [&'static str] {
+        match self {
+            Variant::Ours => &["--stack", "rustorium"],
+            Variant::OursWithoutIoThread => &["--stack", "rustorium", "--no-io-thread"],
+            Variant::Raw => &["--stack", "raw-wire", "--current-thread"],
+            Variant::RawMultiThread => &["--stack", "raw-wire"],
+        }
+    }
+}
+
 /// A server child, pinned to CPU 0 when possible; killed when dropped.
 struct Server {
     child: Child,
-    addr: String,
+    addr: SocketAddr,
 }
 
 impl Server {
-    fn start(stack: &str, pin: bool) -> anyhow::Result<Server> {
+    fn start(variant: Variant, pin: bool) -> anyhow::Result<Server> {
         let exe = std::env::current_exe()?;
-        let mut args: Vec<String> = vec!["bench-server".into(), "--stack".into(), stack.into()];
-        if stack == "quinn" {
-            args.push("--current-thread".into());
-        }
         let mut command = if pin {
             let mut c = Command::new("taskset");
             c.arg("-c").arg("0").arg(&exe);
@@ -51,7 +80,8 @@ impl Server {
             Command::new(&exe)
         };
         let mut child = command
-            .args(&args)
+            .arg("bench-server")
+            .args(variant.args())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -59,14 +89,14 @@ impl Server {
         let stdout = child.stdout.take().context("stdout")?;
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line)?;
-        anyhow::ensure!(!line.trim().is_empty(), "bench-server printed no address");
-        Ok(Server {
-            child,
-            addr: line.trim().to_string(),
-        })
+        let line = line.trim();
+        anyhow::ensure!(!line.is_empty(), "bench-server printed no address");
+        // Our node prints a PeerAddr (`<peer id>@<address>`), raw quinn an address.
+        let addr = line.rsplit('@').next().unwrap_or(line).parse()?;
+        Ok(Server { child, addr })
     }
 
-    /// CPU time the server has used so far (user and system).
+    /// CPU time every thread of the server has used so far.
     fn cpu(&self) -> Duration {
         cpu_time(self.child.id())
     }
@@ -79,22 +109,18 @@ impl Drop for Server {
     }
 }
 
-/// User plus system CPU time of process `pid`, from `/proc/<pid>/stat`.
+/// CPU time of process `pid`: the sum over its threads of the first field of
+/// `/proc/<pid>/task/<tid>/schedstat` (nanoseconds on a CPU).
 fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which is in parentheses and may hold spaces).
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Duration::ZERO;
     };
-    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
-    let total = ticks(11) + ticks(12);
-    Duration::from_secs_f64(total as f64 / 100.0) // USER_HZ is 100 on Linux
+    let nanos: u64 = tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("schedstat")).ok())
+        .filter_map(|stat| stat.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    Duration::from_nanos(nanos)
 }
 
 /// Pins every thread of this process to `cpus` (a taskset list), when possible.
@@ -108,40 +134,67 @@ fn pin_self(cpus: &str) {
         .status();
 }
 
-/// A client of one stack, connected to its pinned server.
-enum Client {
-    Ours(Node, rustorium_p2p::PeerId),
-    /// The connection, and the client endpoint it needs alive.
-    Quinn(quinn::Connection, #[allow(dead_code)] QuinnClient),
+/// Sizes of one pinned run.
+#[derive(Clone, Copy)]
+pub struct Sizes {
+    /// Requests of each rate figure.
+    pub requests: usize,
+    /// Sequential requests for the latency figures.
+    pub sequential: usize,
+    /// Connections of each set-up figure.
+    pub setups: usize,
 }
 
-impl Client {
-    async fn call(&self, body: Bytes) -> anyhow::Result<Bytes> {
-        match self {
-            Client::Ours(node, peer) => Ok(node.request(*peer, ECHO, body).await?),
-            Client::Quinn(conn, _) => quinn_call(conn, body).await,
-        }
-    }
-}
-
-/// What one stack did, pinned.
+/// What one stack did, pinned: (scenario, unit, value).
 pub struct Pinned {
-    /// (scenario, unit, value).
     pub figures: Vec<(String, &'static str, f64)>,
 }
 
-/// Runs the pinned scenarios on `stack` (`rustorium` or `quinn`).
-pub async fn measure(stack: &str, requests: usize, sequential: usize) -> anyhow::Result<Pinned> {
+/// Runs the pinned scenarios against `stack`'s servers (`rustorium` or `quinn`).
+pub fn measure(stack: &str, sizes: Sizes) -> anyhow::Result<Pinned> {
+    let (main, other) = match stack {
+        "rustorium" => (Variant::Ours, Variant::OursWithoutIoThread),
+        _ => (Variant::Raw, Variant::RawMultiThread),
+    };
     let pin = can_pin();
-    let server = Server::start(stack, pin)?;
-    if pin {
-        pin_self("1");
-    }
-    let result = run(stack, &server, requests, sequential).await;
-    if pin {
-        pin_self(&format!("0-{}", cpus() - 1));
-    }
-    let mut figures = result?;
+    // The client on a single-threaded runtime of its own, on a thread of its own.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let figures = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                if pin {
+                    pin_self("1");
+                }
+                let result = runtime.block_on(async {
+                    let mut figures = Vec::new();
+                    let server = Server::start(main, pin)?;
+                    figures.extend(latency_and_rate(&server, sizes, "").await?);
+                    figures.extend(setup(&server, sizes).await?);
+                    drop(server);
+                    let label = " [ours: io_thread = false; quinn: multi-thread runtime]";
+                    let server = Server::start(other, pin)?;
+                    let rates = latency_and_rate(
+                        &server,
+                        Sizes {
+                            sequential: 0,
+                            ..sizes
+                        },
+                        label,
+                    );
+                    figures.extend(rates.await?);
+                    anyhow::Ok(figures)
+                });
+                if pin {
+                    pin_self(&format!("0-{}", cpus() - 1));
+                }
+                result
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the pinned client panicked"))?
+    });
+    let mut figures = figures?;
     if !pin {
         for f in &mut figures {
             f.0.push_str(" (not pinned: fewer than 2 CPUs or no taskset)");
@@ -150,52 +203,54 @@ pub async fn measure(stack: &str, requests: usize, sequential: usize) -> anyhow:
     Ok(Pinned { figures })
 }
 
-async fn run(
-    stack: &str,
+/// Datagrams the client has received on `conn`: what the server sent it.
+fn received(conn: &quinn::Connection) -> u64 {
+    conn.stats().udp_rx.datagrams
+}
+
+async fn latency_and_rate(
     server: &Server,
-    requests: usize,
-    sequential: usize,
+    sizes: Sizes,
+    label: &str,
 ) -> anyhow::Result<Vec<(String, &'static str, f64)>> {
-    let client = match stack {
-        "rustorium" => {
-            let addr: PeerAddr = server.addr.parse()?;
-            let node = Node::builder().config(crate::bench_config()).bind().await?;
-            node.connect(&addr).await?;
-            Client::Ours(node, addr.peer_id)
-        }
-        _ => {
-            let quinn = QuinnClient::new()?;
-            let conn = quinn.connect(server.addr.parse()?, false).await?;
-            Client::Quinn(conn, quinn)
-        }
-    };
+    let client = raw_wire::Client::new()?;
+    let conn = client.connect(server.addr, false).await?;
     let mut figures = Vec::new();
     // Sequential 64-byte requests.
-    let body = Bytes::from(vec![7u8; 64]);
-    let mut times = Vec::with_capacity(sequential);
-    for _ in 0..sequential {
-        let start = Instant::now();
-        client.call(body.clone()).await?;
-        times.push(start.elapsed());
+    if sizes.sequential > 0 {
+        let body = Bytes::from(vec![7u8; 64]);
+        let mut times = Vec::with_capacity(sizes.sequential);
+        for _ in 0..sizes.sequential {
+            let start = Instant::now();
+            raw_wire::call(&conn, ECHO, body.clone()).await?;
+            times.push(start.elapsed());
+        }
+        times.sort();
+        let at = |q: f64| times[((times.len() as f64 * q) as usize).min(times.len() - 1)];
+        for (name, q) in [("p50", 0.5), ("p99", 0.99), ("p99.9", 0.999)] {
+            let micros = at(q).as_secs_f64() * 1e6;
+            figures.push((
+                format!("pinned: 64 B sequential, {name}{label}"),
+                "µs",
+                micros,
+            ));
+        }
     }
-    times.sort();
-    let at = |q: f64| times[((times.len() as f64 * q) as usize).min(times.len() - 1)];
-    for (name, q) in [("p50", 0.5), ("p99", 0.99), ("p99.9", 0.999)] {
-        let micros = at(q).as_secs_f64() * 1e6;
-        figures.push((format!("pinned: 64 B sequential, {name}"), "µs", micros));
-    }
-    // 64 in flight, 64 B and 1 KiB: requests per second and the server's CPU per request.
+    // 64 in flight, 64 B and 1 KiB: requests per second, and the server's CPU and
+    // datagrams per request.
     for size in [64usize, 1024] {
         let body = Bytes::from(vec![3u8; size]);
         let in_flight = 64;
-        let per_worker = requests.div_ceil(in_flight);
+        let per_worker = sizes.requests.div_ceil(in_flight);
         let cpu_before = server.cpu();
+        let datagrams_before = received(&conn);
+        let bytes_before = conn.stats().udp_rx.bytes;
         let start = Instant::now();
         let workers = (0..in_flight).map(|_| {
-            let (client, body) = (&client, body.clone());
+            let (conn, body) = (&conn, body.clone());
             async move {
                 for _ in 0..per_worker {
-                    let answer = client.call(body.clone()).await?;
+                    let answer = raw_wire::call(conn, ECHO, body.clone()).await?;
                     anyhow::ensure!(answer.len() == body.len(), "short answer");
                 }
                 Ok(())
@@ -206,14 +261,64 @@ async fn run(
         }
         let took = start.elapsed();
         let cpu = server.cpu().saturating_sub(cpu_before);
+        let datagrams = received(&conn) - datagrams_before;
+        let bytes = conn.stats().udp_rx.bytes - bytes_before;
         let total = (per_worker * in_flight) as f64;
-        let name = format!("pinned: {size} B, 64 in flight");
+        let name = format!("pinned: {size} B, 64 in flight{label}");
         figures.push((name.clone(), "req/s", total / took.as_secs_f64()));
         let per_request = cpu.as_secs_f64() * 1e6 / total;
         figures.push((format!("{name}, server CPU per request"), "µs", per_request));
+        let sent = datagrams as f64 / total;
+        figures.push((
+            format!("{name}, server datagrams per request"),
+            "dgrams",
+            sent,
+        ));
+        let bytes = bytes as f64 / total;
+        figures.push((format!("{name}, server UDP bytes per request"), "B", bytes));
     }
-    if let Client::Ours(node, _) = client {
-        node.shutdown().await;
+    conn.close(0u32.into(), b"done");
+    Ok(figures)
+}
+
+/// Server CPU per connection set-up, each with two 64-byte requests: full handshakes,
+/// then 0-RTT reconnections (the first request as early data).
+async fn setup(server: &Server, sizes: Sizes) -> anyhow::Result<Vec<(String, &'static str, f64)>> {
+    let client = raw_wire::Client::new()?;
+    let body = Bytes::from(vec![5u8; 64]);
+    let mut figures = Vec::new();
+    for zero_rtt in [false, true] {
+        if zero_rtt {
+            // A first connection to fetch a ticket.
+            let conn = client.connect(server.addr, true).await?;
+            raw_wire::call(&conn, ECHO, body.clone()).await?;
+            conn.close(0u32.into(), b"done");
+        }
+        let cpu_before = server.cpu();
+        let mut accepted = 0usize;
+        for _ in 0..sizes.setups {
+            let (conn, early) = client.connect_early(server.addr, zero_rtt).await?;
+            raw_wire::call(&conn, ECHO, body.clone()).await?;
+            if let Some(early) = early {
+                accepted += usize::from(early.await);
+            }
+            // A second request, a round trip after the handshake: by its answer the
+            // server's session tickets have arrived, so every reconnection has one.
+            raw_wire::call(&conn, ECHO, body.clone()).await?;
+            conn.close(0u32.into(), b"done");
+        }
+        let cpu = server.cpu().saturating_sub(cpu_before);
+        let per = cpu.as_secs_f64() * 1e6 / sizes.setups as f64;
+        let name = if zero_rtt {
+            "pinned: 0-RTT reconnection + two requests, server CPU"
+        } else {
+            "pinned: full handshake (mutual TLS) + two requests, server CPU"
+        };
+        figures.push((name.to_string(), "µs", per));
+        if zero_rtt {
+            let share = accepted as f64 * 100.0 / sizes.setups as f64;
+            figures.push(("pinned: 0-RTT reconnections accepted".into(), "%", share));
+        }
     }
     Ok(figures)
 }

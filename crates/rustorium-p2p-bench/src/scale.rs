@@ -21,7 +21,8 @@ use super::scenarios::{bench_routes, ECHO};
 /// `bench-server`: a server for the scale scenarios (hidden from `--help`).
 #[derive(Args)]
 pub struct ServerArgs {
-    /// `rustorium` or `quinn`.
+    /// `rustorium`, `quinn`, or `raw-wire` (raw quinn speaking wire v1 with mutual TLS,
+    /// the per-core baseline).
     #[arg(long)]
     stack: String,
     /// Where to listen (a remote `bench --target` can then use it; stops when stdin ends).
@@ -34,6 +35,9 @@ pub struct ServerArgs {
     /// Run on a single-threaded tokio runtime (raw quinn's strongest configuration).
     #[arg(long)]
     current_thread: bool,
+    /// Our node with `io_thread = false` (its I/O on the process's runtime).
+    #[arg(long)]
+    no_io_thread: bool,
 }
 
 impl ServerArgs {
@@ -65,6 +69,7 @@ pub async fn serve(args: ServerArgs) -> anyhow::Result<std::process::ExitCode> {
         "rustorium" => {
             let mut config = scale_config();
             config.node.listen = args.listen;
+            config.node.io_thread = !args.no_io_thread;
             let mut nodes = Vec::with_capacity(args.nodes);
             for _ in 0..args.nodes.max(1) {
                 let builder = Node::builder().config(config.clone());
@@ -77,6 +82,11 @@ pub async fn serve(args: ServerArgs) -> anyhow::Result<std::process::ExitCode> {
         "quinn" => {
             let server = QuinnServer::start_with_streams(1000, args.listen, true)?;
             println!("{}", server.addr());
+            Box::new(server)
+        }
+        "raw-wire" => {
+            let server = crate::raw_wire::server(args.listen, 1000)?;
+            println!("{}", server.local_addr()?);
             Box::new(server)
         }
         other => anyhow::bail!("unknown stack {other:?}"),
