@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::{timeout_at, Instant};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::accept::register;
 use super::Shared;
@@ -222,6 +222,7 @@ pub(super) async fn keep_connected(shared: Arc<Shared>, peer: PeerId) {
         shared.config.limits.reconnect_max_backoff,
     );
     let mut backoff = min;
+    let mut failures = 0u32;
     let mut previous: Option<usize> = None;
     loop {
         let conn = tokio::select! {
@@ -237,6 +238,7 @@ pub(super) async fn keep_connected(shared: Arc<Shared>, peer: PeerId) {
                 }
                 previous = Some(id);
                 backoff = min;
+                failures = 0;
                 tokio::select! {
                     _ = conn.conn.closed() => {}
                     _ = shutdown.wait_for(|closing| *closing) => return,
@@ -244,8 +246,16 @@ pub(super) async fn keep_connected(shared: Arc<Shared>, peer: PeerId) {
             }
             Err(ConnectError::Shutdown) => return,
             Err(e) => {
-                let wait = jitter(backoff);
-                debug!(peer = %peer, "reconnect failed ({e}); next try in {wait:?}");
+                let wait = next_wait(backoff, max);
+                failures += 1;
+                // At WARN the first failure and each one at the longest backoff (so at
+                // most one per `reconnect_max_backoff`): a broken peer address shows at
+                // the default log level without flooding it.
+                if failures == 1 || backoff == max {
+                    warn!(peer = %peer, "cannot reach known peer ({e}); trying again in {wait:.1?}");
+                } else {
+                    debug!(peer = %peer, "reconnect failed ({e}); next try in {wait:?}");
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = shutdown.wait_for(|closing| *closing) => return,
@@ -254,6 +264,12 @@ pub(super) async fn keep_connected(shared: Arc<Shared>, peer: PeerId) {
             }
         }
     }
+}
+
+/// The wait before the next try: `backoff` with jitter, never above `max` (so
+/// `reconnect_max_backoff` is the longest wait, as documented).
+fn next_wait(backoff: Duration, max: Duration) -> Duration {
+    jitter(backoff).min(max)
 }
 
 /// `d` scaled by a random factor in [0.75, 1.25).
@@ -267,6 +283,16 @@ fn jitter(d: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_longest_wait_is_the_maximum_backoff() {
+        let max = Duration::from_secs(30);
+        for _ in 0..200 {
+            assert!(next_wait(max, max) <= max);
+            let wait = next_wait(Duration::from_secs(1), max);
+            assert!(wait >= Duration::from_millis(750) && wait < Duration::from_millis(1250));
+        }
+    }
 
     #[test]
     fn jitter_stays_within_a_quarter() {
