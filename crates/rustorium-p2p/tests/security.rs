@@ -3,7 +3,10 @@
 
 mod common;
 
-use common::{raw_client, raw_connection, raw_request, test_node, ClientCert, WAIT};
+use common::{
+    raw_client, raw_connection, raw_request, refused_raw_client, test_node, tls_alert_of,
+    ClientCert, WAIT,
+};
 use rustorium_p2p::{ConnectError, Keypair, Node, PeerAddr};
 
 /// A node with test routes, plus a well-behaved client already connected to it.
@@ -89,10 +92,37 @@ async fn a_client_without_certificate_is_refused() {
 #[tokio::test]
 async fn a_client_with_a_non_ed25519_certificate_is_refused() {
     let (server, good) = server_and_good_client().await;
-    let err = raw_attempt(&server, ClientCert::EcdsaP256, b"rustorium")
-        .await
-        .unwrap_err();
-    assert!(!err.is_empty());
+    // The node's CertificateRequest offers only Ed25519, so an honest rustls client with an
+    // ECDSA key sends no certificate at all: the client here forces its ECDSA certificate
+    // and signature through anyway, as a hostile one would.
+    let err = refused_raw_client(server.local_addr(), ClientCert::ForcedEcdsaP256).await;
+    assert_eq!(tls_alert_of(&err), Some(46), "certificate_unknown: {err}");
+    assert!(
+        err.to_string().contains("Ed25519"),
+        "names what is wrong: {err}"
+    );
+    assert_eq!(server.connection_count(), 1, "only the good client");
+    assert_still_serving(&server, &good).await;
+}
+
+#[tokio::test]
+async fn a_client_with_a_chain_of_two_certificates_is_refused() {
+    let (server, good) = server_and_good_client().await;
+    let err = refused_raw_client(server.local_addr(), ClientCert::Chain).await;
+    assert_eq!(tls_alert_of(&err), Some(46), "certificate_unknown: {err}");
+    assert!(
+        err.to_string().contains("exactly one"),
+        "names what is wrong: {err}"
+    );
+    assert_eq!(server.connection_count(), 1, "only the good client");
+    assert_still_serving(&server, &good).await;
+}
+
+#[tokio::test]
+async fn a_client_with_a_not_yet_valid_certificate_is_refused() {
+    let (server, good) = server_and_good_client().await;
+    let err = refused_raw_client(server.local_addr(), ClientCert::NotYetValid).await;
+    assert_eq!(tls_alert_of(&err), Some(45), "certificate_expired: {err}");
     assert_eq!(server.connection_count(), 1, "only the good client");
     assert_still_serving(&server, &good).await;
 }

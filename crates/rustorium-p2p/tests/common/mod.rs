@@ -112,6 +112,58 @@ pub enum ClientCert {
     EcdsaP256,
     /// Ed25519, but valid only in 2000.
     Expired,
+    /// Ed25519, valid only from 2100.
+    NotYetValid,
+    /// ECDSA P-256, sent and used to sign even though the node's CertificateRequest
+    /// offers only Ed25519 (a custom resolver and signer force it).
+    ForcedEcdsaP256,
+    /// A valid Ed25519 certificate followed by a second one: a chain of two.
+    Chain,
+}
+
+/// Always offers its certificate, whatever the server asked for.
+#[derive(Debug)]
+struct ForcedCert(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for ForcedCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// Signs with ECDSA P-256 whatever schemes the server offered.
+#[derive(Debug)]
+struct EcdsaAnyway(Arc<dyn rustls::sign::SigningKey>);
+
+impl rustls::sign::SigningKey for EcdsaAnyway {
+    fn choose_scheme(&self, _offered: &[SignatureScheme]) -> Option<Box<dyn rustls::sign::Signer>> {
+        self.0
+            .choose_scheme(&[SignatureScheme::ECDSA_NISTP256_SHA256])
+    }
+    fn algorithm(&self) -> rustls::SignatureAlgorithm {
+        self.0.algorithm()
+    }
+}
+
+/// An Ed25519 certificate valid from `not_before` to `not_after` (years), and its key.
+fn ed25519_valid(
+    not_before: i32,
+    not_after: i32,
+) -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["rustorium".to_string()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(not_before, 1, 1);
+    params.not_after = rcgen::date_time_ymd(not_after, 1, 1);
+    let cert = params.self_signed(&key).unwrap();
+    let der = PrivatePkcs8KeyDer::from(key.serialize_der());
+    (cert.der().clone(), PrivateKeyDer::Pkcs8(der))
 }
 
 /// A self-signed certificate and its key.
@@ -123,6 +175,39 @@ pub fn certificate(
     let cert = params.self_signed(&key).unwrap();
     let der = PrivatePkcs8KeyDer::from(key.serialize_der());
     (cert.der().clone(), PrivateKeyDer::Pkcs8(der))
+}
+
+/// The TLS alert a raw client's connection was closed with (QUIC CRYPTO_ERROR 0x100 +
+/// alert), if that is how it ended.
+pub fn tls_alert_of(err: &quinn::ConnectionError) -> Option<u8> {
+    match err {
+        quinn::ConnectionError::ConnectionClosed(close) => u64::from(close.error_code)
+            .checked_sub(0x100)
+            .and_then(|a| u8::try_from(a).ok()),
+        _ => None,
+    }
+}
+
+/// Connects a raw client with `cert` and sends one echo request; the connection error it
+/// ends with (the node refuses a bad certificate once it has read it, which in TLS 1.3
+/// may be after the client thinks the handshake is done).
+pub async fn refused_raw_client(to: SocketAddr, cert: ClientCert) -> quinn::ConnectionError {
+    let (endpoint, config) = raw_client(cert, b"rustorium");
+    let connecting = endpoint.connect_with(config, to, "rustorium").unwrap();
+    let result = tokio::time::timeout(WAIT, async {
+        let conn = connecting.await?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        let _ = send.write_all(b"\x04echohi").await;
+        let _ = send.finish();
+        let _ = recv.read_to_end(100).await;
+        Err(conn.closed().await)
+    })
+    .await
+    .expect("a refused client did not learn so in time");
+    match result {
+        Err(e) => e,
+        Ok(()) => unreachable!(),
+    }
 }
 
 /// A raw quinn client endpoint that skips server verification.
@@ -144,15 +229,24 @@ pub fn raw_client(cert: ClientCert, alpn: &[u8]) -> (quinn::Endpoint, quinn::Cli
             builder.with_client_auth_cert(vec![c], k).unwrap()
         }
         ClientCert::Expired => {
-            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
-            let mut params = rcgen::CertificateParams::new(vec!["rustorium".to_string()]).unwrap();
-            params.not_before = rcgen::date_time_ymd(2000, 1, 1);
-            params.not_after = rcgen::date_time_ymd(2001, 1, 1);
-            let cert = params.self_signed(&key).unwrap();
-            let der = PrivatePkcs8KeyDer::from(key.serialize_der());
-            builder
-                .with_client_auth_cert(vec![cert.der().clone()], PrivateKeyDer::Pkcs8(der))
-                .unwrap()
+            let (c, k) = ed25519_valid(2000, 2001);
+            builder.with_client_auth_cert(vec![c], k).unwrap()
+        }
+        ClientCert::NotYetValid => {
+            let (c, k) = ed25519_valid(2100, 2101);
+            builder.with_client_auth_cert(vec![c], k).unwrap()
+        }
+        ClientCert::Chain => {
+            let (c, k) = certificate(&rcgen::PKCS_ED25519);
+            let (second, _) = certificate(&rcgen::PKCS_ED25519);
+            builder.with_client_auth_cert(vec![c, second], k).unwrap()
+        }
+        ClientCert::ForcedEcdsaP256 => {
+            let (c, k) = certificate(&rcgen::PKCS_ECDSA_P256_SHA256);
+            let provider = rustls::crypto::ring::default_provider();
+            let key = provider.key_provider.load_private_key(k).unwrap();
+            let certified = rustls::sign::CertifiedKey::new(vec![c], Arc::new(EcdsaAnyway(key)));
+            builder.with_client_cert_resolver(Arc::new(ForcedCert(Arc::new(certified))))
         }
     };
     tls.alpn_protocols = vec![alpn.to_vec()];
