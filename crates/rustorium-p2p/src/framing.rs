@@ -60,7 +60,8 @@ impl Deadline {
 }
 
 /// Writes `prefix` then `body` on `send` (without finishing it), giving up with
-/// [`Stalled`] when no byte goes out for `stall`, or at `deadline`.
+/// [`Stalled`] when no byte goes out for `stall`, or at `deadline` (which is left
+/// resolved to an instant if the write had to wait).
 ///
 /// An answer that fits the stream's window goes out in one step with no timer and no
 /// clock read; only a write that has to wait arms the timers.
@@ -69,7 +70,7 @@ pub(crate) async fn write_framed_within(
     prefix: &[u8],
     body: Bytes,
     stall: Duration,
-    deadline: Deadline,
+    deadline: &mut Deadline,
 ) -> Result<Result<(), WriteError>, Stalled> {
     let (mut chunks, count) = framed(prefix, body);
     // `write_chunks` is cancel-safe: dropped while pending, it has written nothing.
@@ -81,7 +82,11 @@ pub(crate) async fn write_framed_within(
     if done == count {
         return Ok(Ok(()));
     }
-    let deadline = deadline.at();
+    // Resolved once: whatever waits after this write (shutdown's wait for the peer to
+    // have the answer) shares the same instant.
+    let at = deadline.at();
+    *deadline = Deadline::At(at);
+    let deadline = at;
     while done < count {
         let by = deadline.min(Instant::now() + stall);
         match timeout_at(by, send.write_chunks(&mut chunks[done..count])).await {

@@ -171,7 +171,17 @@ impl PeerConnection {
                 }
             }
             entry.settling[d].store(false, Ordering::Relaxed);
+            // A close that came while this task was finishing saw it still running and
+            // left the shrink to it: one more look.
+            if let Shrink::Now(limit) = entry.budget.settle(dir) {
+                entry.advertise(dir, limit);
+            }
         });
+    }
+
+    /// Gives the connection's stream growth back to the node-wide pool: it has closed.
+    pub fn release_streams(&self) {
+        self.budget.release();
     }
 
     /// Records stream activity.

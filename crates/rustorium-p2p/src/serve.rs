@@ -519,7 +519,8 @@ impl Serving<'_> {
         };
         let status_byte = [wire::encode_status(status)];
         let stall = self.limits.answer_timeout;
-        match write_framed_within(send, &status_byte, body, stall, deadline).await {
+        let mut deadline = deadline;
+        match write_framed_within(send, &status_byte, body, stall, &mut deadline).await {
             Ok(Ok(())) => {
                 self.share.read();
                 let _ = send.finish();

@@ -20,7 +20,7 @@
 //! So no peer can ratchet the limits up and leave them there, and all connections
 //! together hold at most the pool's extra streams beyond their first ones.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -102,6 +102,8 @@ pub(crate) struct StreamBudget {
     changed: [AtomicU64; 2],
     epoch: Instant,
     hold: Duration,
+    /// The connection has closed: its growth went back to the pool.
+    released: AtomicBool,
 }
 
 impl StreamBudget {
@@ -119,6 +121,7 @@ impl StreamBudget {
             changed: [AtomicU64::new(0), AtomicU64::new(0)],
             epoch: Instant::now(),
             hold: SHRINK_HOLD,
+            released: AtomicBool::new(false),
         }
     }
 
@@ -136,6 +139,9 @@ impl StreamBudget {
         let limit = self.limit[d].load(Ordering::Relaxed);
         grown_limit(limit, active, self.max[d])?;
         let _changing = self.changing.lock().unwrap_or_else(|e| e.into_inner());
+        if self.released.load(Ordering::Relaxed) {
+            return None;
+        }
         let limit = self.limit[d].load(Ordering::Relaxed);
         let grown = grown_limit(limit, active, self.max[d])?;
         let taken = self.pool.take(grown - limit);
@@ -204,6 +210,20 @@ impl StreamBudget {
     #[cfg(test)]
     pub fn limit(&self, dir: StreamType) -> u32 {
         self.limit[dir as usize].load(Ordering::Relaxed)
+    }
+}
+
+impl StreamBudget {
+    /// Gives all growth back to the pool now, for a connection that has closed (something
+    /// may still hold its entry, a handler its request's context for one); it grows no
+    /// more.
+    pub fn release(&self) {
+        let _changing = self.changing.lock().unwrap_or_else(|e| e.into_inner());
+        self.released.store(true, Ordering::Relaxed);
+        for d in 0..2 {
+            let limit = self.limit[d].swap(self.initial[d], Ordering::Relaxed);
+            self.pool.give_back(limit - self.initial[d]);
+        }
     }
 }
 
@@ -318,6 +338,20 @@ mod tests {
         let late = start + 2 * SHRINK_HOLD.as_micros() as u64;
         assert_eq!(budget.settle_at(StreamType::Bi, late), Shrink::Now(32));
         assert_eq!(budget.settle_at(StreamType::Bi, late), Shrink::No);
+    }
+
+    #[test]
+    fn a_closed_connection_gives_its_growth_back_even_while_held() {
+        let (budget, pool) = budget(1000, 1000, 10_000);
+        for _ in 0..100 {
+            budget.opened(StreamType::Bi);
+        }
+        assert!(pool.left() < 10_000);
+        budget.release();
+        assert_eq!(pool.left(), 10_000, "given back at once, not when dropped");
+        assert_eq!(budget.opened(StreamType::Bi), None, "grows no more");
+        drop(budget);
+        assert_eq!(pool.left(), 10_000, "and not given back twice");
     }
 
     #[test]

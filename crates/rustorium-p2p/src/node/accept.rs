@@ -280,6 +280,8 @@ async fn serve_connection(shared: Arc<Shared>, entry: Arc<PeerConnection>, admit
             }
         };
         shared.peers.remove(&entry);
+        // Its stream growth goes back now, whoever still holds the entry.
+        entry.release_streams();
         let reason = entry.disconnect_reason(&reason);
         debug!("connection closed: {reason}");
         shared.metrics.connection_closed();

@@ -222,7 +222,7 @@ pub(super) async fn keep_connected(shared: Arc<Shared>, peer: PeerId) {
         shared.config.limits.reconnect_max_backoff,
     );
     let mut backoff = min;
-    let mut failures = 0u32;
+    let mut last_warned = None;
     let mut previous: Option<usize> = None;
     loop {
         let conn = tokio::select! {
@@ -238,7 +238,6 @@ pub(super) async fn keep_connected(shared: Arc<Shared>, peer: PeerId) {
                 }
                 previous = Some(id);
                 backoff = min;
-                failures = 0;
                 tokio::select! {
                     _ = conn.conn.closed() => {}
                     _ = shutdown.wait_for(|closing| *closing) => return,
@@ -247,11 +246,12 @@ pub(super) async fn keep_connected(shared: Arc<Shared>, peer: PeerId) {
             Err(ConnectError::Shutdown) => return,
             Err(e) => {
                 let wait = next_wait(backoff, max);
-                failures += 1;
-                // At WARN the first failure and each one at the longest backoff (so at
-                // most one per `reconnect_max_backoff`): a broken peer address shows at
-                // the default log level without flooding it.
-                if failures == 1 || backoff == max {
+                // At WARN at most once per `reconnect_max_backoff` (however the peer
+                // flaps): a broken peer address shows at the default log level without
+                // flooding it.
+                let loud = last_warned.is_none_or(|at: tokio::time::Instant| at.elapsed() >= max);
+                if loud {
+                    last_warned = Some(tokio::time::Instant::now());
                     warn!(peer = %peer, "cannot reach known peer ({e}); trying again in {wait:.1?}");
                 } else {
                     debug!(peer = %peer, "reconnect failed ({e}); next try in {wait:?}");
