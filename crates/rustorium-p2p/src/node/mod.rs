@@ -802,6 +802,48 @@ fn check_route(route: &str) -> Result<(), RequestError> {
 mod tests {
     use super::*;
 
+    /// The configured congestion controller is the one quinn's connections run, on both
+    /// the dialing and the accepting side (a transfer would complete with any of them).
+    #[tokio::test]
+    async fn the_configured_congestion_controller_reaches_quinn() {
+        use crate::config::CongestionController;
+        use std::any::Any;
+        fn kind(conn: &quinn::Connection) -> &'static str {
+            let any: Box<dyn Any> = conn.congestion_state().into_any();
+            if any.is::<quinn::congestion::Bbr>() {
+                "bbr"
+            } else if any.is::<quinn::congestion::NewReno>() {
+                "new_reno"
+            } else if any.is::<quinn::congestion::Cubic>() {
+                "cubic"
+            } else {
+                "other"
+            }
+        }
+        for (controller, name) in [
+            (CongestionController::Bbr, "bbr"),
+            (CongestionController::NewReno, "new_reno"),
+            (CongestionController::Cubic, "cubic"),
+        ] {
+            let mut config = Config::default();
+            config.node.listen = "127.0.0.1:0".parse().unwrap();
+            config.transport.congestion_controller = controller;
+            let b = Node::builder()
+                .config(config.clone())
+                .route("echo", |_ctx, body| async move { Ok(body) })
+                .bind()
+                .await
+                .unwrap();
+            let a = Node::builder().config(config).bind().await.unwrap();
+            a.connect(&b.peer_addr()).await.unwrap();
+            a.request(b.peer_id(), "echo", "x").await.unwrap();
+            let dialer = a.shared().peers.live(&b.peer_id()).unwrap();
+            let acceptor = b.shared().peers.live(&a.peer_id()).unwrap();
+            assert_eq!(kind(&dialer.conn), name, "dialing side");
+            assert_eq!(kind(&acceptor.conn), name, "accepting side");
+        }
+    }
+
     /// A certificate for `key` that expired in 2001.
     fn expired_certificate(key: &Keypair) -> Vec<u8> {
         let der = rustls::pki_types::PrivatePkcs8KeyDer::from(key.pkcs8_der());
