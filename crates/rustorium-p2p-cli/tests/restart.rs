@@ -68,6 +68,16 @@ impl Drop for NodeProcess {
     }
 }
 
+/// The sum of the client-side counts of `family` for `route` in `node`'s metrics.
+fn metric_value(node: &Node, family: &str, route: &str) -> f64 {
+    let route = format!("route=\"{route}\"");
+    node.metrics_text()
+        .lines()
+        .filter(|l| l.contains(family) && l.contains(&route) && l.contains("side=\"client\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 #[tokio::test]
 async fn a_known_peer_that_crashes_and_restarts_is_reconnected() {
     let dir = tempfile::tempdir().unwrap();
@@ -90,23 +100,34 @@ async fn a_known_peer_that_crashes_and_restarts_is_reconnected() {
     .await;
     assert_eq!(a.request(b_addr.peer_id, "sys/ping", "").await.unwrap(), "");
 
-    // Traffic keeps flowing while the peer dies.
-    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let traffic = tokio::spawn({
-        let (a, peer) = (a.clone(), b_addr.peer_id);
-        async move {
+    // Traffic keeps flowing while the peer dies: 16 requesters, each always with one
+    // request out, so some are in flight at the moment of the kill.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut traffic = tokio::task::JoinSet::new();
+    for t in 0..16u32 {
+        let (a, peer, stop) = (a.clone(), b_addr.peer_id, stop_rx.clone());
+        traffic.spawn(async move {
             let mut errors = Vec::new();
             for i in 0..100_000u32 {
-                if stop_rx.try_recv().is_ok() {
+                if *stop.borrow() {
                     break;
                 }
-                if let Err(e) = a.request(peer, "sys/echo", i.to_string()).await {
-                    errors.push(e);
+                let sent = tokio::time::Instant::now();
+                if let Err(e) = a.request(peer, "sys/echo", format!("{t}/{i}")).await {
+                    errors.push((sent, e));
                 }
             }
             errors
-        }
-    });
+        });
+    }
+    // A few answers first, so the requesters are under way.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while metric_value(&a, "requests_total", "sys/echo") < 64.0
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let killed_at = tokio::time::Instant::now();
     drop(b); // SIGKILL: no close frame, the connection just goes silent
     let gone = wait_event(&mut events, "disconnect", |e| {
         matches!(e, PeerEvent::Disconnected { .. })
@@ -116,13 +137,22 @@ async fn a_known_peer_that_crashes_and_restarts_is_reconnected() {
         PeerEvent::Disconnected { reason, .. } => assert_eq!(reason, DisconnectReason::IdleTimeout),
         other => unreachable!("{other:?}"),
     }
-    let _ = stop_tx.send(());
-    let errors = tokio::time::timeout(WAIT, traffic).await.unwrap().unwrap();
+    let _ = stop_tx.send(true);
+    let mut errors = Vec::new();
+    let all = tokio::time::timeout(WAIT, async {
+        while let Some(done) = traffic.join_next().await {
+            errors.extend(done.unwrap());
+        }
+    });
+    all.await
+        .expect("requesters still waiting after the disconnect");
+    let in_flight = errors.iter().filter(|(sent, _)| *sent < killed_at).count();
     assert!(
-        !errors.is_empty(),
-        "requests in flight when the peer died failed"
+        in_flight > 0,
+        "no request sent before the kill failed ({} errors, all after it): nothing was shown about requests in flight",
+        errors.len()
     );
-    for e in &errors {
+    for (_, e) in &errors {
         assert!(
             matches!(
                 e,
