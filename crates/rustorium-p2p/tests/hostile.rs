@@ -23,6 +23,35 @@ fn metric(node: &Node, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("{name} not in {text}"))
 }
 
+/// UDP datagrams this host's kernel has delivered to sockets (`Udp: InDatagrams` in
+/// /proc/net/snmp).
+fn udp_in_datagrams() -> u64 {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap();
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp: "));
+    let (names, values) = (udp.next().unwrap(), udp.next().unwrap());
+    let at = names
+        .split_whitespace()
+        .position(|n| n == "InDatagrams")
+        .unwrap();
+    values.split_whitespace().nth(at).unwrap().parse().unwrap()
+}
+
+/// Datagrams dropped unread by the IPv4 UDP socket bound to `port` (/proc/net/udp).
+fn udp_socket_drops(port: u16) -> u64 {
+    let table = std::fs::read_to_string("/proc/net/udp").unwrap();
+    let local = format!(":{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .find(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .is_some_and(|a| a.ends_with(&local))
+        })
+        .and_then(|l| l.split_whitespace().last()?.parse().ok())
+        .unwrap_or_else(|| panic!("no UDP socket on port {port}"))
+}
+
 /// A good client making `n` concurrent echo requests; all must succeed.
 async fn good_traffic(client: Node, server: rustorium_p2p::PeerId, n: usize) {
     let mut tasks = tokio::task::JoinSet::new();
@@ -49,6 +78,7 @@ async fn a_hundred_thousand_random_datagrams_change_nothing() {
     let rss_before = common::rss_kib();
 
     let target = server.local_addr();
+    let delivered_before = udp_in_datagrams();
     let flood = tokio::spawn(async move {
         let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let mut gen = Bytes64(99);
@@ -71,6 +101,19 @@ async fn a_hundred_thousand_random_datagrams_change_nothing() {
         .unwrap()
         .unwrap();
     good_traffic(good.clone(), server.peer_id(), 100).await;
+    // The noise reached the node and was read by it: the kernel delivered the datagrams
+    // to a socket (this host's count, which only grows), and the node's socket dropped
+    // almost none of them for want of reading.
+    let delivered = udp_in_datagrams() - delivered_before;
+    assert!(
+        delivered >= 99_000,
+        "only {delivered} datagrams were delivered"
+    );
+    let dropped = udp_socket_drops(target.port());
+    assert!(
+        dropped < 1_000,
+        "the node's socket dropped {dropped} datagrams unread"
+    );
     assert_eq!(
         server.connection_count(),
         1,
