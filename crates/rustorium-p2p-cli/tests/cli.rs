@@ -135,6 +135,7 @@ fn node_request_send_and_ping_end_to_end() {
     let key = dir.path().join("node.key");
     let made = run(&["keygen", "--out", key.to_str().unwrap()]);
     let id = stdout(&made).trim().to_string();
+    let before_start = std::time::Instant::now();
     let node = NodeProcess::start(dir.path(), &["--key", key.to_str().unwrap()]);
     assert_eq!(node.peer_id(), id, "node runs with the named key");
     let addr = node.peer_addr.as_str();
@@ -160,7 +161,10 @@ fn node_request_send_and_ping_end_to_end() {
     let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
     assert_eq!(info["peer_id"], id);
     assert_eq!(info["connections"], 1, "the requester's own connection");
-    assert!(info["uptime_secs"].as_f64().unwrap() >= 0.0);
+    // The node's own clock: it started after `before_start`, and has run a while.
+    let uptime = info["uptime_secs"].as_f64().unwrap();
+    let most = before_start.elapsed().as_secs_f64();
+    assert!(uptime > 0.0 && uptime <= most, "uptime {uptime} s, at most {most} s");
 
     let unknown = run(&["request", addr, "no/such"]);
     assert!(!unknown.status.success());
