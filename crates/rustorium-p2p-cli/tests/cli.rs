@@ -164,7 +164,10 @@ fn node_request_send_and_ping_end_to_end() {
     // The node's own clock: it started after `before_start`, and has run a while.
     let uptime = info["uptime_secs"].as_f64().unwrap();
     let most = before_start.elapsed().as_secs_f64();
-    assert!(uptime > 0.0 && uptime <= most, "uptime {uptime} s, at most {most} s");
+    assert!(
+        uptime > 0.0 && uptime <= most,
+        "uptime {uptime} s, at most {most} s"
+    );
 
     let unknown = run(&["request", addr, "no/such"]);
     assert!(!unknown.status.success());

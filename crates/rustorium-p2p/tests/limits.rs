@@ -218,7 +218,10 @@ async fn a_peer_that_never_grants_credit_holds_no_handler_slot_and_is_cut_off() 
     request.extend_from_slice(&[7u8; 64]);
     let mut unread = Vec::new();
     for _ in 0..16 {
-        let (mut send, recv) = conn.open_bi().await.unwrap();
+        let (mut send, recv) = tokio::time::timeout(WAIT, conn.open_bi())
+            .await
+            .expect("no stream credit in time")
+            .unwrap();
         send.write_all(&request).await.unwrap();
         send.finish().unwrap();
         unread.push((send, recv));
@@ -245,6 +248,59 @@ async fn a_peer_that_never_grants_credit_holds_no_handler_slot_and_is_cut_off() 
         server.stats()
     );
     good_peer_is_served(&server, 5).await;
+}
+
+#[tokio::test]
+async fn an_answer_past_the_share_of_unread_answers_is_reset_with_busy() {
+    let (builder, _) = test_node();
+    let mut config = common::config();
+    config.limits.max_pending_answers_per_peer = 2;
+    config.limits.answer_timeout = Duration::from_secs(5);
+    let server = builder.config(config).bind().await.unwrap();
+    // A peer that reads no answer (a receive window of zero on its streams).
+    let (endpoint, mut client) = raw_client(ClientCert::Ed25519, b"rustorium");
+    let mut transport = quinn::TransportConfig::default();
+    transport.stream_receive_window(quinn::VarInt::from_u32(0));
+    client.transport_config(Arc::new(transport));
+    let conn = tokio::time::timeout(
+        WAIT,
+        endpoint
+            .connect_with(client, server.local_addr(), "rustorium")
+            .unwrap(),
+    )
+    .await
+    .expect("no handshake in time")
+    .unwrap();
+    let mut request = rustorium_p2p::wire::encode_header("echo");
+    request.extend_from_slice(&[7u8; 64]);
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let (mut send, recv) = conn.open_bi().await.unwrap();
+        send.write_all(&request).await.unwrap();
+        send.finish().unwrap();
+        held.push((send, recv));
+    }
+    // Two answers wait unread; the server knows of both once each handler has run.
+    eventually("two answers pending", || {
+        server.stats().answers_abandoned == 0 && {
+            let text = server.metrics_text();
+            text.lines()
+                .any(|l| l.starts_with("rustorium_p2p_streams_active ") && l.ends_with(" 2"))
+        }
+    })
+    .await;
+    // The third is over the share: its stream is reset with BUSY (0x05) at once.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&request).await.unwrap();
+    send.finish().unwrap();
+    let reset = tokio::time::timeout(WAIT, recv.received_reset())
+        .await
+        .expect("no reset in time");
+    match reset {
+        Ok(Some(code)) => assert_eq!(code.into_inner(), 0x05, "BUSY"),
+        other => panic!("expected a BUSY reset, got {other:?}"),
+    }
+    drop(held);
 }
 
 #[tokio::test]
