@@ -247,9 +247,21 @@ fn durations_take_the_config_file_forms() {
 
 #[test]
 fn logs_to_a_pipe_carry_no_colour_codes() {
+    let lines = log_lines_until_listening(&[]);
+    for line in &lines {
+        assert!(
+            !line.contains('\x1b'),
+            "colour codes in a piped log: {line:?}"
+        );
+    }
+}
+
+/// Runs a node with `extra` flags and returns its stderr lines up to "node listening".
+fn log_lines_until_listening(extra: &[&str]) -> Vec<String> {
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(BIN)
         .args(["node", "--listen", "127.0.0.1:0"])
+        .args(extra)
         .env("RUSTORIUM_P2P_DATA_DIR", dir.path())
         .env_remove("RUST_LOG")
         .stdout(Stdio::null())
@@ -280,12 +292,52 @@ fn logs_to_a_pipe_carry_no_colour_codes() {
     }
     let _ = child.kill();
     let _ = child.wait();
+    lines
+}
+
+#[test]
+fn log_format_json_writes_one_json_object_per_line() {
+    let lines = log_lines_until_listening(&["--log-format", "json"]);
     for line in &lines {
-        assert!(
-            !line.contains('\x1b'),
-            "colour codes in a piped log: {line:?}"
-        );
+        let event: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"));
+        assert!(event["level"].is_string(), "{line}");
+        assert!(event["fields"]["message"].is_string(), "{line}");
     }
+    let listening: serde_json::Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+    assert_eq!(listening["level"], "INFO");
+}
+
+#[test]
+fn config_check_says_ok_or_names_the_key_and_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, "[limits]\nrequest_timeout = \"2s\"\n").unwrap();
+    let ok = run(&["config", "check", good.to_str().unwrap()]);
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    assert!(stdout(&ok).contains("ok"), "{}", stdout(&ok));
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[limits]\nrequest_timeout = \"soon\"\n").unwrap();
+    let refused = run(&["config", "check", bad.to_str().unwrap()]);
+    assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("request_timeout"),
+        "names the key: {}",
+        stderr(&refused)
+    );
+
+    let missing = run(&[
+        "config",
+        "check",
+        dir.path().join("none.toml").to_str().unwrap(),
+    ]);
+    assert_eq!(missing.status.code(), Some(2), "{}", stderr(&missing));
+    assert!(
+        stderr(&missing).contains("none.toml"),
+        "{}",
+        stderr(&missing)
+    );
 }
 
 #[test]
