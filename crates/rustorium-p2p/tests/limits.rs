@@ -62,7 +62,8 @@ async fn eventually(what: &str, check: impl Fn() -> bool) {
     }
 }
 
-#[tokio::test]
+// Multi-thread: the pool and admission race here, so let them race in parallel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_open_handshakes_lock_out_neither_good_peers_nor_own_dials() {
     let (server, _) = test_node();
     let mut config = common::config();
@@ -140,7 +141,8 @@ async fn the_per_address_limit_counts_whole_prefixes() {
     drop(silent);
 }
 
-#[tokio::test]
+// Multi-thread: the pool and admission race here, so let them race in parallel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_peer_cannot_hold_every_handler_slot() {
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let running = Arc::new(AtomicUsize::new(0));

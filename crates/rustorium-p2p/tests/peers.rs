@@ -59,7 +59,8 @@ async fn wait_single_connection(
     }
 }
 
-#[tokio::test]
+// Multi-thread: the pool and admission race here, so let them race in parallel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_to_an_unconnected_peer_opens_one_connection() {
     let (b, _) = test_node();
     let b = b.bind().await.unwrap();
@@ -98,7 +99,8 @@ async fn a_burst_to_an_unconnected_peer_opens_one_connection() {
     assert!(a_events.try_recv().is_err(), "exactly one connection event");
 }
 
-#[tokio::test]
+// Multi-thread: the pool and admission race here, so let them race in parallel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simultaneous_dials_settle_on_one_connection_and_lose_nothing() {
     const ROUNDS: usize = 50;
     const REQUESTS: usize = 10;
@@ -574,7 +576,8 @@ async fn client() -> Node {
     Node::builder().bind().await.unwrap()
 }
 
-#[tokio::test]
+// Multi-thread: the pool and admission race here, so let them race in parallel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_per_ip_are_limited() {
     let (b, _) = test_node();
     let mut config = common::config();
@@ -598,7 +601,8 @@ async fn connections_per_ip_are_limited() {
     c3.connect(&b.peer_addr()).await.unwrap();
 }
 
-#[tokio::test]
+// Multi-thread: the pool and admission race here, so let them race in parallel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn total_connections_are_limited() {
     let (b, _) = test_node();
     let mut config = common::config();
