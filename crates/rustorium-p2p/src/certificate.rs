@@ -59,6 +59,8 @@ pub enum CertError {
     NotYetValid,
     /// `now` is after the validity period.
     Expired,
+    /// A chain of this many certificates, where a peer presents exactly one, self-signed.
+    NotSingle(usize),
 }
 
 impl fmt::Display for CertError {
@@ -73,6 +75,10 @@ impl fmt::Display for CertError {
             CertError::WeakKey => f.write_str("certificate key is a small-order Ed25519 point"),
             CertError::NotYetValid => f.write_str("certificate is not valid yet"),
             CertError::Expired => f.write_str("certificate has expired"),
+            CertError::NotSingle(count) => write!(
+                f,
+                "expected exactly one self-signed certificate, got a chain of {count}"
+            ),
         }
     }
 }

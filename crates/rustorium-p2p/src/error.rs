@@ -247,6 +247,18 @@ pub enum ConnectError {
         /// Where we dialed.
         addr: SocketAddr,
     },
+    /// The peer presented a certificate no node accepts (not Ed25519, a chain, outside
+    /// its validity period, malformed); the dial is refused.
+    #[error("peer {peer} at {addr} presented a certificate this node refuses: {reason}")]
+    InvalidCertificate {
+        /// The PeerId dialed.
+        peer: PeerId,
+        /// Where we dialed.
+        addr: SocketAddr,
+        /// What is wrong with it.
+        #[source]
+        reason: crate::certificate::CertError,
+    },
     /// The peer refused the certificate we presented.
     #[error("peer {peer} at {addr} refused our certificate: {alert}")]
     CertificateRejected {
@@ -342,6 +354,7 @@ impl ConnectError {
         match self {
             ConnectError::PeerIdMismatch { expected: peer, .. }
             | ConnectError::CertificateRejected { peer, .. }
+            | ConnectError::InvalidCertificate { peer, .. }
             | ConnectError::Refused { peer, .. }
             | ConnectError::TimedOut { peer, .. }
             | ConnectError::HandshakeTimedOut { peer, .. }

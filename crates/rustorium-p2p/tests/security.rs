@@ -7,6 +7,7 @@ use common::{
     raw_client, raw_connection, raw_request, refused_raw_client, test_node, tls_alert_of,
     ClientCert, WAIT,
 };
+use rustorium_p2p::certificate::CertError;
 use rustorium_p2p::{ConnectError, Keypair, Node, PeerAddr};
 
 /// A node with test routes, plus a well-behaved client already connected to it.
@@ -162,4 +163,59 @@ async fn the_handler_sees_the_authenticated_peer_id_of_a_raw_client() {
     let id: rustorium_p2p::PeerId = std::str::from_utf8(&answer[1..]).unwrap().parse().unwrap();
     assert_ne!(id, server.peer_id());
     assert!(server.connected_peers().contains(&id));
+}
+
+/// Dials a raw server presenting `cert`, pinning `peer`; the error.
+async fn dial_refused(cert: common::ServerCert) -> ConnectError {
+    let (server, peer) = common::raw_server(cert);
+    let node = Node::builder().bind().await.unwrap();
+    let to = PeerAddr::new(peer, server.local_addr().unwrap());
+    let dialed = tokio::time::timeout(WAIT, node.connect(&to))
+        .await
+        .expect("dial hung");
+    assert_eq!(node.connection_count(), 0);
+    dialed.expect_err("the certificate must be refused")
+}
+
+#[tokio::test]
+async fn a_server_presenting_a_non_ed25519_certificate_is_refused_by_the_dialer() {
+    match dial_refused(common::ServerCert::ForcedEcdsaP256).await {
+        ConnectError::InvalidCertificate {
+            reason: CertError::NotEd25519,
+            ..
+        } => {}
+        other => panic!("expected InvalidCertificate(NotEd25519), got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_server_presenting_a_chain_of_two_certificates_is_refused_by_the_dialer() {
+    // The first certificate holds the pinned key: only the chain is wrong.
+    let err = dial_refused(common::ServerCert::Chain).await;
+    assert!(
+        matches!(
+            err,
+            ConnectError::InvalidCertificate {
+                reason: CertError::NotSingle(2),
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("chain of 2"), "{err}");
+}
+
+#[tokio::test]
+async fn a_server_presenting_a_not_yet_valid_certificate_is_refused_by_the_dialer() {
+    let err = dial_refused(common::ServerCert::NotYetValid).await;
+    assert!(
+        matches!(
+            err,
+            ConnectError::InvalidCertificate {
+                reason: CertError::NotYetValid,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
 }

@@ -17,7 +17,7 @@ use crate::event::Direction;
 use crate::identity::PeerId;
 use crate::metrics::{ConnectionFailure, ZeroRtt};
 use crate::peers::PeerConnection;
-use crate::tls;
+use crate::tls::{self, PinFailure};
 use crate::transport_error;
 
 /// The live connection to `peer`, dialing its known address if there is none. Concurrent
@@ -151,7 +151,7 @@ async fn dial(
     if peer == shared.peer_id {
         return Err(ConnectError::OwnPeerId { peer, addr });
     }
-    shared.tls.take_mismatch(peer); // a stale record from an abandoned dial
+    shared.tls.take_failure(peer); // a stale record from an abandoned dial
     let mut connecting = shared
         .endpoint
         .connect_with(
@@ -192,12 +192,18 @@ async fn dial(
     let conn = match connecting.await {
         Ok(conn) => conn,
         Err(e) => {
-            if let Some(actual) = shared.tls.take_mismatch(peer) {
-                return Err(ConnectError::PeerIdMismatch {
-                    expected: peer,
-                    actual,
-                    addr,
-                });
+            match shared.tls.take_failure(peer) {
+                Some(PinFailure::Mismatch(actual)) => {
+                    return Err(ConnectError::PeerIdMismatch {
+                        expected: peer,
+                        actual,
+                        addr,
+                    });
+                }
+                Some(PinFailure::Certificate(reason)) => {
+                    return Err(ConnectError::InvalidCertificate { peer, addr, reason });
+                }
+                None => {}
             }
             return Err(transport_error::connect_error(peer, addr, e));
         }

@@ -107,13 +107,13 @@ impl TlsConfigs {
         })
     }
 
-    /// The key a peer presented instead of `expected` in the last dial to `expected`, if
-    /// that dial failed on the pin. (Dials to one peer are serialised, so this is that
-    /// dial's.) Clears the record.
-    pub fn take_mismatch(&self, expected: PeerId) -> Option<PeerId> {
+    /// Why the last dial to `expected` refused the peer's certificate (another key than
+    /// the PeerId dialed, or a certificate no node accepts), if it did. (Dials to one peer
+    /// are serialised, so this is that dial's.) Clears the record.
+    pub fn take_failure(&self, expected: PeerId) -> Option<PinFailure> {
         let mut seen = self
             .verifier
-            .mismatches
+            .failures
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         seen.remove(&expected)
@@ -141,20 +141,29 @@ fn check_chain(
     intermediates: &[CertificateDer<'_>],
     now: UnixTime,
 ) -> Result<PeerId, rustls::Error> {
+    check_single(end_entity, intermediates, now).map_err(|e| tls_cert_error(&e))
+}
+
+/// [`check_chain`], with our own error.
+fn check_single(
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    now: UnixTime,
+) -> Result<PeerId, CertError> {
     if !intermediates.is_empty() {
-        return Err(other_cert_error(format!(
-            "expected exactly one self-signed certificate, got {}",
-            1 + intermediates.len()
-        )));
+        return Err(CertError::NotSingle(1 + intermediates.len()));
     }
-    cert::verify_certificate(end_entity, now.as_secs()).map_err(|e| match e {
+    cert::verify_certificate(end_entity, now.as_secs())
+}
+
+/// The rustls error (and so the TLS alert) for a certificate we refuse.
+fn tls_cert_error(e: &CertError) -> rustls::Error {
+    match e {
         CertError::Expired => rustls::Error::InvalidCertificate(CertificateError::Expired),
         CertError::NotYetValid => rustls::Error::InvalidCertificate(CertificateError::NotValidYet),
         CertError::Malformed(_) => rustls::Error::InvalidCertificate(CertificateError::BadEncoding),
-        CertError::TooLarge(_) | CertError::NotEd25519 | CertError::WeakKey => {
-            other_cert_error(e.to_string())
-        }
-    })
+        _ => other_cert_error(e.to_string()),
+    }
 }
 
 fn other_cert_error(message: String) -> rustls::Error {
@@ -279,8 +288,17 @@ impl ClientCertVerifier for PeerCertVerifier {
 /// named by the server name ([`server_name_for`]).
 #[derive(Debug, Default)]
 struct PinnedServerVerifier {
-    /// Expected PeerId to the key presented instead, for dials that failed on the pin.
-    mismatches: Mutex<HashMap<PeerId, PeerId>>,
+    /// Expected PeerId to why its certificate was refused, for dials that failed on it.
+    failures: Mutex<HashMap<PeerId, PinFailure>>,
+}
+
+/// Why a dialed peer's certificate was refused.
+#[derive(Debug)]
+pub(crate) enum PinFailure {
+    /// It holds another key than the PeerId dialed.
+    Mismatch(PeerId),
+    /// It is not a certificate a node accepts.
+    Certificate(CertError),
 }
 
 impl ServerCertVerifier for PinnedServerVerifier {
@@ -295,10 +313,17 @@ impl ServerCertVerifier for PinnedServerVerifier {
         let expected = expected_peer(server_name).ok_or_else(|| {
             other_cert_error(format!("server name {server_name:?} names no PeerId"))
         })?;
-        let actual = check_chain(end_entity, intermediates, now)?;
+        let record = |failure: PinFailure| {
+            let mut seen = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+            seen.insert(expected, failure);
+        };
+        let actual = check_single(end_entity, intermediates, now).map_err(|e| {
+            let error = tls_cert_error(&e);
+            record(PinFailure::Certificate(e));
+            error
+        })?;
         if actual != expected {
-            let mut seen = self.mismatches.lock().unwrap_or_else(|e| e.into_inner());
-            seen.insert(expected, actual);
+            record(PinFailure::Mismatch(actual));
             return Err(other_cert_error(format!(
                 "peer {expected} presented key {actual}, expected {expected}"
             )));

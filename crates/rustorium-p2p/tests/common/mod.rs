@@ -325,3 +325,79 @@ pub fn rss_kib() -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
 }
+
+/// What a hostile raw server presents to a node that dials it.
+pub enum ServerCert {
+    /// ECDSA P-256, forced through whatever the dialer offered.
+    ForcedEcdsaP256,
+    /// The right Ed25519 certificate followed by a second one.
+    Chain,
+    /// An Ed25519 certificate valid only from 2100.
+    NotYetValid,
+}
+
+/// Always presents its certificate, whatever the client asked for.
+#[derive(Debug)]
+struct ForcedServerCert(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::server::ResolvesServerCert for ForcedServerCert {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+/// A raw quinn server (ALPN `rustorium`) presenting `cert`; returns its endpoint (keep it
+/// alive) and the PeerId a dialer would pin (the Ed25519 key's, where there is one).
+pub fn raw_server(cert: ServerCert) -> (quinn::Endpoint, rustorium_p2p::PeerId) {
+    let provider = rustls::crypto::ring::default_provider();
+    let key = rustorium_p2p::Keypair::generate();
+    let signing_key = rcgen::KeyPair::from_pem(&key.to_pem()).unwrap();
+    let ed25519 = |not_before: i32, not_after: i32| {
+        let mut params = rcgen::CertificateParams::new(vec!["rustorium".to_string()]).unwrap();
+        params.not_before = rcgen::date_time_ymd(not_before, 1, 1);
+        params.not_after = rcgen::date_time_ymd(not_after, 1, 1);
+        params.self_signed(&signing_key).unwrap().der().clone()
+    };
+    let own_key = || {
+        let der = PrivatePkcs8KeyDer::from(signing_key.serialize_der());
+        provider
+            .key_provider
+            .load_private_key(PrivateKeyDer::Pkcs8(der))
+            .unwrap()
+    };
+    let certified = match cert {
+        ServerCert::ForcedEcdsaP256 => {
+            let (c, k) = certificate(&rcgen::PKCS_ECDSA_P256_SHA256);
+            let key = provider.key_provider.load_private_key(k).unwrap();
+            rustls::sign::CertifiedKey::new(vec![c], Arc::new(EcdsaAnyway(key)))
+        }
+        ServerCert::Chain => {
+            let (second, _) = certificate(&rcgen::PKCS_ED25519);
+            rustls::sign::CertifiedKey::new(vec![ed25519(2000, 4000), second], own_key())
+        }
+        ServerCert::NotYetValid => {
+            rustls::sign::CertifiedKey::new(vec![ed25519(2100, 2101)], own_key())
+        }
+    };
+    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(ForcedServerCert(Arc::new(certified))));
+    tls.alpn_protocols = vec![b"rustorium".to_vec()];
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
+    let config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let accept = endpoint.clone();
+    tokio::spawn(async move {
+        while let Some(incoming) = accept.accept().await {
+            tokio::spawn(async move {
+                let _ = incoming.await;
+            });
+        }
+    });
+    (endpoint, key.peer_id())
+}
