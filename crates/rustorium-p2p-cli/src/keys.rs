@@ -47,6 +47,36 @@ pub fn node_key(path: Option<&Path>) -> anyhow::Result<(Keypair, PathBuf)> {
     Ok((key, path))
 }
 
+/// Holds a node's key file locked (an advisory `flock`) while the node runs, so a second
+/// node cannot start with the same key by accident; unlocked when dropped (or when the
+/// process ends, however it ends).
+#[derive(Debug)]
+pub struct KeyLock(#[allow(dead_code)] std::fs::File);
+
+/// Locks the key file at `path` for this node. `named` says whether the operator named it
+/// (`--key`/`key_file`) or it is the data directory's, for the message.
+pub fn lock_key(path: &Path, named: bool) -> anyhow::Result<KeyLock> {
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("cannot open key file {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(KeyLock(file)),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let how = if named {
+                "give each node a key of its own"
+            } else {
+                "this is the data directory's key, used by every node started without --key; give this node its own"
+            };
+            anyhow::bail!(
+                "the key {} is in use by another running node: two nodes with one key would have the same PeerId. {how}: `rustorium-p2p keygen --out other.key`, then `--key other.key`",
+                path.display()
+            )
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("cannot lock key file {}", path.display()))
+        }
+    }
+}
+
 /// `$RUSTORIUM_P2P_DATA_DIR`, else `$XDG_DATA_HOME/rustorium-p2p`, else
 /// `~/.local/share/rustorium-p2p`.
 fn data_dir() -> PathBuf {

@@ -84,6 +84,12 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
             effective_config(&args).map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
         super::init_logging(&file.node.log_level, file.node.log_format);
         let (key, key_path) = super::keys::node_key(file.node.key_file.as_deref())?;
+        let lock = super::keys::lock_key(&key_path, file.node.key_file.is_some())?;
+        if let Some(own) = file.node.peers.iter().find(|p| p.peer_id == key.peer_id()) {
+            anyhow::bail!(
+                "--peer {own} (or node.peers in the file): that is this node's own PeerId; a node does not dial itself: give the PeerAddr of another node"
+            );
+        }
         let metrics = match file.node.metrics_addr {
             Some(addr) => Some(
                 crate::metrics_http::bind(addr)
@@ -96,9 +102,9 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
         let (builder, info) = crate::system::routes(builder);
         let node = builder.bind().await?;
         info.set(&node);
-        Ok::<_, anyhow::Error>((node, key_path, metrics))
+        Ok::<_, anyhow::Error>((node, key_path, metrics, lock))
     };
-    let (node, key_path, metrics) = match started.await {
+    let (node, key_path, metrics, _key_lock) = match started.await {
         Ok(started) => started,
         Err(e) => {
             eprintln!("error: {}", crate::report(&e));

@@ -541,3 +541,49 @@ fn bench_stacks_runs_only_the_named_stacks() {
     let refused = run(&["bench", "--quick", "--stacks", "grpc"]);
     assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
 }
+
+#[test]
+fn a_second_node_on_the_same_key_is_refused_and_told_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = NodeProcess::start(dir.path(), &[]);
+    // The same data directory, no --key: the same key, which the first node holds.
+    let second = Command::new(BIN)
+        .args(["node", "--listen", "127.0.0.1:0"])
+        .env("RUSTORIUM_P2P_DATA_DIR", dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(second.status.code(), Some(2), "{}", stderr(&second));
+    let message = stderr(&second);
+    assert!(
+        message.contains("in use by another running node"),
+        "{message}"
+    );
+    assert!(message.contains("--key"), "says how to fix it: {message}");
+    // Once the first node has stopped, the key is free again.
+    assert!(first.terminate().success());
+    let again = NodeProcess::start(dir.path(), &[]);
+    drop(again);
+}
+
+#[test]
+fn a_peer_flag_with_the_nodes_own_peer_id_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("node.key");
+    let made = run(&["keygen", "--out", key.to_str().unwrap()]);
+    let id = stdout(&made).trim().to_string();
+    let own = format!("{id}@127.0.0.1:4433");
+    let out = Command::new(BIN)
+        .args([
+            "node",
+            "--listen",
+            "127.0.0.1:0",
+            "--key",
+            key.to_str().unwrap(),
+        ])
+        .args(["--peer", &own])
+        .env("RUSTORIUM_P2P_DATA_DIR", dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("own PeerId"), "{}", stderr(&out));
+}
