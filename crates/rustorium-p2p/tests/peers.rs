@@ -826,3 +826,46 @@ async fn past_the_simultaneous_dial_window_the_newer_connection_wins() {
         );
     }
 }
+
+/// A known peer that shuts down is redialed (with 0-RTT, since a ticket is at hand); those
+/// redials go nowhere, and none of them may count as a reconnection: that needs a
+/// completed handshake.
+#[tokio::test]
+async fn a_known_peer_that_is_gone_is_never_counted_as_reconnected() {
+    let mut config = common::config();
+    config.limits.reconnect_min_backoff = Duration::from_millis(20);
+    config.limits.reconnect_max_backoff = Duration::from_millis(100);
+    config.limits.connect_timeout = Duration::from_millis(300);
+    config.transport.max_idle_timeout = Duration::from_millis(500);
+    config.transport.keep_alive_interval = Some(Duration::from_millis(100));
+    let (b, _) = test_node();
+    let b = b.bind().await.unwrap();
+    let a = Node::builder().config(config).bind().await.unwrap();
+    let mut events = a.events();
+    a.add_known_peer(b.peer_addr());
+    wait_event(&mut events, "connected", |e| {
+        matches!(e, PeerEvent::Connected { .. })
+    })
+    .await;
+    a.request(b.peer_id(), "echo", "tickets").await.unwrap(); // session tickets arrive
+    b.shutdown().await;
+    drop(b);
+    // The redials: wait until a 0-RTT one was made and at least two more dials after it.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let dials_failed = |a: &Node| {
+        a.metrics_text()
+            .lines()
+            .filter(|l| l.starts_with("rustorium_p2p_connection_errors_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    while !(a.stats().zero_rtt_attempted >= 1 && dials_failed(&a) >= 2.0) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no redials seen: {:?}",
+            a.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(a.stats().reconnects, 0, "{:?}", a.stats());
+}

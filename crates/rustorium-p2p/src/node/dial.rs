@@ -237,16 +237,34 @@ pub(super) async fn keep_connected(shared: Arc<Shared>, peer: PeerId) {
         };
         match conn {
             Ok(conn) => {
-                let id = conn.conn.stable_id();
-                if previous.is_some_and(|old| old != id) {
-                    shared.metrics.reconnected();
-                    info!(peer = %peer, "reconnected to known peer");
+                // A 0-RTT dial is usable before its handshake completes, and the peer may
+                // still refuse it (or be gone): it is a reconnection, counted and logged
+                // once, only when its handshake completes.
+                let confirmed = tokio::select! {
+                    confirmed = conn.confirmed() => confirmed,
+                    _ = shutdown.wait_for(|closing| *closing) => return,
+                };
+                if confirmed {
+                    let id = conn.conn.stable_id();
+                    if previous.is_some_and(|old| old != id) {
+                        shared.metrics.reconnected();
+                        info!(peer = %peer, "reconnected to known peer");
+                    }
+                    previous = Some(id);
+                    backoff = min;
                 }
-                previous = Some(id);
-                backoff = min;
                 tokio::select! {
                     _ = conn.conn.closed() => {}
                     _ = shutdown.wait_for(|closing| *closing) => return,
+                }
+                if !confirmed {
+                    // Like a failed dial: wait before the next.
+                    debug!(peer = %peer, "0-RTT redial never completed its handshake");
+                    tokio::select! {
+                        _ = tokio::time::sleep(next_wait(backoff, max)) => {}
+                        _ = shutdown.wait_for(|closing| *closing) => return,
+                    }
+                    backoff = (backoff * 2).min(max);
                 }
             }
             Err(ConnectError::Shutdown) => return,
