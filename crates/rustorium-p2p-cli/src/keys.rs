@@ -33,7 +33,7 @@ pub fn node_key(path: Option<&Path>) -> anyhow::Result<(Keypair, PathBuf)> {
         check_private(path)?;
         return Ok((Keypair::load(path)?, path.to_path_buf()));
     }
-    let dir = data_dir();
+    let dir = data_dir()?;
     let path = dir.join("node.key");
     if path.exists() {
         check_private(&path)?;
@@ -78,23 +78,29 @@ pub fn lock_key(path: &Path, named: bool) -> anyhow::Result<KeyLock> {
 }
 
 /// `$RUSTORIUM_P2P_DATA_DIR`, else `$XDG_DATA_HOME/rustorium-p2p`, else
-/// `~/.local/share/rustorium-p2p`.
-fn data_dir() -> PathBuf {
+/// `~/.local/share/rustorium-p2p`. `RUSTORIUM_P2P_DATA_DIR` set but empty is a mistake
+/// (a script's unset variable, usually), not a request for the default: refused.
+fn data_dir() -> anyhow::Result<PathBuf> {
     let env = |name: &str| {
         std::env::var_os(name)
             .filter(|v| !v.is_empty())
             .map(PathBuf::from)
     };
+    if std::env::var_os("RUSTORIUM_P2P_DATA_DIR").is_some_and(|v| v.is_empty()) {
+        anyhow::bail!(
+            "RUSTORIUM_P2P_DATA_DIR is set but empty: give it a directory, or unset it to use $XDG_DATA_HOME/rustorium-p2p or ~/.local/share/rustorium-p2p"
+        );
+    }
     if let Some(dir) = env("RUSTORIUM_P2P_DATA_DIR") {
-        return dir;
+        return Ok(dir);
     }
     if let Some(dir) = env("XDG_DATA_HOME") {
-        return dir.join("rustorium-p2p");
+        return Ok(dir.join("rustorium-p2p"));
     }
-    match env("HOME") {
+    Ok(match env("HOME") {
         Some(home) => home.join(".local/share/rustorium-p2p"),
         None => PathBuf::from(".rustorium-p2p"),
-    }
+    })
 }
 
 fn create_private_dir(dir: &Path) -> std::io::Result<()> {

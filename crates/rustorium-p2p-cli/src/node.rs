@@ -21,9 +21,10 @@ pub struct NodeArgs {
     /// ~/.local/share/rustorium-p2p), made on first run.
     #[arg(long)]
     key: Option<PathBuf>,
-    /// UDP address to listen on (port 0: any free port; the first stdout line shows it).
+    /// UDP address to listen on, `host:port` (a name such as `localhost` is resolved, as
+    /// in a PEERADDR; port 0: any free port; the first stdout line shows it).
     /// Default: the config's `node.listen`, 127.0.0.1:4433.
-    #[arg(long)]
+    #[arg(long, value_parser = listen_address)]
     listen: Option<SocketAddr>,
     /// A peer to keep connected (redialed with backoff when the connection drops);
     /// repeat for more.
@@ -240,4 +241,19 @@ mod tests {
             "{seen:?}"
         );
     }
+}
+
+/// `--listen`: a socket address, or `host:port` with a host name resolved to its first
+/// address.
+fn listen_address(text: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    let mut resolved = text
+        .to_socket_addrs()
+        .map_err(|e| format!("expected host:port, for example 127.0.0.1:4433 ({e})"))?;
+    resolved
+        .next()
+        .ok_or_else(|| format!("{text} resolves to no address"))
 }

@@ -587,3 +587,45 @@ fn a_peer_flag_with_the_nodes_own_peer_id_is_a_usage_error() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("own PeerId"), "{}", stderr(&out));
 }
+
+#[test]
+fn an_empty_data_directory_variable_is_refused_not_ignored() {
+    let out = Command::new(BIN)
+        .args(["node", "--listen", "127.0.0.1:0"])
+        .env("RUSTORIUM_P2P_DATA_DIR", "")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("RUSTORIUM_P2P_DATA_DIR is set but empty"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn listen_takes_a_host_name_as_peeraddr_does() {
+    let dir = tempfile::tempdir().unwrap();
+    // `localhost` resolves through /etc/hosts: loopback, no DNS query.
+    let mut child = Command::new(BIN)
+        .args(["node", "--listen", "localhost:0"])
+        .env("RUSTORIUM_P2P_DATA_DIR", dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx.recv_timeout(WAIT).expect("node printed no address");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        line.contains("@127.0.0.1:") || line.contains("@[::1]:"),
+        "{line:?}"
+    );
+}
