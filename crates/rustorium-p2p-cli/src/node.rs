@@ -215,6 +215,21 @@ async fn follow_events(
     }
 }
 
+/// `--listen`: a socket address, or `host:port` with a host name resolved to its first
+/// address.
+fn listen_address(text: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    let mut resolved = text
+        .to_socket_addrs()
+        .map_err(|e| format!("expected host:port, for example 127.0.0.1:4433 ({e})"))?;
+    resolved
+        .next()
+        .ok_or_else(|| format!("{text} resolves to no address"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,19 +256,4 @@ mod tests {
             "{seen:?}"
         );
     }
-}
-
-/// `--listen`: a socket address, or `host:port` with a host name resolved to its first
-/// address.
-fn listen_address(text: &str) -> Result<SocketAddr, String> {
-    use std::net::ToSocketAddrs;
-    if let Ok(addr) = text.parse() {
-        return Ok(addr);
-    }
-    let mut resolved = text
-        .to_socket_addrs()
-        .map_err(|e| format!("expected host:port, for example 127.0.0.1:4433 ({e})"))?;
-    resolved
-        .next()
-        .ok_or_else(|| format!("{text} resolves to no address"))
 }
