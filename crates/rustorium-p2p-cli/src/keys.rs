@@ -72,7 +72,10 @@ pub fn lock_key(path: &Path, named: bool) -> anyhow::Result<KeyLock> {
             )
         }
         Err(std::fs::TryLockError::Error(e)) => {
-            Err(e).with_context(|| format!("cannot lock key file {}", path.display()))
+            // Some file systems cannot lock a file opened for reading (NFS, for one): the
+            // lock is a guard against a mistake, not a reason not to start.
+            tracing::warn!(path = %path.display(), "cannot lock the key file ({e}); another node started on this key would not be stopped");
+            Ok(KeyLock(file))
         }
     }
 }

@@ -22,7 +22,8 @@ pub struct NodeArgs {
     #[arg(long)]
     key: Option<PathBuf>,
     /// UDP address to listen on, `host:port` (a name such as `localhost` is resolved, as
-    /// in a PEERADDR; port 0: any free port; the first stdout line shows it).
+    /// in a PEERADDR, to its first IPv4 address if it has one; port 0: any free port; the
+    /// first stdout line shows it).
     /// Default: the config's `node.listen`, 127.0.0.1:4433.
     #[arg(long, value_parser = listen_address)]
     listen: Option<SocketAddr>,
@@ -81,15 +82,21 @@ pub fn check_config(path: &std::path::Path) -> anyhow::Result<ExitCode> {
 pub async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
     // Everything that can be wrong with the configuration is found before anything starts.
     let started = async {
-        let file =
+        let mut file =
             effective_config(&args).map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
         super::init_logging(&file.node.log_level, file.node.log_format);
         let (key, key_path) = super::keys::node_key(file.node.key_file.as_deref())?;
         let lock = super::keys::lock_key(&key_path, file.node.key_file.is_some())?;
-        if let Some(own) = file.node.peers.iter().find(|p| p.peer_id == key.peer_id()) {
+        if let Some(own) = args.peers.iter().find(|p| p.peer_id == key.peer_id()) {
             anyhow::bail!(
-                "--peer {own} (or node.peers in the file): that is this node's own PeerId; a node does not dial itself: give the PeerAddr of another node"
+                "--peer {own}: that is this node's own PeerId; a node does not dial itself: give the PeerAddr of another node"
             );
+        }
+        // A peer list shared by every node of a cluster names each node too: skip it.
+        let listed = file.node.peers.len();
+        file.node.peers.retain(|p| p.peer_id != key.peer_id());
+        if file.node.peers.len() < listed {
+            tracing::info!("node.peers names this node itself; skipping that entry");
         }
         let metrics = match file.node.metrics_addr {
             Some(addr) => Some(
@@ -222,11 +229,17 @@ fn listen_address(text: &str) -> Result<SocketAddr, String> {
     if let Ok(addr) = text.parse() {
         return Ok(addr);
     }
-    let mut resolved = text
+    let resolved: Vec<SocketAddr> = text
         .to_socket_addrs()
-        .map_err(|e| format!("expected host:port, for example 127.0.0.1:4433 ({e})"))?;
+        .map_err(|e| format!("expected host:port, for example 127.0.0.1:4433 ({e})"))?
+        .collect();
+    // IPv4 first: `localhost` often resolves to ::1 first, where peers dialing 127.0.0.1
+    // would not find the node.
     resolved
-        .next()
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(resolved.first())
+        .copied()
         .ok_or_else(|| format!("{text} resolves to no address"))
 }
 

@@ -586,6 +586,20 @@ fn a_peer_flag_with_the_nodes_own_peer_id_is_a_usage_error() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("own PeerId"), "{}", stderr(&out));
+
+    // In the file's peer list (one list shared by a whole cluster) it is skipped instead.
+    let file = dir.path().join("node.toml");
+    std::fs::write(&file, format!("[node]\npeers = [\"{own}\"]\n")).unwrap();
+    let node = NodeProcess::start(
+        dir.path(),
+        &[
+            "--key",
+            key.to_str().unwrap(),
+            "--config",
+            file.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(node.peer_id(), id);
 }
 
 #[test]

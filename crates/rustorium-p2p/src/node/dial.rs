@@ -251,15 +251,21 @@ pub(super) async fn keep_connected(shared: Arc<Shared>, peer: PeerId) {
                         info!(peer = %peer, "reconnected to known peer");
                     }
                     previous = Some(id);
-                    backoff = min;
                 }
+                let up = tokio::time::Instant::now();
                 tokio::select! {
                     _ = conn.conn.closed() => {}
                     _ = shutdown.wait_for(|closing| *closing) => return,
                 }
-                if !confirmed {
-                    // Like a failed dial: wait before the next.
-                    debug!(peer = %peer, "0-RTT redial never completed its handshake");
+                // The backoff starts over only after a connection that lasted: a peer that
+                // closes each connection at once (or never completes one) is redialed no
+                // faster than one that cannot be reached.
+                if confirmed && up.elapsed() >= max {
+                    backoff = min;
+                } else {
+                    if !confirmed {
+                        debug!(peer = %peer, "0-RTT redial never completed its handshake");
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(next_wait(backoff, max)) => {}
                         _ = shutdown.wait_for(|closing| *closing) => return,
