@@ -27,7 +27,7 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 /// A self-signed Ed25519 certificate, as our nodes use.
-fn certificate() -> anyhow::Result<(CertificateDer<'static>, PrivateKeyDer<'static>)> {
+pub(crate) fn certificate() -> anyhow::Result<(CertificateDer<'static>, PrivateKeyDer<'static>)> {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
     let cert = rcgen::CertificateParams::new(vec!["bench".to_string()])?.self_signed(&key)?;
     let der = PrivatePkcs8KeyDer::from(key.serialize_der());
@@ -118,7 +118,10 @@ impl ServerCertVerifier for AcceptAny {
 
 /// A UDP socket on `addr`: with the OS's default buffers, or with the 4 MiB ones our nodes
 /// ask for.
-fn udp_socket(addr: SocketAddr, big_buffers: bool) -> anyhow::Result<std::net::UdpSocket> {
+pub(crate) fn udp_socket(
+    addr: SocketAddr,
+    big_buffers: bool,
+) -> anyhow::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if big_buffers {

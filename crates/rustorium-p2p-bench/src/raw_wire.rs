@@ -14,24 +14,18 @@ use anyhow::Context as _;
 use bytes::Bytes;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use rustorium_p2p::wire::{self, Status};
+
+use crate::baselines::{certificate, udp_socket};
 
 /// The largest request the raw server reads (the pinned scenarios send 1 KiB at most).
 const MAX_BODY: usize = 1 << 20;
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// A self-signed Ed25519 certificate and its key.
-fn certificate() -> anyhow::Result<(CertificateDer<'static>, PrivateKeyDer<'static>)> {
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
-    let cert = rcgen::CertificateParams::new(vec!["rustorium".to_string()])?.self_signed(&key)?;
-    let der = PrivatePkcs8KeyDer::from(key.serialize_der());
-    Ok((cert.der().clone(), PrivateKeyDer::Pkcs8(der)))
 }
 
 /// Accepts any single certificate, and checks the peer's handshake signature over it with
@@ -120,16 +114,6 @@ impl ClientCertVerifier for Mutual {
     }
 }
 
-/// A UDP socket on `addr` with the 4 MiB buffers our nodes ask for.
-fn udp_socket(addr: SocketAddr) -> anyhow::Result<std::net::UdpSocket> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    socket.set_recv_buffer_size(4 << 20)?;
-    socket.set_send_buffer_size(4 << 20)?;
-    socket.bind(&addr.into())?;
-    Ok(socket.into())
-}
-
 /// Starts the raw server on `listen` (on the current runtime), with `streams` concurrent
 /// streams of each kind per connection, as our bench node allows.
 pub fn server(listen: SocketAddr, streams: u32) -> anyhow::Result<quinn::Endpoint> {
@@ -151,7 +135,7 @@ pub fn server(listen: SocketAddr, streams: u32) -> anyhow::Result<quinn::Endpoin
     let endpoint = quinn::Endpoint::new(
         quinn::EndpointConfig::default(),
         Some(config),
-        udp_socket(listen)?,
+        udp_socket(listen, true)?,
         Arc::new(quinn::TokioRuntime),
     )?;
     let accept = endpoint.clone();
@@ -225,7 +209,7 @@ impl Client {
         let endpoint = quinn::Endpoint::new(
             quinn::EndpointConfig::default(),
             None,
-            udp_socket("127.0.0.1:0".parse()?)?,
+            udp_socket("127.0.0.1:0".parse()?, true)?,
             Arc::new(quinn::TokioRuntime),
         )?;
         Ok(Client {

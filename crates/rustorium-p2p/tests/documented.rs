@@ -9,31 +9,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::WAIT;
+use common::{eventually, metric_sum, WAIT};
 use rustorium_p2p::{ConnectError, Node, Refusal, RequestError};
 use tokio::sync::Semaphore;
-
-/// Waits (bounded) until `check` holds.
-async fn eventually(what: &str, check: impl Fn() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !check() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what}: not within {WAIT:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// The value of the first line of `metrics` that holds every one of `parts`, or 0.
-fn metric(metrics: &str, parts: &[&str]) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .find(|l| parts.iter().all(|p| l.contains(p)))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
-}
 
 /// A handler that runs until `gate` lets it through, counting how many are running.
 fn hold(gate: &Arc<Semaphore>, running: &Arc<AtomicUsize>) -> impl rustorium_p2p::Handler {
@@ -78,7 +56,7 @@ async fn one_way_messages_wait_for_a_slot_then_are_dropped_and_counted() {
     let to = server.peer_id();
     let active = |n: f64| {
         let server = server.clone();
-        move || metric(&server.metrics_text(), &["streams_active"]) == n
+        move || metric_sum(&server, &["streams_active"]) == n
     };
 
     // The one slot taken: a message waits for it, and runs once it is free.
@@ -112,8 +90,8 @@ async fn one_way_messages_wait_for_a_slot_then_are_dropped_and_counted() {
     .await;
     client.send(to, "note", "second").await.unwrap();
     let dropped = || {
-        metric(
-            &server.metrics_text(),
+        metric_sum(
+            &server,
             &[
                 "requests",
                 "route=\"note\"",

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{raw_client, test_node, ClientCert, WAIT};
+use common::{eventually, raw_client, test_node, ClientCert, WAIT};
 use rustorium_p2p::{Bytes, Node};
 
 /// A stranger that sends the first flight of a QUIC handshake from `from` (a fresh UDP
@@ -50,19 +50,6 @@ async fn good_peer_is_served(server: &Node, n: usize) -> Node {
     good
 }
 
-/// Waits (bounded) until `check` holds.
-async fn eventually(what: &str, check: impl Fn() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !check() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what}: not within {WAIT:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-// Multi-thread: the pool and admission race here, so let them race in parallel.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_open_handshakes_lock_out_neither_good_peers_nor_own_dials() {
     let (server, _) = test_node();

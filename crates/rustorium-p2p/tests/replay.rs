@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::WAIT;
+use common::{eventually, metric_sum as metric};
 use rustorium_p2p::{Bytes, Node, PeerAddr, RequestContext, RequestOptions};
 use tokio::net::UdpSocket;
 
@@ -62,26 +62,6 @@ impl Recorder {
 impl Drop for Recorder {
     fn drop(&mut self) {
         self.task.abort();
-    }
-}
-
-/// The sum over `node`'s metric lines that hold every one of `parts`.
-fn metric(node: &Node, parts: &[&str]) -> f64 {
-    node.metrics_text()
-        .lines()
-        .filter(|l| !l.starts_with('#') && parts.iter().all(|p| l.contains(p)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-async fn eventually(what: &str, check: impl Fn() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !check() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what}: not within {WAIT:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

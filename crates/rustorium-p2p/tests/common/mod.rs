@@ -401,3 +401,24 @@ pub fn raw_server(cert: ServerCert) -> (quinn::Endpoint, rustorium_p2p::PeerId) 
     });
     (endpoint, key.peer_id())
 }
+
+/// Waits (bounded by [`WAIT`]) until `check` holds; fails the test naming `what`.
+pub async fn eventually(what: &str, check: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The sum of `node`'s metric lines (comments left out) that hold every one of `parts`.
+pub fn metric_sum(node: &Node, parts: &[&str]) -> f64 {
+    node.metrics_text()
+        .lines()
+        .filter(|l| !l.starts_with('#') && parts.iter().all(|p| l.contains(p)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
