@@ -173,8 +173,10 @@ async fn a_peer_that_never_reads_its_answers_is_cut_off() {
     // Ask for 8 MB answers ten times and never read them.
     let mut unread = Vec::new();
     for _ in 0..10 {
-        let (mut send, recv) = conn.open_bi().await.unwrap();
-        send.write_all(b"\x03big8000000").await.unwrap();
+        let (mut send, recv) = common::within("a stream", conn.open_bi()).await.unwrap();
+        common::within("a request", send.write_all(b"\x03big8000000"))
+            .await
+            .unwrap();
         send.finish().unwrap();
         unread.push(recv);
     }

@@ -211,7 +211,9 @@ async fn a_peer_that_never_grants_credit_holds_no_handler_slot_and_is_cut_off() 
             .await
             .expect("no stream credit in time")
             .unwrap();
-        send.write_all(&request).await.unwrap();
+        common::within("a request", send.write_all(&request))
+            .await
+            .unwrap();
         send.finish().unwrap();
         unread.push((send, recv));
     }
@@ -264,8 +266,10 @@ async fn an_answer_past_the_share_of_unread_answers_is_reset_with_busy() {
     request.extend_from_slice(&[7u8; 64]);
     let mut held = Vec::new();
     for _ in 0..2 {
-        let (mut send, recv) = conn.open_bi().await.unwrap();
-        send.write_all(&request).await.unwrap();
+        let (mut send, recv) = common::within("a stream", conn.open_bi()).await.unwrap();
+        common::within("a request", send.write_all(&request))
+            .await
+            .unwrap();
         send.finish().unwrap();
         held.push((send, recv));
     }
@@ -279,8 +283,10 @@ async fn an_answer_past_the_share_of_unread_answers_is_reset_with_busy() {
     })
     .await;
     // The third is over the share: its stream is reset with BUSY (0x05) at once.
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    send.write_all(&request).await.unwrap();
+    let (mut send, mut recv) = common::within("a stream", conn.open_bi()).await.unwrap();
+    common::within("a request", send.write_all(&request))
+        .await
+        .unwrap();
     send.finish().unwrap();
     let reset = tokio::time::timeout(WAIT, recv.received_reset())
         .await
@@ -309,7 +315,7 @@ async fn unfinished_bodies_over_many_connections_stay_within_the_byte_budget() {
     for _ in 0..10 {
         let (endpoint, conn) = common::raw_connection(server.local_addr()).await;
         for _ in 0..2 {
-            let (mut send, recv) = conn.open_bi().await.unwrap();
+            let (mut send, recv) = common::within("a stream", conn.open_bi()).await.unwrap();
             let mut head = rustorium_p2p::wire::encode_header("echo");
             head.extend_from_slice(&vec![1u8; 900 << 10]);
             // Written in the background: flow control stops it when the node stops reading.

@@ -714,8 +714,10 @@ async fn stalled_streams_are_cut_off_and_others_are_served() {
     let (_endpoint, conn) = raw_connection(b.local_addr()).await;
     let mut stalled = Vec::new();
     for _ in 0..100 {
-        let (mut send, recv) = conn.open_bi().await.unwrap();
-        send.write_all(&[5]).await.unwrap();
+        let (mut send, recv) = common::within("a stream", conn.open_bi()).await.unwrap();
+        common::within("a header byte", send.write_all(&[5]))
+            .await
+            .unwrap();
         stalled.push((send, recv));
     }
     // Meanwhile the well-behaved peer is served.

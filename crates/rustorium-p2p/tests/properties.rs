@@ -69,3 +69,120 @@ proptest! {
         let _ = toml::from_str::<rustorium_p2p::Config>(&text).map(|c| c.validate());
     }
 }
+
+/// Every `section.key` of the configuration with its default, read from the defaults
+/// themselves, so a new key is covered without touching this test.
+fn config_keys() -> Vec<(String, String, toml::Value)> {
+    let defaults = toml::Value::try_from(rustorium_p2p::Config::default()).unwrap();
+    let mut keys = Vec::new();
+    for (section, table) in defaults.as_table().unwrap() {
+        for (key, value) in table.as_table().unwrap() {
+            keys.push((section.clone(), key.clone(), value.clone()));
+        }
+    }
+    // Keys whose default is absent are not serialized; name them here.
+    keys.push(("node".into(), "key_file".into(), "k.pem".into()));
+    keys.push((
+        "node".into(),
+        "allow".into(),
+        toml::Value::Array(Vec::new()),
+    ));
+    keys
+}
+
+/// Values of the kind the key's default has, from the edges of each range (zero, one, the
+/// largest of each width, negative), or, one time in four, of any other kind.
+fn value_like(default: &toml::Value) -> BoxedStrategy<String> {
+    let units = |u: &'static [&'static str]| prop::sample::select(u.to_vec());
+    let edge = prop::sample::select(vec![
+        0i128,
+        1,
+        2,
+        255,
+        256,
+        65_535,
+        65_536,
+        1 << 31,
+        u32::MAX as i128,
+        1 << 32,
+        i64::MAX as i128,
+        -1,
+    ]);
+    let number = prop_oneof![edge.clone().prop_map(|n| n as u64 as i128), 0i128..200_000];
+    let like: BoxedStrategy<String> = match default {
+        toml::Value::Integer(_) => prop_oneof![
+            edge.prop_map(|n| n.to_string()),
+            (0u64..200_000).prop_map(|n| n.to_string()),
+        ]
+        .boxed(),
+        toml::Value::String(text) if parse_duration(text).is_ok() => (
+            number.clone(),
+            units(&["ms", "s", "m", "h", "us", "ns", "d", ""]),
+        )
+            .prop_map(|(n, u)| format!("\"{n}{u}\""))
+            .boxed(),
+        toml::Value::String(text) if parse_size(text).is_ok() => (
+            number,
+            units(&["B", "KiB", "MiB", "GiB", "TiB", "KB", "MB", ""]),
+        )
+            .prop_map(|(n, u)| format!("\"{n}{u}\""))
+            .boxed(),
+        toml::Value::Array(_) => prop_oneof![
+            Just("[]".to_string()),
+            Just("[\"x\"]".to_string()),
+            Just("[\"127.0.0.1:4433\"]".to_string()),
+        ]
+        .boxed(),
+        _ => "[a-zA-Z0-9 .:_/\\[\\]-]{0,24}"
+            .prop_map(|s| format!("\"{s}\""))
+            .boxed(),
+    };
+    let other = prop_oneof![
+        any::<i64>().prop_map(|n| n.to_string()),
+        any::<bool>().prop_map(|b| b.to_string()),
+        "[a-zA-Z0-9 .:_/-]{0,24}".prop_map(|s| format!("\"{s}\"")),
+        Just("1.5".to_string()),
+        Just("[]".to_string()),
+    ];
+    prop_oneof![3 => like, 1 => other].boxed()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(3000))]
+
+    /// One key set to any value: the file is refused with an error that names that key, or
+    /// accepted, in which case the value survives a write and re-read unchanged.
+    #[test]
+    fn any_value_for_any_key_is_refused_naming_it_or_round_trips(
+        (section, name, value) in prop::sample::select(config_keys())
+            .prop_flat_map(|(section, name, default)| {
+                (Just(section), Just(name), value_like(&default))
+            }),
+    ) {
+        let text = format!("[{section}]\n{name} = {value}\n");
+        match toml::from_str::<rustorium_p2p::Config>(&text) {
+            Err(e) => {
+                // The parser points at the line and column of the value.
+                let message = e.to_string();
+                prop_assert!(message.contains("line 2"), "{text}: {message}");
+            }
+            Ok(config) => match config.validate() {
+                Err(e) => {
+                    let full = format!("{section}.{name}");
+                    // A rule between two keys names both, and the one it blames.
+                    let between = e.problem.contains(&full) && e.problem.contains(e.key);
+                    prop_assert!(
+                        e.key == full || between,
+                        "{text}: the error names {} ({e}), not {full}", e.key
+                    );
+                }
+                Ok(()) => {
+                    let written = toml::to_string(&config).unwrap();
+                    let again: rustorium_p2p::Config = toml::from_str(&written)
+                        .unwrap_or_else(|e| panic!("{text}: written as\n{written}\nnot read back: {e}"));
+                    prop_assert_eq!(again, config, "{}", text);
+                }
+            },
+        }
+    }
+}

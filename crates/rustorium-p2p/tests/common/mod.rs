@@ -402,6 +402,15 @@ pub fn raw_server(cert: ServerCert) -> (quinn::Endpoint, rustorium_p2p::PeerId) 
     (endpoint, key.peer_id())
 }
 
+/// Awaits `future`, failing the test naming `what` if it takes longer than [`WAIT`]: for
+/// awaits on a peer (a stream's credit, a write) that would otherwise hang the suite.
+pub async fn within<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(WAIT, future).await {
+        Ok(value) => value,
+        Err(_) => panic!("{what}: not within {WAIT:?}"),
+    }
+}
+
 /// Waits (bounded by [`WAIT`]) until `check` holds; fails the test naming `what`.
 pub async fn eventually(what: &str, check: impl Fn() -> bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
