@@ -118,15 +118,19 @@ async fn simultaneous_dials_on_the_multi_thread_runtime_lose_nothing() {
 }
 
 /// 50 rounds of two fresh nodes requesting from each other at the same moment; every
-/// request answered, one connection left. Returns how many rounds raced into two.
+/// request answered, one connection left. One-way messages go both ways in the same race:
+/// none arrives twice (a message on a connection closed as `DUPLICATE` may have run, so it
+/// is never sent again) and every one whose `send` succeeded arrives. Returns how many
+/// rounds raced into two.
 async fn simultaneous_dial_rounds() -> usize {
     const ROUNDS: usize = 50;
     const REQUESTS: usize = 10;
+    const MESSAGES: usize = 5;
     let mut rounds = tokio::task::JoinSet::new();
     for round in 0..ROUNDS {
         rounds.spawn(async move {
-            let (a, _) = test_node();
-            let (b, _) = test_node();
+            let (a, mut a_notes) = test_node();
+            let (b, mut b_notes) = test_node();
             let (a, b) = (
                 Arc::new(a.bind().await.unwrap()),
                 Arc::new(b.bind().await.unwrap()),
@@ -151,11 +155,46 @@ async fn simultaneous_dial_rounds() -> usize {
                     });
                 }
             }
+            let mut sends = tokio::task::JoinSet::new();
+            for i in 0..MESSAGES {
+                for (from, to) in [(a.clone(), b.peer_id()), (b.clone(), a.peer_id())] {
+                    let body = format!("round {round} message {i} to {to}");
+                    sends.spawn(async move {
+                        let sent = tokio::time::timeout(WAIT, from.send(to, "note", body.clone()));
+                        (sent.await.expect("message hung").is_ok(), body)
+                    });
+                }
+            }
             while let Some(done) = requests.join_next().await {
                 let (answer, body) = done.unwrap();
                 assert_eq!(answer.expect("request lost in a dial race"), body);
             }
+            let mut delivered = std::collections::HashSet::new();
+            while let Some(done) = sends.join_next().await {
+                let (ok, body) = done.unwrap();
+                if ok {
+                    delivered.insert(body);
+                }
+            }
             wait_single_connection(&a, &b, &mut a_events, &mut b_events).await;
+            // Every acknowledged message arrives; no message arrives twice.
+            let mut received = std::collections::HashSet::new();
+            let deadline = tokio::time::Instant::now() + WAIT;
+            while !delivered.is_subset(&received) {
+                let note = tokio::select! {
+                    Some((_, body)) = a_notes.recv() => body,
+                    Some((_, body)) = b_notes.recv() => body,
+                    _ = tokio::time::sleep_until(deadline) => {
+                        panic!("acknowledged messages never arrived")
+                    }
+                };
+                let note = String::from_utf8(note.to_vec()).unwrap();
+                assert!(received.insert(note.clone()), "{note} arrived twice");
+            }
+            while let Ok((_, body)) = a_notes.try_recv().or_else(|_| b_notes.try_recv()) {
+                let note = String::from_utf8(body.to_vec()).unwrap();
+                assert!(received.insert(note.clone()), "{note} arrived twice");
+            }
             assert_eq!(a.connected_peers(), vec![b.peer_id()]);
             a.stats().duplicates_closed + b.stats().duplicates_closed
         });
