@@ -28,7 +28,7 @@ pub struct Body {
     /// The body, as text.
     #[arg(long, conflicts_with = "file")]
     data: Option<String>,
-    /// Read the body from a file.
+    /// Read the body from a file (`-`: standard input).
     #[arg(long)]
     file: Option<PathBuf>,
 }
@@ -37,6 +37,12 @@ impl Body {
     fn load(&self) -> anyhow::Result<Bytes> {
         Ok(match (&self.data, &self.file) {
             (Some(text), _) => Bytes::from(text.clone()),
+            (None, Some(path)) if path.as_os_str() == "-" => {
+                let mut body = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::stdin(), &mut body)
+                    .context("cannot read the body from standard input")?;
+                body.into()
+            }
             (None, Some(path)) => std::fs::read(path)
                 .with_context(|| format!("cannot read {}", path.display()))?
                 .into(),
@@ -50,7 +56,8 @@ impl Body {
 pub struct MessageArgs {
     #[command(flatten)]
     target: Target,
-    /// The route, for example sys/echo.
+    /// The route, for example sys/echo (1 to 255 bytes).
+    #[arg(value_parser = route)]
     route: String,
     #[command(flatten)]
     body: Body,
@@ -68,20 +75,46 @@ pub struct PingArgs {
     interval: Duration,
 }
 
+/// A route argument, checked before anything starts.
+fn route(text: &str) -> Result<String, String> {
+    rustorium_p2p::wire::check_route(text)
+        .map(|()| text.to_string())
+        .map_err(|reason| reason.to_string())
+}
+
 /// A client node, connected to the target.
 async fn connect(target: &Target) -> anyhow::Result<Node> {
     let key = super::keys::key_or_ephemeral(target.key.as_deref())?;
+    if key.peer_id() == target.peer.peer_id {
+        let path = target.key.as_deref().unwrap_or(std::path::Path::new("-"));
+        return Err(crate::Usage(format!(
+            "--key {}: that is the key of the node you are asking (PeerId {}); a client needs an identity of its own: leave out --key for a fresh one, or give another key",
+            path.display(),
+            target.peer.peer_id.short()
+        ))
+        .into());
+    }
     let timeout = target.timeout;
+    let mut config = rustorium_p2p::Config::default();
+    config.limits.request_timeout = timeout;
+    config.limits.connect_timeout = timeout;
     let node = Node::builder()
         .keypair(key)
         .listen(local_for(target.peer.addr))
-        .request_timeout(timeout)
+        .config(config)
         .bind()
         .await?;
-    tokio::time::timeout(timeout, node.connect(&target.peer))
-        .await
-        .map_err(|_| anyhow::anyhow!("no connection to {} within {timeout:?}", target.peer))??;
-    Ok(node)
+    // Nothing answering looks the same as a node that is not running: say so.
+    let silent = || {
+        anyhow::anyhow!(
+            "no answer from {} within {timeout:?}: is a node running there, and is this its PeerAddr? (`rustorium-p2p node` prints its PeerAddr as its first line)",
+            target.peer.addr
+        )
+    };
+    match tokio::time::timeout(timeout, node.connect(&target.peer)).await {
+        Err(_) | Ok(Err(rustorium_p2p::ConnectError::TimedOut { .. })) => Err(silent()),
+        Ok(result) => result.map(|_| node).map_err(Into::into),
+    }
 }
 
 /// A duration flag: the config file's forms (`2s`, `500ms`, `1m`), or a plain number of
@@ -125,6 +158,11 @@ pub async fn request(args: MessageArgs) -> anyhow::Result<ExitCode> {
     let answer = answer?;
     let mut stdout = std::io::stdout().lock();
     stdout.write_all(&answer)?;
+    // On a terminal, end the line so the prompt does not run on (a pipe or a file gets
+    // the answer's bytes exactly).
+    if std::io::IsTerminal::is_terminal(&stdout) && !answer.is_empty() && !answer.ends_with(b"\n") {
+        stdout.write_all(b"\n")?;
+    }
     stdout.flush()?;
     Ok(ExitCode::SUCCESS)
 }

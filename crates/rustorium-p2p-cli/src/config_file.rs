@@ -82,15 +82,25 @@ impl FileConfig {
     /// Reads a configuration from TOML text and validates it.
     pub fn from_toml_str(text: &str) -> Result<FileConfig, String> {
         let file: FileConfig = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
+        check_log_level(&file.node.log_level).map_err(|e| format!("node.log_level: {e}"))?;
         file.node_config().validate().map_err(|e| e.problem)?;
         Ok(file)
     }
 
-    /// Reads and validates a configuration file; the error names the file.
+    /// Reads and validates a configuration file; the error names the file. A relative
+    /// `key_file` is taken from the file's folder, not the working directory, so a node
+    /// started from anywhere finds the same key.
     pub fn load(path: &Path) -> Result<FileConfig, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
-        Self::from_toml_str(&text).map_err(|msg| format!("{}: {msg}", path.display()))
+        let mut file =
+            Self::from_toml_str(&text).map_err(|msg| format!("{}: {msg}", path.display()))?;
+        if let Some(key) = &mut file.node.key_file {
+            if key.is_relative() {
+                *key = path.parent().unwrap_or(Path::new("")).join(&*key);
+            }
+        }
+        Ok(file)
     }
 
     /// The library configuration in the file.
@@ -152,6 +162,36 @@ fn key_at(text: &str, line: usize) -> Option<String> {
         }
     }
     None
+}
+
+/// The levels a `log_level` directive may name.
+const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
+/// Checks a `log_level` filter (`RUST_LOG` syntax). A bare word must be a level: a filter
+/// such as `verbose` is valid `RUST_LOG` syntax (the target `verbose` at every level), and
+/// would silently log nothing from this program.
+pub fn check_log_level(filter: &str) -> Result<(), String> {
+    for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let level = match directive.rsplit_once('=') {
+            Some((_, level)) => level,
+            None => directive,
+        };
+        if !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            let within = if level == filter {
+                String::new()
+            } else {
+                format!(" (in {filter:?})")
+            };
+            return Err(format!(
+                "{level:?}{within} is not a level; use one of {} (or target=level, as in \"rustorium_p2p=debug,warn\")",
+                LEVELS.join(", ")
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::builder()
+        .parse(filter)
+        .map(drop)
+        .map_err(|e| format!("{filter:?} is not a log filter: {e}"))
 }
 
 #[cfg(test)]

@@ -15,9 +15,19 @@ pub struct DemoArgs {
     /// How many nodes (2 to 16).
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(2..=16))]
     nodes: u16,
-    /// Sequential 64-byte echo requests per pair.
-    #[arg(long, default_value_t = 200)]
+    /// Sequential 64-byte echo requests per pair (1 to 1,000,000).
+    #[arg(long, default_value_t = 200, value_parser = requests)]
     requests: usize,
+}
+
+/// `--requests`: at least one, or there is nothing to time.
+fn requests(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if (1..=1_000_000).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "{text:?} is not a number of requests from 1 to 1000000"
+        )),
+    }
 }
 
 const CONCURRENT: usize = 64;
@@ -117,12 +127,20 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         .iter()
         .map(|r| r.sequential_ok + r.concurrent_ok + usize::from(r.bulk.is_some()))
         .sum();
+    let plural =
+        |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
     println!(
-        "{} pairs, {requests} requests answered, {} one-way messages delivered, {} failures; \
-         {connections} connections for {expected_connections} node pairs (one per pair, used both ways)",
-        rows.len(),
-        rows.iter().filter(|r| r.one_way).count(),
-        failures.len(),
+        "{}, {}, {}, {}; {} for {} (one per pair, used both ways)",
+        plural(rows.len(), "pair", "pairs"),
+        plural(requests, "request answered", "requests answered"),
+        plural(
+            rows.iter().filter(|r| r.one_way).count(),
+            "one-way message delivered",
+            "one-way messages delivered"
+        ),
+        plural(failures.len(), "failure", "failures"),
+        plural(connections, "connection", "connections"),
+        plural(expected_connections, "node pair", "node pairs"),
     );
     for failure in &failures {
         println!("  failure: {failure}");

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Args;
 use rustorium_p2p::config::parse_duration;
-use rustorium_p2p_link::{parse_fraction, parse_rate, Link, LinkConfig};
+use rustorium_p2p_link::{parse_percent, parse_rate, Link, LinkConfig};
 
 #[derive(Args)]
 pub struct LinkArgs {
@@ -18,10 +18,10 @@ pub struct LinkArgs {
     #[arg(long)]
     to: SocketAddr,
     /// Packets lost, e.g. 5%.
-    #[arg(long, value_parser = parse_fraction, default_value = "0%")]
+    #[arg(long, value_parser = parse_percent, default_value = "0%")]
     loss: f64,
-    /// Mean loss burst length in packets (1: independent losses).
-    #[arg(long, default_value_t = 1.0)]
+    /// Mean loss burst length in packets, at least 1 (1: independent losses).
+    #[arg(long, default_value_t = 1.0, value_parser = burst)]
     burst: f64,
     /// One-way delay, e.g. 20ms.
     #[arg(long, value_parser = parse_duration, default_value = "0ms")]
@@ -30,10 +30,10 @@ pub struct LinkArgs {
     #[arg(long, value_parser = parse_duration, default_value = "0ms")]
     jitter: Duration,
     /// Packets held back to be overtaken, e.g. 1%.
-    #[arg(long, value_parser = parse_fraction, default_value = "0%")]
+    #[arg(long, value_parser = parse_percent, default_value = "0%")]
     reorder: f64,
     /// Packets delivered twice, e.g. 1%.
-    #[arg(long, value_parser = parse_fraction, default_value = "0%")]
+    #[arg(long, value_parser = parse_percent, default_value = "0%")]
     duplicate: f64,
     /// Bandwidth cap, e.g. 100Mbit.
     #[arg(long, value_parser = parse_rate)]
@@ -41,6 +41,16 @@ pub struct LinkArgs {
     /// Seed of the random choices (the same seed repeats the same choices).
     #[arg(long, default_value_t = 1)]
     seed: u64,
+}
+
+/// `--burst`: a mean length in packets, at least 1.
+fn burst(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(n) if n >= 1.0 && n.is_finite() => Ok(n),
+        _ => Err(format!(
+            "{text:?} is not a mean burst length of at least 1 packet"
+        )),
+    }
 }
 
 pub async fn run(args: LinkArgs) -> anyhow::Result<ExitCode> {
@@ -59,15 +69,29 @@ pub async fn run(args: LinkArgs) -> anyhow::Result<ExitCode> {
     stdout.flush()?;
     drop(stdout);
     eprintln!(
-        "relaying {} -> {}; Ctrl-C stops",
+        "relaying {} -> {}; Ctrl-C or SIGTERM stops and prints what was relayed",
         link.local_addr(),
         args.to
     );
-    tokio::signal::ctrl_c().await?;
+    stopped().await?;
     let s = link.stats();
     println!(
         "delivered {} dropped {} duplicated {} reordered {}",
         s.delivered, s.dropped, s.duplicated, s.reordered
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Waits for Ctrl-C (SIGINT) or, on Unix, SIGTERM (what `kill` and service managers send).
+async fn stopped() -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            result = tokio::signal::ctrl_c() => result,
+            _ = term.recv() => Ok(()),
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c().await
 }

@@ -67,8 +67,15 @@ fn effective_config(args: &NodeArgs) -> Result<FileConfig, String> {
 }
 
 pub fn check_config(path: &std::path::Path) -> anyhow::Result<ExitCode> {
-    match FileConfig::load(path) {
-        Ok(_) => {
+    // The key file too, if the file names one: a node would fail on it at start.
+    let checked = FileConfig::load(path).and_then(|file| match &file.node.key_file {
+        Some(key) => rustorium_p2p::Keypair::load(key)
+            .map(drop)
+            .map_err(|e| format!("{}: node.key_file: {e}", path.display())),
+        None => Ok(()),
+    });
+    match checked {
+        Ok(()) => {
             println!("{}: ok", path.display());
             Ok(ExitCode::SUCCESS)
         }
@@ -140,7 +147,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
             peer,
             addr,
             direction,
-        }) => tracing::info!(%peer, %addr, ?direction, "peer connected"),
+        }) => tracing::info!(%peer, %addr, %direction, "peer connected"),
         Seen::Event(PeerEvent::Disconnected {
             peer, addr, reason, ..
         }) => tracing::info!(%peer, %addr, %reason, "peer disconnected"),

@@ -643,3 +643,219 @@ fn listen_takes_a_host_name_as_peeraddr_does() {
         "{line:?}"
     );
 }
+
+/// Runs the binary with `input` on its standard input.
+fn run_with_stdin(args: &[&str], input: &[u8]) -> Output {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_vec();
+    std::thread::spawn(move || {
+        let _ = std::io::Write::write_all(&mut stdin, &input);
+    });
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    rx.recv_timeout(WAIT)
+        .expect("command did not finish in time")
+        .unwrap()
+}
+
+#[test]
+fn config_check_refuses_each_newcomer_mistake_in_our_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.pem");
+    std::fs::write(&junk, "not a key\n").unwrap();
+    let cases = [
+        (
+            "[limits]\nmax_request_size = -1\n",
+            "a size cannot be negative",
+        ),
+        (
+            "[limits]\nmax_request_size = 0\n",
+            "must be at least 1 byte",
+        ),
+        (
+            "[limits]\nmax_request_size = 1.5\n",
+            "not a whole number of bytes",
+        ),
+        (
+            "[transport]\nmax_udp_payload_size = 70000\n",
+            "a UDP payload size is 1200 to 65527 bytes",
+        ),
+        (
+            "[node]\nlog_level = \"verbose\"\n",
+            "\"verbose\" is not a level",
+        ),
+        ("[node]\nlog_level = \"rustorium_p2p=loud\"\n", "\"loud\""),
+        (
+            "[node]\nkey_file = \"missing.pem\"\n",
+            "missing.pem: cannot read it",
+        ),
+        ("[node]\nkey_file = \"junk.pem\"\n", "junk.pem"),
+    ];
+    for (text, expected) in cases {
+        let file = dir.path().join("node.toml");
+        std::fs::write(&file, text).unwrap();
+        let out = run(&["config", "check", file.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(2), "{text}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(err.contains(expected), "{text}: {err}");
+        assert!(
+            !err.contains("untagged") && !err.contains("u16"),
+            "{text}: a dependency's words: {err}"
+        );
+    }
+    // A relative key_file is the config file's neighbour, whatever the working directory.
+    let key = dir.path().join("node.key");
+    assert!(run(&["keygen", "--out", key.to_str().unwrap()])
+        .status
+        .success());
+    let file = dir.path().join("relative.toml");
+    std::fs::write(
+        &file,
+        "[node]\nkey_file = \"node.key\"\nlog_level = \"rustorium_p2p=debug,warn\"\n",
+    )
+    .unwrap();
+    let out = run(&["config", "check", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn usage_mistakes_exit_2_naming_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("node.key");
+    assert!(run(&["keygen", "--out", key.to_str().unwrap()])
+        .status
+        .success());
+    let node = NodeProcess::start(dir.path(), &["--key", key.to_str().unwrap()]);
+    let addr = node.peer_addr.as_str();
+    let long_route = "r".repeat(300);
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["request", addr, ""], "route"),
+        (vec!["request", addr, &long_route], "route"),
+        (vec!["send", addr, ""], "route"),
+        (
+            vec!["request", addr, "sys/ping", "--key", key.to_str().unwrap()],
+            "the key of the node you are asking",
+        ),
+        (
+            vec!["request", addr, "sys/ping", "--timeout", "0"],
+            "--timeout",
+        ),
+        (vec!["demo", "--requests", "0"], "--requests"),
+        (
+            vec![
+                "link",
+                "--listen",
+                "127.0.0.1:0",
+                "--to",
+                "127.0.0.1:9",
+                "--burst",
+                "0",
+            ],
+            "--burst",
+        ),
+        (
+            vec![
+                "link",
+                "--listen",
+                "127.0.0.1:0",
+                "--to",
+                "127.0.0.1:9",
+                "--loss",
+                "0.5",
+            ],
+            "needs a % sign",
+        ),
+    ];
+    for (args, expected) in cases {
+        let out = run(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(expected),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+}
+
+#[test]
+fn a_dead_address_says_a_node_may_not_be_running() {
+    // A port nothing listens on: bound, then freed.
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let peer = format!("{}@127.0.0.1:{port}", "ab".repeat(32));
+    let out = run(&["request", &peer, "sys/ping", "--timeout", "1s"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("no answer from 127.0.0.1") && err.contains("is a node running there"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("connect_timeout"),
+        "a key the client cannot set: {err}"
+    );
+}
+
+#[test]
+fn file_dash_is_standard_input_and_a_terminal_gets_a_final_newline() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProcess::start(dir.path(), &[]);
+    let addr = node.peer_addr.as_str();
+    let out = run_with_stdin(&["request", addr, "sys/echo", "--file", "-"], b"from stdin");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "from stdin", "a pipe gets the bytes exactly");
+
+    // A terminal (a pseudo-terminal made by util-linux's `script`) gets a newline after.
+    let command = format!("{BIN} request {addr} sys/echo --data 'no newline'");
+    let out = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("util-linux `script` is needed for the terminal case");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "no newline\r\n");
+}
+
+#[test]
+fn link_prints_what_it_relayed_on_sigterm() {
+    let mut link = Command::new(BIN)
+        .args(["link", "--listen", "127.0.0.1:0", "--to", "127.0.0.1:9"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = link.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(out).lines();
+        let first = lines.next();
+        let _ = tx.send(first);
+        let rest: Vec<String> = lines.map_while(Result::ok).collect();
+        let _ = tx.send(Some(Ok(rest.join("\n"))));
+    });
+    rx.recv_timeout(WAIT).expect("the link printed no address");
+    let pid = link.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let rest = rx
+        .recv_timeout(WAIT)
+        .expect("the link did not stop on SIGTERM");
+    let rest = rest.unwrap().unwrap();
+    let _ = link.wait();
+    assert!(rest.contains("delivered 0 dropped 0"), "{rest:?}");
+}

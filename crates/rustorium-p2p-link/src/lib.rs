@@ -469,16 +469,21 @@ impl SplitMix64 {
     }
 }
 
-/// Parses a percentage (`"5%"`) or a fraction (`"0.05"`).
-pub fn parse_fraction(text: &str) -> Result<f64, String> {
+/// Parses a percentage, `"5%"` or `"0.5%"`, into a fraction (0.05, 0.005). The `%` is
+/// required: a bare `0.5` could mean half or half a percent.
+pub fn parse_percent(text: &str) -> Result<f64, String> {
     let text = text.trim();
-    let value = match text.strip_suffix('%') {
-        Some(percent) => percent.trim().parse::<f64>().map(|p| p / 100.0),
-        None => text.parse::<f64>(),
-    }
-    .map_err(|_| format!("{text:?} is not a percentage like \"5%\" or a fraction like 0.05"))?;
-    if (0.0..1.0).contains(&value) {
-        Ok(value)
+    let Some(number) = text.strip_suffix('%') else {
+        return Err(format!(
+            "{text:?} needs a % sign: \"{text}%\" is {text} percent (\"5%\", \"0.5%\")"
+        ));
+    };
+    let percent = number
+        .trim()
+        .parse::<f64>()
+        .map_err(|_| format!("{text:?} is not a percentage like \"5%\""))?;
+    if (0.0..100.0).contains(&percent) {
+        Ok(percent / 100.0)
     } else {
         Err(format!("{text:?} must be at least 0% and below 100%"))
     }
@@ -555,10 +560,13 @@ mod tests {
 
     #[test]
     fn fractions_and_rates_parse() {
-        assert_eq!(parse_fraction("5%"), Ok(0.05));
-        assert_eq!(parse_fraction("0.25"), Ok(0.25));
-        assert!(parse_fraction("100%").is_err());
-        assert!(parse_fraction("lots").is_err());
+        assert_eq!(parse_percent("5%"), Ok(0.05));
+        assert_eq!(parse_percent("0.5%"), Ok(0.005));
+        assert!(parse_percent("0.25")
+            .unwrap_err()
+            .contains("needs a % sign"));
+        assert!(parse_percent("100%").is_err());
+        assert!(parse_percent("lots%").is_err());
         assert_eq!(parse_rate("100Mbit"), Ok(100_000_000));
         assert_eq!(parse_rate("1.5Gbit"), Ok(1_500_000_000));
         assert!(parse_rate("3 parsecs").is_err());

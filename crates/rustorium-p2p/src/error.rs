@@ -459,6 +459,17 @@ pub enum RequestError {
         /// The peer.
         peer: PeerId,
     },
+    /// The peer gave up on the request when its own `request_timeout` ran out (stream code
+    /// `TIMED_OUT`): the request did not arrive whole, or was not answered, in time.
+    #[error(
+        "peer {peer} gave up on request {route:?} when its own request_timeout ran out (stream code TIMED_OUT): the request did not arrive whole, or was not answered, in time; send less, or raise limits.request_timeout on that node"
+    )]
+    PeerTimedOut {
+        /// The peer.
+        peer: PeerId,
+        /// The route.
+        route: String,
+    },
     /// The peer broke the wire protocol or abandoned the stream.
     #[error("peer {peer} broke the protocol: {source} (route {route:?})")]
     Protocol {

@@ -15,6 +15,16 @@ pub enum Direction {
     Inbound,
 }
 
+/// `inbound` or `outbound`, as the metrics' `direction` label says it.
+impl std::fmt::Display for Direction {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        })
+    }
+}
+
 /// Why a connection ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -94,4 +104,14 @@ pub enum PeerEvent {
         /// Why it ended.
         reason: DisconnectReason,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    /// Logs say a direction as the metrics' label does.
+    #[test]
+    fn directions_print_as_the_metrics_label() {
+        assert_eq!(super::Direction::Inbound.to_string(), "inbound");
+        assert_eq!(super::Direction::Outbound.to_string(), "outbound");
+    }
 }

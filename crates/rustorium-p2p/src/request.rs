@@ -86,9 +86,7 @@ impl<'a> Target<'a> {
         match err {
             ReadError::ConnectionLost(e) => self.lost(&e),
             ReadError::ZeroRttRejected => self.zero_rtt_rejected(),
-            ReadError::Reset(code) => self.protocol(ProtocolError::Reset {
-                code: code.into_inner(),
-            }),
+            ReadError::Reset(code) => self.reset(code.into_inner()).into(),
             other => self.protocol(ProtocolError::Read(Box::new(other))),
         }
     }
@@ -129,9 +127,33 @@ impl<'a> Target<'a> {
         }
     }
 
+    /// The error for an answer stream the peer reset with `code`.
+    fn reset(&self, code: u64) -> RequestError {
+        match u32::try_from(code) {
+            Ok(code::TIMED_OUT) => self.peer_timed_out(),
+            Ok(code::BUSY | code::SHUTTING_DOWN) => {
+                let message = format!("the peer reset its answer: {}", code::describe(code));
+                self.remote(Status::Busy, message)
+            }
+            _ => RequestError::Protocol {
+                peer: self.peer,
+                route: self.route.to_string(),
+                source: ProtocolError::Reset { code },
+            },
+        }
+    }
+
+    fn peer_timed_out(&self) -> RequestError {
+        RequestError::PeerTimedOut {
+            peer: self.peer,
+            route: self.route.to_string(),
+        }
+    }
+
     /// The error for a stream the peer stopped with `stop` (when no answer explains it).
     fn stopped(&self, stop: u64) -> RequestError {
         let status = match u32::try_from(stop) {
+            Ok(code::TIMED_OUT) => return self.peer_timed_out(),
             Ok(code::TOO_LARGE) => {
                 let message = "the peer stopped reading: over its size limit".into();
                 return self.too_large(Body::Request, message);

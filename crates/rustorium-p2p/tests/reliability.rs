@@ -318,3 +318,45 @@ async fn a_nat_rebinding_mid_transfer_keeps_the_connection() {
     );
     assert_eq!(client.connection_count(), 1);
 }
+
+/// A request whose body arrives slower than the answering node's `request_timeout` is
+/// given up by that node (stream code TIMED_OUT); the requester says so, in those words,
+/// not "broke the protocol".
+#[tokio::test]
+async fn a_body_slower_than_the_peers_request_timeout_says_the_peer_gave_up() {
+    let mut server_config = common::config();
+    server_config.limits.request_timeout = Duration::from_millis(300);
+    let server = Node::builder()
+        .config(server_config)
+        .route("echo", |_ctx, body| async move { Ok(body) })
+        .bind()
+        .await
+        .unwrap();
+    // 8 Mbit/s: 2 MB take about 2 s to cross, far past the server's 300 ms.
+    let mut slow = LinkConfig::default();
+    slow.rate = Some(8_000_000);
+    slow.queue = 256 << 10;
+    let link = Link::start("127.0.0.1:0".parse().unwrap(), server.local_addr(), slow)
+        .await
+        .unwrap();
+    let mut client_config = common::config();
+    client_config.limits.request_timeout = Duration::from_secs(20);
+    let client = Node::builder().config(client_config).bind().await.unwrap();
+    client
+        .connect(&PeerAddr::new(server.peer_id(), link.local_addr()))
+        .await
+        .unwrap();
+    let result = tokio::time::timeout(
+        WAIT,
+        client.request(server.peer_id(), "echo", vec![1u8; 2 << 20]),
+    )
+    .await
+    .expect("request hung");
+    match result {
+        Err(e @ RequestError::PeerTimedOut { .. }) => {
+            let text = e.to_string();
+            assert!(text.contains("request_timeout"), "{text}");
+        }
+        other => panic!("expected PeerTimedOut, got {other:?}"),
+    }
+}

@@ -243,8 +243,10 @@ pub struct TransportSettings {
     #[serde(with = "units::duration")]
     pub initial_rtt: Duration,
     /// Largest UDP payload this node accepts (advertised to peers). Default 1472.
+    #[serde(with = "units::payload")]
     pub max_udp_payload_size: u16,
     /// UDP payload size used before path MTU discovery. Default 1200 (QUIC's minimum).
+    #[serde(with = "units::payload")]
     pub initial_mtu: u16,
     /// Path MTU discovery. Default on.
     pub mtu_discovery: bool,
@@ -344,6 +346,41 @@ impl Config {
         ] {
             if value == 0 {
                 return fail(key, format!("{key} must be at least 1"));
+            }
+        }
+        for (key, value, least) in [
+            ("limits.max_request_size", l.max_request_size, 1),
+            ("limits.max_response_size", l.max_response_size, 1),
+            (
+                "limits.max_buffered_request_bytes",
+                l.max_buffered_request_bytes,
+                1,
+            ),
+            // Below this the kernel's minimum applies, and every burst overflows.
+            (
+                "transport.socket_receive_buffer",
+                t.socket_receive_buffer.into(),
+                64 << 10,
+            ),
+            (
+                "transport.socket_send_buffer",
+                t.socket_send_buffer.into(),
+                64 << 10,
+            ),
+        ] {
+            if value < least {
+                return fail(
+                    key,
+                    format!(
+                        "{key} must be at least {}, got {}",
+                        if least == 1 {
+                            "1 byte".to_string()
+                        } else {
+                            format_size(least)
+                        },
+                        format_size(value)
+                    ),
+                );
             }
         }
         if l.reconnect_min_backoff > l.reconnect_max_backoff {

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use serde::{de, Deserialize, Deserializer, Serializer};
+use serde::{de, Deserializer, Serializer};
 
 /// Parses a duration: a number and a unit (`ms`, `s`, `m`, `h`).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -156,17 +156,81 @@ pub(crate) mod size {
         D: Deserializer<'de>,
         T: TryFrom<u64>,
     {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Int(u64),
-            Text(String),
-        }
-        let bytes = match Raw::deserialize(d)? {
-            Raw::Int(n) => n,
-            Raw::Text(text) => parse_size(&text).map_err(de::Error::custom)?,
-        };
+        let bytes = d.deserialize_any(Bytes)?;
         T::try_from(bytes).map_err(|_| de::Error::custom(format!("{bytes} bytes is too large")))
+    }
+
+    const SIZE: &str = "a size such as \"16MiB\" or a whole number of bytes";
+
+    /// Reads a size from an integer or a string, with messages in our words.
+    struct Bytes;
+
+    impl de::Visitor<'_> for Bytes {
+        type Value = u64;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str(SIZE)
+        }
+
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<u64, E> {
+            Ok(v)
+        }
+
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<u64, E> {
+            u64::try_from(v)
+                .map_err(|_| E::custom(format!("a size cannot be negative (got {v}); {SIZE}")))
+        }
+
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<u64, E> {
+            Err(E::custom(format!(
+                "{v} is not a whole number of bytes; write fractions with a unit, in quotes (\"1.5MiB\")"
+            )))
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<u64, E> {
+            parse_size(v).map_err(E::custom)
+        }
+    }
+}
+
+/// serde for UDP payload sizes (`u16` fields): out-of-range integers are refused with the
+/// range QUIC allows, not the integer type's.
+pub(crate) mod payload {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(v: &u16, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u16(*v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
+        d.deserialize_any(Payload)
+    }
+
+    struct Payload;
+
+    impl de::Visitor<'_> for Payload {
+        type Value = u16;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a UDP payload size in bytes, 1200 to 65527")
+        }
+
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<u16, E> {
+            u16::try_from(v).map_err(|_| {
+                E::custom(format!(
+                    "{v} is out of range: a UDP payload size is 1200 to 65527 bytes"
+                ))
+            })
+        }
+
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<u16, E> {
+            match u64::try_from(v) {
+                Ok(v) => self.visit_u64(v),
+                Err(_) => Err(E::custom(format!(
+                    "{v} is out of range: a UDP payload size is 1200 to 65527 bytes"
+                ))),
+            }
+        }
     }
 }
 

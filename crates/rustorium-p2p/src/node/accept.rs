@@ -185,7 +185,7 @@ pub(super) fn register(
 /// dial.
 fn pool(shared: &Arc<Shared>, conn: &Arc<PeerConnection>) {
     let addr = conn.conn.remote_address();
-    debug!(peer = %conn.peer, %addr, direction = ?conn.direction, "connection up");
+    debug!(peer = %conn.peer, %addr, direction = %conn.direction, "connection up");
     if let Some(loser) = shared.peers.insert(conn.clone()) {
         shared.metrics.duplicate_closed();
         debug!(peer = %loser.peer, "two connections to one peer: retiring one");
@@ -243,7 +243,7 @@ async fn serve_connection(shared: Arc<Shared>, entry: Arc<PeerConnection>, admit
         return;
     }
     let conn = &entry.conn;
-    let span = tracing::debug_span!("connection", peer = %entry.peer.short(), remote = %conn.remote_address(), direction = ?entry.direction);
+    let span = tracing::debug_span!("connection", peer = %entry.peer.short(), remote = %conn.remote_address(), direction = %entry.direction);
     async {
         let reason = loop {
             tokio::select! {
