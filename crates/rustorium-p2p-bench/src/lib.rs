@@ -27,9 +27,9 @@ pub struct BenchArgs {
     /// Tiny sizes and counts: proves every scenario still works (no figure is meaningful).
     #[arg(long)]
     quick: bool,
-    /// Repetitions of each scenario.
-    #[arg(long, default_value_t = 3)]
-    repeat: usize,
+    /// Repetitions of each scenario (1 to 100).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=100))]
+    repeat: u16,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -192,7 +192,7 @@ pub(crate) fn bench_config() -> Config {
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let plan = Plan::new(args.quick);
-    let repeat = args.repeat.max(1);
+    let repeat = usize::from(args.repeat);
     let wanted = |s: Scenario| args.only.is_empty() || args.only.contains(&s);
     let stacks = Stacks::start(args.target).await?;
     let picked = |s: usize| args.stacks.is_empty() || args.stacks.iter().any(|n| n == STACKS[s]);

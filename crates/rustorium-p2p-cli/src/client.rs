@@ -34,7 +34,13 @@ pub struct Body {
 }
 
 impl Body {
+    /// The body; a file that cannot be read is a usage error (exit 2).
     fn load(&self) -> anyhow::Result<Bytes> {
+        self.read()
+            .map_err(|e| crate::Usage(format!("--file: {}", crate::report(&e))).into())
+    }
+
+    fn read(&self) -> anyhow::Result<Bytes> {
         Ok(match (&self.data, &self.file) {
             (Some(text), _) => Bytes::from(text.clone()),
             (None, Some(path)) if path.as_os_str() == "-" => {
@@ -67,8 +73,8 @@ pub struct MessageArgs {
 pub struct PingArgs {
     #[command(flatten)]
     target: Target,
-    /// How many pings.
-    #[arg(long, default_value_t = 4)]
+    /// How many pings (at least 1).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
     count: u32,
     /// Time between pings: a duration (`1s`, `200ms`) or a number of seconds.
     #[arg(long, default_value = "1s", value_parser = duration)]
@@ -84,7 +90,9 @@ fn route(text: &str) -> Result<String, String> {
 
 /// A client node, connected to the target.
 async fn connect(target: &Target) -> anyhow::Result<Node> {
-    let key = super::keys::key_or_ephemeral(target.key.as_deref())?;
+    // A file named on the command line that cannot be used is a usage error (exit 2).
+    let key = super::keys::key_or_ephemeral(target.key.as_deref())
+        .map_err(|e| crate::Usage(format!("--key: {}", crate::report(&e))))?;
     if key.peer_id() == target.peer.peer_id {
         let path = target.key.as_deref().unwrap_or(std::path::Path::new("-"));
         return Err(crate::Usage(format!(

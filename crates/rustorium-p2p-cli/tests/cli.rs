@@ -750,6 +750,16 @@ fn usage_mistakes_exit_2_naming_the_flag() {
             "--timeout",
         ),
         (vec!["demo", "--requests", "0"], "--requests"),
+        (vec!["ping", addr, "--count", "0"], "--count"),
+        (vec!["bench", "--repeat", "0"], "--repeat"),
+        (
+            vec!["request", addr, "sys/echo", "--file", "no-such-file"],
+            "--file: cannot read no-such-file",
+        ),
+        (
+            vec!["request", addr, "sys/echo", "--key", "no-such.key"],
+            "--key: key file no-such.key",
+        ),
         (
             vec![
                 "link",
