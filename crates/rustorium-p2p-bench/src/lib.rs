@@ -160,7 +160,7 @@ struct Results {
 
 impl Results {
     fn add(&mut self, scenario: String, stack: usize, unit: &'static str, value: f64) {
-        let higher = matches!(unit, "req/s" | "Gbit/s" | "conn/s");
+        let higher = matches!(unit, "req/s" | "Gbit/s" | "conn/s" | "Jain");
         match self
             .figures
             .iter_mut()
@@ -468,7 +468,7 @@ fn print_table(figures: &[Figure], quick: bool) {
         );
     }
     println!(
-        "ratios: ours / baseline (for µs, KiB and fds lower is better; for req/s, Gbit/s and conn/s higher is better)"
+        "ratios: ours / baseline (for µs, ms, KiB and fds lower is better; for req/s, Gbit/s, conn/s and Jain higher is better)"
     );
 }
 

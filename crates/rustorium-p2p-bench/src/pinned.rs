@@ -172,6 +172,7 @@ pub fn measure(stack: &str, sizes: Sizes) -> anyhow::Result<Pinned> {
                     let server = Server::start(main, pin)?;
                     figures.extend(latency_and_rate(&server, sizes, "").await?);
                     figures.extend(setup(&server, sizes).await?);
+                    figures.extend(many_connections(&server, sizes).await?);
                     drop(server);
                     let label = " [ours: io_thread = false; quinn: multi-thread runtime]";
                     let server = Server::start(other, pin)?;
@@ -321,4 +322,109 @@ async fn setup(server: &Server, sizes: Sizes) -> anyhow::Result<Vec<(String, &'s
         }
     }
     Ok(figures)
+}
+
+/// Connections and requests in flight of the many-connections figures: 3,200 requests in
+/// flight.
+const MANY_CONNECTIONS: usize = 200;
+const MANY_IN_FLIGHT: usize = 16;
+
+/// Many connections, each keeping requests in flight, for a fixed time: requests per
+/// second, the latency tail (including the slowest request), Jain's fairness index over
+/// the requests each connection got answered (1: all alike; 1/n: one connection got
+/// everything), and how busy the server's CPU was (below 100 %, the client set the pace).
+async fn many_connections(
+    server: &Server,
+    sizes: Sizes,
+) -> anyhow::Result<Vec<(String, &'static str, f64)>> {
+    // A client (key and socket) per connection: our node keeps one connection per peer.
+    let mut clients = Vec::with_capacity(MANY_CONNECTIONS);
+    let mut conns = Vec::with_capacity(MANY_CONNECTIONS);
+    for _ in 0..MANY_CONNECTIONS {
+        let client = raw_wire::Client::new()?;
+        conns.push(client.connect(server.addr, false).await?);
+        clients.push(client);
+    }
+    // 2 s at full size, 0.2 s for --quick.
+    let length = Duration::from_millis((sizes.requests as u64 / 100).clamp(200, 2000));
+    let body = Bytes::from(vec![9u8; 64]);
+    let cpu_before = server.cpu();
+    let start = Instant::now();
+    let end = start + length;
+    let workers = conns.iter().flat_map(|conn| {
+        let body = body.clone();
+        (0..MANY_IN_FLIGHT).map(move |_| {
+            let body = body.clone();
+            async move {
+                let mut times = Vec::new();
+                while Instant::now() < end {
+                    let sent = Instant::now();
+                    raw_wire::call(conn, ECHO, body.clone()).await?;
+                    times.push(sent.elapsed());
+                }
+                anyhow::Ok(times)
+            }
+        })
+    });
+    let mut per_connection = vec![0u64; MANY_CONNECTIONS];
+    let mut times = Vec::new();
+    for (i, done) in join_all(workers).await.into_iter().enumerate() {
+        let worker = done?;
+        per_connection[i / MANY_IN_FLIGHT] += worker.len() as u64;
+        times.extend(worker);
+    }
+    let took = start.elapsed();
+    let cpu = server.cpu().saturating_sub(cpu_before);
+    for conn in &conns {
+        conn.close(0u32.into(), b"done");
+    }
+    anyhow::ensure!(
+        !times.is_empty(),
+        "no request answered on the many connections"
+    );
+    times.sort();
+    let at = |q: f64| times[((times.len() as f64 * q) as usize).min(times.len() - 1)];
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let name = format!("pinned: {MANY_CONNECTIONS} connections x {MANY_IN_FLIGHT} in flight");
+    Ok(vec![
+        (
+            name.clone(),
+            "req/s",
+            times.len() as f64 / took.as_secs_f64(),
+        ),
+        (format!("{name}, p50"), "ms", ms(at(0.5))),
+        (format!("{name}, p99.9"), "ms", ms(at(0.999))),
+        (format!("{name}, slowest"), "ms", ms(times[times.len() - 1])),
+        (
+            format!("{name}, fairness across connections"),
+            "Jain",
+            jain(&per_connection),
+        ),
+        // Below 100 %, the client, not the server, set the pace.
+        (
+            format!("{name}, server CPU busy"),
+            "%",
+            cpu.as_secs_f64() * 100.0 / took.as_secs_f64(),
+        ),
+    ])
+}
+
+/// Jain's fairness index of `shares`: 1 when all are equal, 1/n when one has it all.
+pub fn jain(shares: &[u64]) -> f64 {
+    let sum: f64 = shares.iter().map(|&x| x as f64).sum();
+    let squares: f64 = shares.iter().map(|&x| (x as f64).powi(2)).sum();
+    if squares == 0.0 {
+        return 0.0;
+    }
+    sum * sum / (shares.len() as f64 * squares)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn jain_index() {
+        assert!((super::jain(&[5, 5, 5, 5]) - 1.0).abs() < 1e-9);
+        assert!((super::jain(&[8, 0, 0, 0]) - 0.25).abs() < 1e-9);
+        assert_eq!(super::jain(&[0, 0]), 0.0);
+    }
 }
