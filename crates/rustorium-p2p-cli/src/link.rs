@@ -64,6 +64,9 @@ pub async fn run(args: LinkArgs) -> anyhow::Result<ExitCode> {
     config.rate = args.rate;
     config.seed = args.seed;
     let link = Link::start(args.listen, args.to, config).await?;
+    // Signals are caught from before the address is printed: whoever reads that line may
+    // stop the link at once, and still gets its statistics.
+    let stop = stop_signal()?;
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{}", link.local_addr())?;
     stdout.flush()?;
@@ -73,7 +76,7 @@ pub async fn run(args: LinkArgs) -> anyhow::Result<ExitCode> {
         link.local_addr(),
         args.to
     );
-    stopped().await?;
+    stop.await?;
     let s = link.stats();
     println!(
         "delivered {} dropped {} duplicated {} reordered {}",
@@ -82,16 +85,22 @@ pub async fn run(args: LinkArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Waits for Ctrl-C (SIGINT) or, on Unix, SIGTERM (what `kill` and service managers send).
-async fn stopped() -> std::io::Result<()> {
+/// A future that ends on Ctrl-C (SIGINT) or, on Unix, SIGTERM (what `kill` and service
+/// managers send). On Unix both are caught from the moment this returns.
+fn stop_signal() -> std::io::Result<impl std::future::Future<Output = std::io::Result<()>>> {
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            result = tokio::signal::ctrl_c() => result,
-            _ = term.recv() => Ok(()),
-        }
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        Ok(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            Ok(())
+        })
     }
     #[cfg(not(unix))]
-    tokio::signal::ctrl_c().await
+    Ok(tokio::signal::ctrl_c())
 }

@@ -69,9 +69,9 @@ fn effective_config(args: &NodeArgs) -> Result<FileConfig, String> {
 pub fn check_config(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     // The key file too, if the file names one: a node would fail on it at start.
     let checked = FileConfig::load(path).and_then(|file| match &file.node.key_file {
-        Some(key) => rustorium_p2p::Keypair::load(key)
+        Some(key) => super::keys::node_key(Some(key))
             .map(drop)
-            .map_err(|e| format!("{}: node.key_file: {e}", path.display())),
+            .map_err(|e| format!("{}: node.key_file: {}", path.display(), crate::report(&e))),
         None => Ok(()),
     });
     match checked {

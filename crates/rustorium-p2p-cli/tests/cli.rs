@@ -712,6 +712,20 @@ fn config_check_refuses_each_newcomer_mistake_in_our_words() {
             "{text}: a dependency's words: {err}"
         );
     }
+    // A key others may read: the node would refuse it, so the check does too.
+    let open = dir.path().join("open.key");
+    assert!(run(&["keygen", "--out", open.to_str().unwrap()])
+        .status
+        .success());
+    let mut perms = std::fs::metadata(&open).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o644);
+    std::fs::set_permissions(&open, perms).unwrap();
+    let file = dir.path().join("open.toml");
+    std::fs::write(&file, "[node]\nkey_file = \"open.key\"\n").unwrap();
+    let out = run(&["config", "check", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("chmod 600"), "{}", stderr(&out));
+
     // A relative key_file is the config file's neighbour, whatever the working directory.
     let key = dir.path().join("node.key");
     assert!(run(&["keygen", "--out", key.to_str().unwrap()])
@@ -720,7 +734,7 @@ fn config_check_refuses_each_newcomer_mistake_in_our_words() {
     let file = dir.path().join("relative.toml");
     std::fs::write(
         &file,
-        "[node]\nkey_file = \"node.key\"\nlog_level = \"rustorium_p2p=debug,warn\"\n",
+        "[node]\nkey_file = \"node.key\"\nlog_level = \"rustorium_p2p=debug,warn,hyper=4\"\n",
     )
     .unwrap();
     let out = run(&["config", "check", file.to_str().unwrap()]);
@@ -828,12 +842,23 @@ fn file_dash_is_standard_input_and_a_terminal_gets_a_final_newline() {
     assert_eq!(stdout(&out), "from stdin", "a pipe gets the bytes exactly");
 
     // A terminal (a pseudo-terminal made by util-linux's `script`) gets a newline after.
-    let command = format!("{BIN} request {addr} sys/echo --data 'no newline'");
-    let out = Command::new("script")
-        .args(["-qec", &command, "/dev/null"])
+    // Its stderr (log lines) is left out of the terminal; `timeout` bounds the wait.
+    let command = format!("{BIN} request {addr} sys/echo --data 'no newline' 2>/dev/null");
+    let child = Command::new("timeout")
+        .args(["20", "script", "-qec", &command, "/dev/null"])
         .stdin(Stdio::null())
-        .output()
-        .expect("util-linux `script` is needed for the terminal case");
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("util-linux `script` and coreutils `timeout` are needed for the terminal case");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = rx
+        .recv_timeout(WAIT + Duration::from_secs(5))
+        .expect("script did not finish in time")
+        .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out), "no newline\r\n");
 }

@@ -459,10 +459,11 @@ pub enum RequestError {
         /// The peer.
         peer: PeerId,
     },
-    /// The peer gave up on the request when its own `request_timeout` ran out (stream code
-    /// `TIMED_OUT`): the request did not arrive whole, or was not answered, in time.
+    /// The peer stopped reading the request when its own `request_timeout` ran out
+    /// (STOP_SENDING with code `TIMED_OUT`): the request did not arrive whole in time. Its
+    /// handler did not run.
     #[error(
-        "peer {peer} gave up on request {route:?} when its own request_timeout ran out (stream code TIMED_OUT): the request did not arrive whole, or was not answered, in time; send less, or raise limits.request_timeout on that node"
+        "peer {peer} gave up on request {route:?} when its own request_timeout ran out (stream code TIMED_OUT): the request did not arrive whole in time; send less, or raise limits.request_timeout on that node"
     )]
     PeerTimedOut {
         /// The peer.
@@ -470,8 +471,37 @@ pub enum RequestError {
         /// The route.
         route: String,
     },
-    /// The peer broke the wire protocol or abandoned the stream.
-    #[error("peer {peer} broke the protocol: {source} (route {route:?})")]
+    /// A typed request or message could not be encoded (see
+    /// [`Node::request_typed`](crate::Node::request_typed)); nothing was sent.
+    #[cfg(feature = "typed")]
+    #[error("cannot encode the request for route {route:?} as {type_name}: {source}")]
+    Encode {
+        /// The route.
+        route: String,
+        /// The Rust type of the value.
+        type_name: &'static str,
+        /// What the codec said.
+        source: CodecError,
+    },
+    /// The answer to a typed request is not a value of the expected type: the peer
+    /// serves another version of the route, or another type under its name.
+    #[cfg(feature = "typed")]
+    #[error(
+        "peer {peer} answered route {route:?} with a body that is not a {type_name}: {source}"
+    )]
+    Decode {
+        /// The peer.
+        peer: PeerId,
+        /// The route.
+        route: String,
+        /// The Rust type expected.
+        type_name: &'static str,
+        /// What the codec said.
+        source: CodecError,
+    },
+    /// The peer abandoned the request's stream (a reset or stop whose code explains no
+    /// answer), or its answer broke the wire protocol. Its handler may have run.
+    #[error("peer {peer} did not answer request {route:?} properly: {source}")]
     Protocol {
         /// The peer.
         peer: PeerId,
@@ -486,6 +516,50 @@ impl RequestError {
     /// Whether the node was shut down.
     pub fn is_shutdown(&self) -> bool {
         matches!(self, RequestError::Connect(ConnectError::Shutdown))
+    }
+}
+
+/// A typed body could not be encoded or decoded (postcard's wire format).
+#[cfg(feature = "typed")]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CodecError(CodecProblem);
+
+#[cfg(feature = "typed")]
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum CodecProblem {
+    Codec(postcard::Error),
+    Trailing(usize),
+}
+
+#[cfg(feature = "typed")]
+impl CodecError {
+    pub(crate) fn codec(error: postcard::Error) -> Self {
+        CodecError(CodecProblem::Codec(error))
+    }
+
+    pub(crate) fn trailing(bytes: usize) -> Self {
+        CodecError(CodecProblem::Trailing(bytes))
+    }
+}
+
+#[cfg(feature = "typed")]
+impl std::fmt::Display for CodecError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            CodecProblem::Codec(e) => write!(f, "{e}"),
+            CodecProblem::Trailing(1) => f.write_str("1 byte left over after the value"),
+            CodecProblem::Trailing(n) => write!(f, "{n} bytes left over after the value"),
+        }
+    }
+}
+
+#[cfg(feature = "typed")]
+impl std::error::Error for CodecError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match &self.0 {
+            CodecProblem::Codec(e) => Some(e),
+            CodecProblem::Trailing(_) => None,
+        }
     }
 }
 

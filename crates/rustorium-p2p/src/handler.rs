@@ -104,6 +104,15 @@ impl HandlerError {
         }
     }
 
+    /// The request is malformed (a body the handler cannot read); the requester gets
+    /// BAD_REQUEST with `message`. Typed routes answer a body that does not decode so.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        HandlerError {
+            status: Status::BadRequest,
+            message: message.into(),
+        }
+    }
+
     /// The message.
     pub fn message(&self) -> &str {
         &self.message

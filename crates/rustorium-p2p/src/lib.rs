@@ -56,9 +56,13 @@ mod serve;
 mod stream_budget;
 mod tls;
 mod transport_error;
+#[cfg(feature = "typed")]
+mod typed;
 
 pub use bytes::Bytes;
 pub use config::{Config, CongestionController};
+#[cfg(feature = "typed")]
+pub use error::CodecError;
 pub use error::{
     BindError, Body, ConfigError, ConnectError, Error, KeyError, ProtocolError, Refusal,
     RequestError, TlsAlert,

@@ -127,19 +127,14 @@ impl<'a> Target<'a> {
         }
     }
 
-    /// The error for an answer stream the peer reset with `code`.
+    /// The error for an answer stream the peer reset with `code`. The handler may have
+    /// run (an answer abandoned as unread, or stalled past the peer's `answer_timeout`),
+    /// so nothing here invites a retry.
     fn reset(&self, code: u64) -> RequestError {
-        match u32::try_from(code) {
-            Ok(code::TIMED_OUT) => self.peer_timed_out(),
-            Ok(code::BUSY | code::SHUTTING_DOWN) => {
-                let message = format!("the peer reset its answer: {}", code::describe(code));
-                self.remote(Status::Busy, message)
-            }
-            _ => RequestError::Protocol {
-                peer: self.peer,
-                route: self.route.to_string(),
-                source: ProtocolError::Reset { code },
-            },
+        RequestError::Protocol {
+            peer: self.peer,
+            route: self.route.to_string(),
+            source: ProtocolError::Reset { code },
         }
     }
 

@@ -176,6 +176,7 @@ async fn simultaneous_dial_rounds() -> usize {
                     delivered.insert(body);
                 }
             }
+            assert!(!delivered.is_empty(), "no one-way message was acknowledged");
             wait_single_connection(&a, &b, &mut a_events, &mut b_events).await;
             // Every acknowledged message arrives; no message arrives twice.
             let mut received = std::collections::HashSet::new();

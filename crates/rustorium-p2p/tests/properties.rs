@@ -150,8 +150,9 @@ fn value_like(default: &toml::Value) -> BoxedStrategy<String> {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(3000))]
 
-    /// One key set to any value: the file is refused with an error that names that key, or
-    /// accepted, in which case the value survives a write and re-read unchanged.
+    /// One key set to any value: refused by the parser (an error at its line: a wrong type
+    /// or form), or refused by `validate` with an error that names that key (a value out of
+    /// range), or accepted, in which case it survives a write and re-read unchanged.
     #[test]
     fn any_value_for_any_key_is_refused_naming_it_or_round_trips(
         (section, name, value) in prop::sample::select(config_keys())

@@ -321,7 +321,7 @@ async fn a_nat_rebinding_mid_transfer_keeps_the_connection() {
 
 /// A request whose body arrives slower than the answering node's `request_timeout` is
 /// given up by that node (stream code TIMED_OUT); the requester says so, in those words,
-/// not "broke the protocol".
+/// not as a broken protocol.
 #[tokio::test]
 async fn a_body_slower_than_the_peers_request_timeout_says_the_peer_gave_up() {
     let mut server_config = common::config();

@@ -271,11 +271,11 @@ pub struct TransportSettings {
     pub congestion_controller: CongestionController,
     /// The UDP socket's receive buffer (SO_RCVBUF); the kernel caps it at
     /// `net.core.rmem_max`. The OS default (about 208 KiB) overflows under load, and every
-    /// overflow is a lost packet. Default 4 MiB.
+    /// overflow is a lost packet. At least 64 KiB. Default 4 MiB.
     #[serde(with = "units::size")]
     pub socket_receive_buffer: u32,
-    /// The UDP socket's send buffer (SO_SNDBUF), capped at `net.core.wmem_max`.
-    /// Default 4 MiB.
+    /// The UDP socket's send buffer (SO_SNDBUF), capped at `net.core.wmem_max`. At least
+    /// 64 KiB. Default 4 MiB.
     #[serde(with = "units::size")]
     pub socket_send_buffer: u32,
 }
@@ -356,7 +356,8 @@ impl Config {
                 l.max_buffered_request_bytes,
                 1,
             ),
-            // Below this the kernel's minimum applies, and every burst overflows.
+            // Smaller buffers overflow on a burst of a few dozen datagrams, and each
+            // overflow is a lost packet.
             (
                 "transport.socket_receive_buffer",
                 t.socket_receive_buffer.into(),

@@ -182,6 +182,10 @@ pub(crate) mod size {
         }
 
         fn visit_f64<E: de::Error>(self, v: f64) -> Result<u64, E> {
+            // Formats without integers (JSON read as floats, for one) send whole numbers so.
+            if v.fract() == 0.0 && (0.0..18_446_744_073_709_551_616.0).contains(&v) {
+                return Ok(v as u64);
+            }
             Err(E::custom(format!(
                 "{v} is not a whole number of bytes; write fractions with a unit, in quotes (\"1.5MiB\")"
             )))

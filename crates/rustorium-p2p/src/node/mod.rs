@@ -782,7 +782,7 @@ fn outcome<T>(result: &Result<T, RequestError>) -> Outcome {
             _ => Outcome::ProtocolError,
         },
         Err(RequestError::TooLarge { .. }) => Outcome::TooLarge,
-        Err(RequestError::Timeout { .. }) => Outcome::TimedOut,
+        Err(RequestError::Timeout { .. } | RequestError::PeerTimedOut { .. }) => Outcome::TimedOut,
         Err(RequestError::ConnectionLost { .. } | RequestError::ZeroRttRejected { .. }) => {
             Outcome::ConnectionLost
         }
