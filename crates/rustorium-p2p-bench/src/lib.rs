@@ -10,6 +10,7 @@ mod plot;
 mod raw_wire;
 pub mod scale;
 mod scenarios;
+mod typed;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -70,6 +71,9 @@ enum Scenario {
     /// Per core: each server in a process of its own pinned to CPU 0 (raw quinn on a
     /// single-threaded runtime), the client pinned to CPU 1; server CPU per request.
     Pinned,
+    /// Typed requests (serde, postcard) against the same bytes through the byte API, ours
+    /// only.
+    Typed,
 }
 
 /// Sizes of one run.
@@ -220,6 +224,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         0
     };
     let attack_runs = local && wanted(Scenario::Attacks) && ran.contains(&0);
+    let typed_runs = local && wanted(Scenario::Typed) && ran.contains(&0);
     let pinned_stacks: Vec<usize> = if local && wanted(Scenario::Pinned) {
         ran.iter().copied().filter(|&s| s < 2).collect()
     } else {
@@ -231,7 +236,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         } else {
             0
         }
-        + (pinned_stacks.len() * repeat) as u64;
+        + (pinned_stacks.len() * repeat) as u64
+        + if typed_runs { repeat as u64 } else { 0 };
     let bar = ProgressBar::new(per_repetition * repeat as u64 + scale_steps);
     bar.set_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
@@ -398,6 +404,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             results.add(label("50"), 0, "µs", good.p50_us);
             results.add(label("99"), 0, "µs", good.p99_us);
         }
+    }
+    // 9. Typed requests against bytes.
+    for rep in 1..=repeat {
+        if !typed_runs {
+            break;
+        }
+        step(format!("typed requests ({rep} of {repeat})"));
+        let (bytes, typed) = typed::measure(4 * plan.rate_requests, rep % 2 == 0).await?;
+        let name = "typed: small struct, 64 in flight";
+        results.add(format!("{name}, bytes"), 0, "req/s", bytes);
+        results.add(format!("{name}, request_typed"), 0, "req/s", typed);
+        results.add(format!("{name}, typed / bytes"), 0, "ratio", typed / bytes);
     }
     bar.finish_and_clear();
 
