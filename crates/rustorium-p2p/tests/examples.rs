@@ -77,3 +77,29 @@ fn the_echo_examples_talk_to_each_other() {
         .unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+#[test]
+#[cfg(feature = "typed")]
+fn the_typed_example_stores_and_reads_a_value() {
+    let child = Command::new(example("typed_kv"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = rx
+        .recv_timeout(WAIT)
+        .expect("typed_kv did not finish")
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("greeting -> Some(\"hello\")"), "{text}");
+    assert!(text.contains("nothing -> None"), "{text}");
+}
