@@ -180,6 +180,10 @@ async fn dial(
                             ZeroRtt::Rejected
                         });
                         confirmed_tx.send_replace(true);
+                    } else {
+                        // Nobody reads why this dial's certificate was refused (the
+                        // connection reports its close): drop the record now.
+                        node.tls.take_failure(peer);
                     }
                 });
                 debug!(peer = %peer, %addr, "dialed with 0-RTT");
