@@ -257,8 +257,13 @@ pub struct TcpServer {
 
 impl TcpServer {
     pub async fn start() -> anyhow::Result<TcpServer> {
+        Self::start_on("127.0.0.1:0".parse()?).await
+    }
+
+    /// The same server on `addr`.
+    pub async fn start_on(addr: SocketAddr) -> anyhow::Result<TcpServer> {
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_tls(b"bench")?));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {

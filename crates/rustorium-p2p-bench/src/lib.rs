@@ -5,6 +5,7 @@
 
 mod attacks;
 mod baselines;
+pub mod hol;
 mod pinned;
 mod plot;
 mod raw_wire;
@@ -74,6 +75,10 @@ enum Scenario {
     /// Typed requests (serde, postcard) against the same bytes through the byte API, ours
     /// only.
     Typed,
+    /// Head-of-line blocking: small requests beside a bulk upload on one connection across
+    /// a path with 2 % loss each way (network namespaces and nftables; needs root), ours
+    /// and TCP + TLS.
+    Hol,
 }
 
 /// Sizes of one run.
@@ -164,7 +169,7 @@ struct Results {
 
 impl Results {
     fn add(&mut self, scenario: String, stack: usize, unit: &'static str, value: f64) {
-        let higher = matches!(unit, "req/s" | "Gbit/s" | "conn/s" | "Jain");
+        let higher = matches!(unit, "req/s" | "Gbit/s" | "Mbit/s" | "conn/s" | "Jain");
         match self
             .figures
             .iter_mut()
@@ -225,6 +230,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     };
     let attack_runs = local && wanted(Scenario::Attacks) && ran.contains(&0);
     let typed_runs = local && wanted(Scenario::Typed) && ran.contains(&0);
+    let hol_stacks: Vec<usize> = if local && wanted(Scenario::Hol) {
+        match hol::skip_reason() {
+            Some(why) => {
+                eprintln!("bench: head-of-line scenario skipped: {why}");
+                Vec::new()
+            }
+            None => ran.iter().copied().filter(|&s| s != 1).collect(),
+        }
+    } else {
+        Vec::new()
+    };
     let pinned_stacks: Vec<usize> = if local && wanted(Scenario::Pinned) {
         ran.iter().copied().filter(|&s| s < 2).collect()
     } else {
@@ -237,7 +253,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             0
         }
         + (pinned_stacks.len() * repeat) as u64
-        + if typed_runs { repeat as u64 } else { 0 };
+        + if typed_runs { repeat as u64 } else { 0 }
+        + (hol_stacks.len() * repeat) as u64;
     let bar = ProgressBar::new(per_repetition * repeat as u64 + scale_steps);
     bar.set_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
@@ -417,6 +434,31 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         results.add(format!("{name}, request_typed"), 0, "req/s", typed);
         results.add(format!("{name}, typed / bytes"), 0, "ratio", typed / bytes);
     }
+    // 10. Head-of-line blocking across a lossy path.
+    for rep in 1..=repeat {
+        for &stack in &hol_stacks {
+            step(format!(
+                "head-of-line, {} ({rep} of {repeat})",
+                STACKS[stack]
+            ));
+            let (requests, bulk) = if args.quick {
+                (50, 4 << 20)
+            } else {
+                (1000, 64 << 20)
+            };
+            let h = tokio::task::block_in_place(|| hol::measure(STACKS[stack], requests, bulk))?;
+            let name =
+                |what: &str| format!("hol ({}% loss each way): 64 B {what}", hol::LOSS_PERCENT);
+            results.add(name("p50 alone"), stack, "µs", h.alone_p50);
+            results.add(name("p99 alone"), stack, "µs", h.alone_p99);
+            results.add(name("p50 beside an upload"), stack, "µs", h.beside_p50);
+            results.add(name("p99 beside an upload"), stack, "µs", h.beside_p99);
+            let ratio = h.beside_p99 / h.alone_p99.max(1.0);
+            results.add(name("p99 beside / alone"), stack, "ratio", ratio);
+            let upload = format!("hol ({}% loss each way): the upload", hol::LOSS_PERCENT);
+            results.add(upload, stack, "Mbit/s", h.bulk_mbit);
+        }
+    }
     bar.finish_and_clear();
 
     print_table(&results.figures, args.quick);
@@ -486,7 +528,7 @@ fn print_table(figures: &[Figure], quick: bool) {
         );
     }
     println!(
-        "ratios: ours / baseline (for µs, ms, KiB and fds lower is better; for req/s, Gbit/s, conn/s and Jain higher is better)"
+        "ratios: ours / baseline (for µs, ms, KiB and fds lower is better; for req/s, Gbit/s, Mbit/s, conn/s and Jain higher is better)"
     );
 }
 

@@ -61,6 +61,9 @@ enum Command {
     /// The dialing side of the bench's scale scenarios (started by `bench` itself).
     #[command(hide = true)]
     BenchClient(bench::scale::ClientArgs),
+    /// One side of the bench's head-of-line scenario (started by `bench` itself).
+    #[command(hide = true)]
+    BenchHol(bench::hol::HolArgs),
     /// Relay UDP between a client and a server through an impaired link (loss, delay,
     /// jitter, reordering, duplication, rate cap). Prints its address, then stats on exit.
     Link(link::LinkArgs),
@@ -104,6 +107,7 @@ pub fn main() -> ExitCode {
                     Command::Bench(args) => bench::run(args).await,
                     Command::BenchServer(args) => bench::scale::serve(args).await,
                     Command::BenchClient(args) => bench::scale::dial(args).await,
+                    Command::BenchHol(args) => bench::hol::run_side(args).await,
                     Command::Keygen { .. } | Command::Id { .. } | Command::Config(_) => {
                         unreachable!("handled without a runtime")
                     }
