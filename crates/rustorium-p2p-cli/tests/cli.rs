@@ -894,3 +894,67 @@ fn link_prints_what_it_relayed_on_sigterm() {
     let _ = link.wait();
     assert!(rest.contains("delivered 0 dropped 0"), "{rest:?}");
 }
+
+/// A `--peer` nobody answers for shows at the default log level, with the reason, and
+/// is not repeated at WARN on every retry.
+#[test]
+fn an_unreachable_peer_flag_is_logged_at_warn_with_the_reason() {
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let peer = format!("{}@127.0.0.1:{port}", "ab".repeat(32));
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("fast.toml");
+    // Quick retries, so that several fail within the test's wait.
+    std::fs::write(
+        &config,
+        "[limits]\nconnect_timeout = \"300ms\"\nreconnect_min_backoff = \"50ms\"\nreconnect_max_backoff = \"20s\"\n",
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["node", "--listen", "127.0.0.1:0", "--peer", &peer])
+        .args(["--config", config.to_str().unwrap()])
+        .env("RUSTORIUM_P2P_DATA_DIR", dir.path())
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    // The first failure is a WARN naming the reason.
+    let deadline = std::time::Instant::now() + WAIT;
+    let warned = loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+            .expect("no WARN about the unreachable peer in time");
+        if line.contains("cannot reach known peer") {
+            break line;
+        }
+    };
+    assert!(warned.contains("WARN"), "{warned}");
+    assert!(
+        warned.contains("no answer within connect_timeout"),
+        "{warned}"
+    );
+    // Retries follow every 50 ms to 1.6 s for the next 2.5 s; none of them warns again
+    // (the next WARN is due 20 s after the first).
+    let quiet_until = std::time::Instant::now() + Duration::from_millis(2500);
+    while let Ok(line) =
+        rx.recv_timeout(quiet_until.saturating_duration_since(std::time::Instant::now()))
+    {
+        assert!(
+            !line.contains("cannot reach known peer"),
+            "repeated: {line}"
+        );
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
