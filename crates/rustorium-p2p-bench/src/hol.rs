@@ -1,7 +1,7 @@
 //! Head-of-line blocking, measured: on one connection across a lossy path, a bulk upload
 //! runs beside a stream of sequential 64-byte requests; the small requests' p50 and p99
-//! with and without the upload, for our node and for TCP + TLS (requests and 256 KiB
-//! chunks of the upload interleaved on one connection, as HTTP/2 would).
+//! with and without the upload, for our node and for TCP + TLS (requests and 16 KiB
+//! frames of the upload interleaved on one connection, as HTTP/2 would).
 //!
 //! The path: two network namespaces joined by a veth pair, each dropping 2 % of the
 //! packets it receives with an nftables `numgen random` rule (this kernel has no netem,
@@ -80,10 +80,15 @@ pub fn skip_reason() -> Option<String> {
     None
 }
 
-/// Two namespaces and their veth pair, with loss; removed when dropped.
+/// Two namespaces and their veth pair, with loss; what was made is removed when dropped
+/// (also when making it failed half-way).
 struct Lab {
     server_ns: String,
     client_ns: String,
+    /// The veth end created in the root namespace (deleting one end deletes both).
+    veth: String,
+    /// Namespaces this lab created (only those are deleted).
+    created: Vec<String>,
     children: Vec<Child>,
 }
 
@@ -100,16 +105,21 @@ fn run(program: &str, args: &[&str]) -> anyhow::Result<()> {
 
 impl Lab {
     fn new() -> anyhow::Result<Lab> {
-        let tag = std::process::id() % 100_000;
-        let lab = Lab {
+        let tag = std::process::id();
+        let (vs, vc) = (format!("rh{tag}s"), format!("rh{tag}c"));
+        let mut lab = Lab {
             server_ns: format!("rhol{tag}s"),
             client_ns: format!("rhol{tag}c"),
+            veth: vc.clone(),
+            created: Vec::new(),
             children: Vec::new(),
         };
+        for ns in [lab.server_ns.clone(), lab.client_ns.clone()] {
+            // A namespace of this name left by a killed run is not ours to delete: fail.
+            run("ip", &["netns", "add", &ns])?;
+            lab.created.push(ns);
+        }
         let (s, c) = (lab.server_ns.as_str(), lab.client_ns.as_str());
-        let (vs, vc) = (format!("rh{tag}s"), format!("rh{tag}c"));
-        run("ip", &["netns", "add", s])?;
-        run("ip", &["netns", "add", c])?;
         run(
             "ip",
             &["link", "add", &vc, "type", "veth", "peer", "name", &vs],
@@ -182,9 +192,12 @@ impl Drop for Lab {
             let _ = child.kill();
             let _ = child.wait();
         }
-        for ns in [&self.server_ns, &self.client_ns] {
+        for ns in &self.created {
             let _ = run("ip", &["netns", "del", ns]);
         }
+        // Still in the root namespace if moving it failed (gone with its namespace
+        // otherwise, and then this fails quietly).
+        let _ = run("ip", &["link", "del", &self.veth]);
     }
 }
 
@@ -221,8 +234,18 @@ pub fn measure(stack: &str, requests: usize, bulk: usize) -> anyhow::Result<Hol>
             &bulk,
         ],
     )?;
-    let mut line = String::new();
-    BufReader::new(client.stdout.as_mut().context("stdout")?).read_line(&mut line)?;
+    // Its one line of results, within a bound (a stalled transfer fails the bench
+    // instead of hanging it; the lab's drop kills both sides).
+    let stdout = client.stdout.take().context("stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(300))
+        .context("the head-of-line client gave no result within 300 s")?;
     serde_json::from_str(line.trim())
         .with_context(|| format!("the head-of-line client printed {line:?}"))
 }
@@ -283,7 +306,7 @@ impl Caller {
         Ok(())
     }
 
-    /// The upload: ours as one request of `bytes`; TCP as 256 KiB frames, one after the
+    /// The upload: ours as one request of `bytes`; TCP as 16 KiB frames, one after the
     /// other, so that small requests can go between them.
     async fn upload(&self, bytes: usize) -> anyhow::Result<()> {
         match self {
@@ -292,10 +315,11 @@ impl Caller {
                     .await?;
             }
             Caller::Tcp(tcp) => {
-                // Eight chunks in flight keep the connection busy, as one long QUIC
-                // stream does; the small requests' frames go between chunks.
-                const CHUNK: usize = 256 << 10;
-                const WINDOW: usize = 8;
+                // 16 KiB frames (HTTP/2's default largest frame), 32 in flight (512 KiB)
+                // keep the connection busy as one long QUIC stream does; a small
+                // request's frame waits for at most the frame being written.
+                const CHUNK: usize = 16 << 10;
+                const WINDOW: usize = 32;
                 let chunk = Bytes::from(vec![1u8; CHUNK]);
                 let per_lane = bytes.div_ceil(CHUNK).div_ceil(WINDOW);
                 let lanes = (0..WINDOW).map(|_| async {

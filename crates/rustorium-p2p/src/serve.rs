@@ -274,10 +274,10 @@ impl Serving<'_> {
             }
             Err(e) => {
                 debug!(peer = %self.peer, "handler failed: {e}");
-                let outcome = if e.status == Status::Busy {
-                    Outcome::Busy
-                } else {
-                    Outcome::HandlerError
+                let outcome = match e.status {
+                    Status::Busy => Outcome::Busy,
+                    Status::BadRequest => Outcome::BadRequest,
+                    _ => Outcome::HandlerError,
                 };
                 let message = Bytes::from(e.message);
                 self.answer_tracked(tracked, &mut send, e.status, message, deadline)
@@ -335,7 +335,12 @@ impl Serving<'_> {
             Ok(_) => Served::new(&route, Outcome::Ok),
             Err(e) => {
                 warn!(peer = %self.peer, "one-way handler failed: {e}");
-                Served::new(&route, Outcome::HandlerError)
+                let outcome = if e.status == Status::BadRequest {
+                    Outcome::BadRequest
+                } else {
+                    Outcome::HandlerError
+                };
+                Served::new(&route, outcome)
             }
         }
     }

@@ -33,11 +33,40 @@ pub(crate) fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, CodecError> 
     }
 }
 
+/// `T`'s name without module paths (`Vec<Get>`, not `alloc::vec::Vec<my_app::kv::Get>`):
+/// what a peer is told in a BAD_REQUEST, which need not learn our module layout.
+fn short_type_name<T: ?Sized>() -> String {
+    let full = type_name::<T>();
+    let mut short = String::with_capacity(full.len());
+    let mut word = String::new();
+    for c in full.chars() {
+        if c.is_alphanumeric() || c == '_' || c == ':' {
+            word.push(c);
+        } else {
+            short.push_str(word.rsplit("::").next().unwrap_or(""));
+            word.clear();
+            short.push(c);
+        }
+    }
+    short.push_str(word.rsplit("::").next().unwrap_or(""));
+    short
+}
+
 impl NodeBuilder {
     /// Serves `route` with a typed handler: the request body is decoded into `Req`, the
     /// handler's `Resp` is encoded as the answer (both with postcard). A body that does
-    /// not decode is answered `BAD_REQUEST` with the decoder's message, and the handler
-    /// does not run.
+    /// not decode is answered `BAD_REQUEST` with the decoder's message (a one-way message
+    /// is dropped, logged and counted as `bad_request`), and the handler does not run.
+    ///
+    /// **Choose `Req` with strangers in mind.** Decoding is bounded by the body
+    /// (`max_request_size`) for strings, bytes and sequences: a length prefix larger than
+    /// what is left is refused before anything is allocated. But a recursive type (an
+    /// enum that boxes itself) has no depth limit, so a deep enough body overflows the
+    /// stack and aborts the process; and a type whose values are much larger in memory
+    /// than on the wire (a `Vec` of an enum with one large variant, or of zero-sized
+    /// values) can cost far more memory or time than the body's size. Use such types
+    /// only on routes that trusted peers call (an `allow` list), or decode them yourself
+    /// on a byte route with your own limits.
     ///
     /// ```no_run
     /// # async fn run() -> Result<(), rustorium_p2p::Error> {
@@ -77,7 +106,7 @@ impl NodeBuilder {
                     HandlerError::bad_request(format!(
                         "route {:?}: the body is not a {}: {e}",
                         ctx.route(),
-                        type_name::<Req>()
+                        short_type_name::<Req>()
                     ))
                 })?;
                 let answer = handler(ctx, request).await?;
@@ -162,6 +191,13 @@ mod tests {
     struct Get {
         key: String,
         version: u64,
+    }
+
+    #[test]
+    fn peers_are_told_type_names_without_module_paths() {
+        assert_eq!(short_type_name::<Get>(), "Get");
+        assert_eq!(short_type_name::<Vec<Option<Get>>>(), "Vec<Option<Get>>");
+        assert_eq!(short_type_name::<(u8, String)>(), "(u8, String)");
     }
 
     #[test]

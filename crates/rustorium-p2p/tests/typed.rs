@@ -192,3 +192,21 @@ fn postcard_get(get: &Get) -> Vec<u8> {
     body.push(get.version as u8);
     body
 }
+
+/// A one-way message whose body does not decode is dropped before the handler and counted
+/// as `bad_request` (the sender cannot be told: a one-way message has no answer).
+#[tokio::test]
+async fn a_one_way_message_that_does_not_decode_is_counted_as_bad_request() {
+    let (server, client, calls) = pair().await;
+    common::within(
+        "message",
+        client.send(server.peer_id(), "kv/get/v1", vec![0xffu8; 3]),
+    )
+    .await
+    .unwrap();
+    common::eventually("counted as bad_request", || {
+        common::metric_sum(&server, &["stream_errors_total", "bad_request"]) >= 1.0
+    })
+    .await;
+    assert_eq!(calls.load(Ordering::SeqCst), 0, "the handler never ran");
+}
