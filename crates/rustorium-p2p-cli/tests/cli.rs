@@ -79,20 +79,7 @@ impl Drop for NodeProcess {
 }
 
 fn run(args: &[&str]) -> Output {
-    let child = Command::new(BIN)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    rx.recv_timeout(WAIT)
-        .expect("command did not finish in time")
-        .unwrap()
+    run_with_stdin(args, b"")
 }
 
 fn stdout(out: &Output) -> String {
@@ -256,13 +243,22 @@ fn logs_to_a_pipe_carry_no_colour_codes() {
     }
 }
 
-/// Runs a node with `extra` flags and returns its stderr lines up to "node listening".
-fn log_lines_until_listening(extra: &[&str]) -> Vec<String> {
-    let dir = tempfile::tempdir().unwrap();
+/// A child process killed when dropped (also when a test fails before it ends it).
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A node with `extra` flags (default log level) and a channel of its stderr lines.
+fn node_with_logs(extra: &[&str], data_dir: &Path) -> (KillOnDrop, mpsc::Receiver<String>) {
     let mut child = Command::new(BIN)
         .args(["node", "--listen", "127.0.0.1:0"])
         .args(extra)
-        .env("RUSTORIUM_P2P_DATA_DIR", dir.path())
+        .env("RUSTORIUM_P2P_DATA_DIR", data_dir)
         .env_remove("RUST_LOG")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -272,13 +268,18 @@ fn log_lines_until_listening(extra: &[&str]) -> Vec<String> {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let done = line.contains("node listening");
-            let _ = tx.send(line);
-            if done {
+            if tx.send(line).is_err() {
                 break;
             }
         }
     });
+    (KillOnDrop(child), rx)
+}
+
+/// Runs a node with `extra` flags and returns its stderr lines up to "node listening".
+fn log_lines_until_listening(extra: &[&str]) -> Vec<String> {
+    let dir = tempfile::tempdir().unwrap();
+    let (_node, rx) = node_with_logs(extra, dir.path());
     let mut lines = Vec::new();
     while lines
         .last()
@@ -290,8 +291,6 @@ fn log_lines_until_listening(extra: &[&str]) -> Vec<String> {
         );
         assert!(lines.len() < 100, "{lines:?}");
     }
-    let _ = child.kill();
-    let _ = child.wait();
     lines
 }
 
@@ -913,22 +912,8 @@ fn an_unreachable_peer_flag_is_logged_at_warn_with_the_reason() {
         "[limits]\nconnect_timeout = \"300ms\"\nreconnect_min_backoff = \"50ms\"\nreconnect_max_backoff = \"20s\"\n",
     )
     .unwrap();
-    let mut child = Command::new(BIN)
-        .args(["node", "--listen", "127.0.0.1:0", "--peer", &peer])
-        .args(["--config", config.to_str().unwrap()])
-        .env("RUSTORIUM_P2P_DATA_DIR", dir.path())
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let flags = ["--peer", &peer, "--config", config.to_str().unwrap()];
+    let (_node, rx) = node_with_logs(&flags, dir.path());
     // The first failure is a WARN naming the reason.
     let deadline = std::time::Instant::now() + WAIT;
     let warned = loop {
@@ -955,6 +940,4 @@ fn an_unreachable_peer_flag_is_logged_at_warn_with_the_reason() {
             "repeated: {line}"
         );
     }
-    let _ = child.kill();
-    let _ = child.wait();
 }
