@@ -80,6 +80,35 @@ pub fn skip_reason() -> Option<String> {
     None
 }
 
+/// The names of this process's lab: (server namespace, client namespace, veth in the
+/// root namespace, veth in the server's).
+fn lab_names() -> (String, String, String, String) {
+    let tag = std::process::id();
+    (
+        format!("rhol{tag}s"),
+        format!("rhol{tag}c"),
+        format!("rh{tag}c"),
+        format!("rh{tag}s"),
+    )
+}
+
+/// On SIGTERM (what `timeout` and CI send), removes this process's namespaces and veth
+/// before exiting, which a drop would not get to do. Call from within the runtime.
+pub fn clean_up_on_sigterm() -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::spawn(async move {
+        term.recv().await;
+        let (server_ns, client_ns, veth, _) = lab_names();
+        for ns in [&server_ns, &client_ns] {
+            let _ = run("ip", &["netns", "del", ns]);
+        }
+        let _ = run("ip", &["link", "del", &veth]);
+        eprintln!("bench: stopped by SIGTERM");
+        std::process::exit(143);
+    });
+    Ok(())
+}
+
 /// Two namespaces and their veth pair, with loss; what was made is removed when dropped
 /// (also when making it failed half-way).
 struct Lab {
@@ -105,11 +134,10 @@ fn run(program: &str, args: &[&str]) -> anyhow::Result<()> {
 
 impl Lab {
     fn new() -> anyhow::Result<Lab> {
-        let tag = std::process::id();
-        let (vs, vc) = (format!("rh{tag}s"), format!("rh{tag}c"));
+        let (server_ns, client_ns, vc, vs) = lab_names();
         let mut lab = Lab {
-            server_ns: format!("rhol{tag}s"),
-            client_ns: format!("rhol{tag}c"),
+            server_ns,
+            client_ns,
             veth: vc.clone(),
             created: Vec::new(),
             children: Vec::new(),

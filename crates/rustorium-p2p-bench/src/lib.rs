@@ -236,7 +236,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 eprintln!("bench: head-of-line scenario skipped: {why}");
                 Vec::new()
             }
-            None => ran.iter().copied().filter(|&s| s != 1).collect(),
+            None => {
+                hol::clean_up_on_sigterm()?;
+                ran.iter().copied().filter(|&s| s != 1).collect()
+            }
         }
     } else {
         Vec::new()
