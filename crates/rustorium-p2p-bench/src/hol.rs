@@ -61,14 +61,16 @@ pub struct Hol {
 
 /// Why the scenario cannot run here, if it cannot.
 pub fn skip_reason() -> Option<String> {
-    let uid = Command::new("id").arg("-u").output().ok()?;
+    let Ok(uid) = Command::new("id").arg("-u").output() else {
+        return Some("cannot tell whether this is root (`id -u` failed)".into());
+    };
     if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
         return Some("needs root (network namespaces)".into());
     }
-    for (tool, args) in [("ip", ["netns", "list"]), ("nft", ["--version", ""])] {
-        let args: Vec<&str> = args.into_iter().filter(|a| !a.is_empty()).collect();
+    let tools: [(&str, &[&str]); 2] = [("ip", &["netns", "list"]), ("nft", &["--version"])];
+    for (tool, args) in tools {
         let ok = Command::new(tool)
-            .args(&args)
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()

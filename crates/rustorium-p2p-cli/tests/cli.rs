@@ -17,8 +17,13 @@ struct NodeProcess {
 
 impl NodeProcess {
     fn start(data_dir: &Path, extra: &[&str]) -> NodeProcess {
+        Self::listening(data_dir, "127.0.0.1:0", extra)
+    }
+
+    /// A node on `listen`, as `--listen` takes it.
+    fn listening(data_dir: &Path, listen: &str, extra: &[&str]) -> NodeProcess {
         let mut child = Command::new(BIN)
-            .args(["node", "--listen", "127.0.0.1:0"])
+            .args(["node", "--listen", listen])
             .args(extra)
             .env("RUSTORIUM_P2P_DATA_DIR", data_dir)
             .stdout(Stdio::piped())
@@ -41,7 +46,7 @@ impl NodeProcess {
             .expect("node printed no address in time");
         node.peer_addr = line.trim().to_string();
         assert!(
-            node.peer_addr.contains("@127.0.0.1:"),
+            node.peer_addr.contains("@127.0.0.1:") || node.peer_addr.contains("@[::1]:"),
             "first line: {line:?}"
         );
         node
@@ -603,11 +608,10 @@ fn a_peer_flag_with_the_nodes_own_peer_id_is_a_usage_error() {
 
 #[test]
 fn an_empty_data_directory_variable_is_refused_not_ignored() {
-    let out = Command::new(BIN)
-        .args(["node", "--listen", "127.0.0.1:0"])
-        .env("RUSTORIUM_P2P_DATA_DIR", "")
-        .output()
-        .unwrap();
+    let mut node = Command::new(BIN);
+    node.args(["node", "--listen", "127.0.0.1:0"])
+        .env("RUSTORIUM_P2P_DATA_DIR", "");
+    let out = finish(node, b"");
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("RUSTORIUM_P2P_DATA_DIR is set but empty"),
@@ -619,39 +623,27 @@ fn an_empty_data_directory_variable_is_refused_not_ignored() {
 #[test]
 fn listen_takes_a_host_name_as_peeraddr_does() {
     let dir = tempfile::tempdir().unwrap();
-    // `localhost` resolves through /etc/hosts: loopback, no DNS query.
-    let mut child = Command::new(BIN)
-        .args(["node", "--listen", "localhost:0"])
-        .env("RUSTORIUM_P2P_DATA_DIR", dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let line = rx.recv_timeout(WAIT).expect("node printed no address");
-    let _ = child.kill();
-    let _ = child.wait();
-    assert!(
-        line.contains("@127.0.0.1:") || line.contains("@[::1]:"),
-        "{line:?}"
-    );
+    // `localhost` resolves through /etc/hosts: loopback, no DNS query. `listening`
+    // checks that the first line is a loopback PeerAddr.
+    NodeProcess::listening(dir.path(), "localhost:0", &[]);
 }
 
 /// Runs the binary with `input` on its standard input.
 fn run_with_stdin(args: &[&str], input: &[u8]) -> Output {
-    let mut child = Command::new(BIN)
-        .args(args)
+    let mut command = Command::new(BIN);
+    command.args(args);
+    finish(command, input)
+}
+
+/// Runs `command` with `input` on its standard input and its output captured; fails the
+/// test if it has not ended within [`WAIT`].
+fn finish(mut command: Command, input: &[u8]) -> Output {
+    let mut child = command
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap();
+        .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
     let mut stdin = child.stdin.take().unwrap();
     let input = input.to_vec();
     std::thread::spawn(move || {
@@ -843,21 +835,9 @@ fn file_dash_is_standard_input_and_a_terminal_gets_a_final_newline() {
     // A terminal (a pseudo-terminal made by util-linux's `script`) gets a newline after.
     // Its stderr (log lines) is left out of the terminal; `timeout` bounds the wait.
     let command = format!("{BIN} request {addr} sys/echo --data 'no newline' 2>/dev/null");
-    let child = Command::new("timeout")
-        .args(["20", "script", "-qec", &command, "/dev/null"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("util-linux `script` and coreutils `timeout` are needed for the terminal case");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    let out = rx
-        .recv_timeout(WAIT + Duration::from_secs(5))
-        .expect("script did not finish in time")
-        .unwrap();
+    let mut script = Command::new("timeout"); // util-linux `script`, coreutils `timeout`
+    script.args(["15", "script", "-qec", &command, "/dev/null"]);
+    let out = finish(script, b"");
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out), "no newline\r\n");
 }

@@ -13,22 +13,6 @@ use common::{eventually, metric_sum, WAIT};
 use rustorium_p2p::{ConnectError, Node, Refusal, RequestError};
 use tokio::sync::Semaphore;
 
-/// A handler that runs until `gate` lets it through, counting how many are running.
-fn hold(gate: &Arc<Semaphore>, running: &Arc<AtomicUsize>) -> impl rustorium_p2p::Handler {
-    let (gate, running) = (gate.clone(), running.clone());
-    move |_ctx, _body| {
-        let (gate, running) = (gate.clone(), running.clone());
-        async move {
-            running.fetch_add(1, Ordering::SeqCst);
-            if let Ok(permit) = gate.acquire().await {
-                permit.forget();
-            }
-            running.fetch_sub(1, Ordering::SeqCst);
-            Ok(rustorium_p2p::Bytes::new())
-        }
-    }
-}
-
 #[tokio::test]
 async fn one_way_messages_wait_for_a_slot_then_are_dropped_and_counted() {
     let gate = Arc::new(Semaphore::new(0));
@@ -40,7 +24,7 @@ async fn one_way_messages_wait_for_a_slot_then_are_dropped_and_counted() {
     let counted = delivered.clone();
     let server = Node::builder()
         .config(config)
-        .route("hold", hold(&gate, &running))
+        .route("hold", common::hold(&gate, &running))
         .route("note", move |_ctx, _body| {
             let counted = counted.clone();
             async move {
@@ -170,7 +154,7 @@ async fn shutdown_stops_waiting_for_handlers_at_shutdown_grace() {
     config.limits.request_timeout = Duration::from_secs(60);
     let server = Node::builder()
         .config(config)
-        .route("hold", hold(&gate, &running))
+        .route("hold", common::hold(&gate, &running))
         .bind()
         .await
         .unwrap();

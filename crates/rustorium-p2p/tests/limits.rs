@@ -363,19 +363,7 @@ impl Holds {
     }
 
     fn route(&self, builder: rustorium_p2p::NodeBuilder) -> rustorium_p2p::NodeBuilder {
-        let (gate, running) = (self.gate.clone(), self.running.clone());
-        builder.route("hold", move |_ctx, _body| {
-            let (gate, running) = (gate.clone(), running.clone());
-            async move {
-                running.fetch_add(1, Ordering::SeqCst);
-                // Each permit lets one handler through.
-                if let Ok(permit) = gate.acquire().await {
-                    permit.forget();
-                }
-                running.fetch_sub(1, Ordering::SeqCst);
-                Ok(Bytes::new())
-            }
-        })
+        builder.route("hold", common::hold(&self.gate, &self.running))
     }
 }
 

@@ -431,3 +431,22 @@ pub fn metric_sum(node: &Node, parts: &[&str]) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// A handler that runs until `gate` lets it through, counting how many are running.
+pub fn hold(
+    gate: &Arc<tokio::sync::Semaphore>,
+    running: &Arc<std::sync::atomic::AtomicUsize>,
+) -> impl rustorium_p2p::Handler {
+    let (gate, running) = (gate.clone(), running.clone());
+    move |_ctx, _body| {
+        let (gate, running) = (gate.clone(), running.clone());
+        async move {
+            running.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if let Ok(permit) = gate.acquire().await {
+                permit.forget();
+            }
+            running.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(rustorium_p2p::Bytes::new())
+        }
+    }
+}
