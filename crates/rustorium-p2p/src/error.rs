@@ -471,6 +471,19 @@ pub enum RequestError {
         /// The route.
         route: String,
     },
+    /// The peer stopped reading the body of a streaming request or message before its
+    /// end: its handler returned (or failed) without reading it all (`CANCELLED`), or the
+    /// body made no progress for the peer's `request_timeout` or ran past the route's
+    /// `max_duration` (`TIMED_OUT`). For a request, its answer says why.
+    #[error("peer {peer} stopped reading the body of {route:?} ({}): {}", crate::wire::code::describe(*.code), body_stopped_hint(*.code))]
+    BodyStopped {
+        /// The peer.
+        peer: PeerId,
+        /// The route.
+        route: String,
+        /// The stream code it stopped with.
+        code: u64,
+    },
     /// A typed request or message could not be encoded (see
     /// [`Node::request_typed`](crate::Node::request_typed)); nothing was sent.
     #[cfg(feature = "typed")]
@@ -586,6 +599,15 @@ pub enum Error {
     /// A request or message failed.
     #[error(transparent)]
     Request(#[from] RequestError),
+}
+
+/// What a requester can do about a body the peer stopped reading with `code`.
+fn body_stopped_hint(code: u64) -> &'static str {
+    if code == u64::from(crate::wire::code::TIMED_OUT) {
+        "the body stalled past the peer's limits.request_timeout, or ran past the route's max_duration"
+    } else {
+        "its handler ended without reading it all; read the answer to learn why"
+    }
 }
 
 #[cfg(test)]

@@ -73,8 +73,20 @@ pub(crate) async fn write_framed_within(
     deadline: &mut Deadline,
 ) -> Result<Result<(), WriteError>, Stalled> {
     let (mut chunks, count) = framed(prefix, body);
+    write_chunks_within(send, &mut chunks[..count], stall, deadline).await
+}
+
+/// Writes `chunks` on `send` (without finishing it), giving up with [`Stalled`] when no
+/// byte goes out for `stall`, or at `deadline`, as [`write_framed_within`] does.
+pub(crate) async fn write_chunks_within(
+    send: &mut SendStream,
+    chunks: &mut [Bytes],
+    stall: Duration,
+    deadline: &mut Deadline,
+) -> Result<Result<(), WriteError>, Stalled> {
+    let count = chunks.len();
     // `write_chunks` is cancel-safe: dropped while pending, it has written nothing.
-    let mut done = match poll_once(send.write_chunks(&mut chunks[..count])).await {
+    let mut done = match poll_once(send.write_chunks(chunks)).await {
         Some(Ok(written)) => written.chunks,
         Some(Err(e)) => return Ok(Err(e)),
         None => 0,

@@ -168,9 +168,18 @@ pub(crate) struct Router {
 /// A registered route.
 #[derive(Clone)]
 pub(crate) struct Route {
-    pub handler: Arc<dyn Handler>,
+    pub kind: RouteKind,
     /// The handler may run on 0-RTT data, before the handshake completes.
     pub early_data: bool,
+}
+
+/// How a route's handler takes its request.
+#[derive(Clone)]
+pub(crate) enum RouteKind {
+    /// The whole body, read (and counted in the byte budget) before the handler runs.
+    Whole(Arc<dyn Handler>),
+    /// The body as a stream, with the answer written as a stream.
+    Streaming(Arc<crate::transfer::StreamRoute>),
 }
 
 impl Router {
@@ -196,16 +205,24 @@ pub(crate) async fn call_handler(
     ctx: RequestContext,
     body: Bytes,
 ) -> Result<Bytes, HandlerError> {
-    match catch_unwind(AssertUnwindSafe(|| handler.call(ctx, body))) {
+    catch_panics(|| handler.call(ctx, body)).await
+}
+
+/// Makes a handler's future with `make` and runs it, a panic in either becoming a
+/// HANDLER_ERROR.
+pub(crate) async fn catch_panics<T>(
+    make: impl FnOnce() -> Pin<Box<dyn Future<Output = Result<T, HandlerError>> + Send>>,
+) -> Result<T, HandlerError> {
+    match catch_unwind(AssertUnwindSafe(make)) {
         Ok(future) => CatchUnwind(future).await,
         Err(payload) => Err(panicked(payload)),
     }
 }
 
-struct CatchUnwind(HandlerFuture);
+struct CatchUnwind<T>(Pin<Box<dyn Future<Output = Result<T, HandlerError>> + Send>>);
 
-impl Future for CatchUnwind {
-    type Output = Result<Bytes, HandlerError>;
+impl<T> Future for CatchUnwind<T> {
+    type Output = Result<T, HandlerError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let future = &mut self.0;

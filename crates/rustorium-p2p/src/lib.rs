@@ -55,6 +55,7 @@ mod request;
 mod serve;
 mod stream_budget;
 mod tls;
+mod transfer;
 mod transport_error;
 #[cfg(feature = "typed")]
 mod typed;
@@ -73,6 +74,10 @@ pub use identity::{Keypair, ParseError, PeerAddr, PeerId};
 pub use metrics::NodeStats;
 pub use node::{Node, NodeBuilder, RequestOptions, WeakNode};
 pub use policy::SIMULTANEOUS_DIAL_WINDOW;
+pub use transfer::{
+    AnswerStream, AnswerWriter, BodyReader, MessageBody, RequestBody, StreamHandler,
+    StreamHandlerFuture, StreamLimits, TransferError,
+};
 pub use wire::Status;
 
 /// The README's Rust examples, compiled as doctests so they cannot go stale.

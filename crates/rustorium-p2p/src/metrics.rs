@@ -580,6 +580,17 @@ impl Metrics {
         ActiveStream(&self.streams_active)
     }
 
+    /// Counts a stream as opened and active until [`stream_closed`](Self::stream_closed).
+    pub fn stream_opened_owned(&self, kind: StreamKind, direction: Direction) {
+        self.streams_opened[kind as usize][DirectionLabel::from(direction) as usize].inc();
+        self.streams_active.inc();
+    }
+
+    /// A stream counted by [`stream_opened_owned`](Self::stream_opened_owned) ended.
+    pub fn stream_closed(&self) {
+        self.streams_active.dec();
+    }
+
     /// Records a finished request (and, unless it ended `ok`, a stream error).
     pub fn request_done(&self, side: Side, route: &str, status: Outcome, took: Duration) {
         if status != Outcome::Ok {

@@ -35,6 +35,8 @@ pub(crate) struct PeerShare {
     pub answers: Arc<Semaphore>,
     /// One permit per byte of the peer's requests held in memory.
     pub bytes: Arc<Semaphore>,
+    /// One permit per streaming request or message of the peer being served.
+    pub transfers: Arc<Semaphore>,
     /// Answers in a row the peer let time out without reading.
     stalls: AtomicU32,
 }
@@ -45,6 +47,7 @@ impl PeerShare {
             slots: Arc::new(Semaphore::new(limits.slots as usize)),
             answers: Arc::new(Semaphore::new(limits.answers as usize)),
             bytes: Arc::new(Semaphore::new(limits.bytes)),
+            transfers: Arc::new(Semaphore::new(limits.transfers as usize)),
             stalls: AtomicU32::new(0),
         })
     }
@@ -310,6 +313,8 @@ pub(crate) struct ShareLimits {
     pub answers: u32,
     /// Request bytes held in memory.
     pub bytes: usize,
+    /// Streaming requests and messages served at once.
+    pub transfers: u32,
 }
 
 /// The connection pool.

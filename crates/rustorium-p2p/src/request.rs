@@ -36,14 +36,14 @@ impl From<RequestError> for Failure {
 }
 
 /// What a requester is talking to.
-struct Target<'a> {
+pub(crate) struct Target<'a> {
     conn: &'a PeerConnection,
     peer: PeerId,
     route: &'a str,
 }
 
 impl<'a> Target<'a> {
-    fn new(conn: &'a PeerConnection, route: &'a str) -> Self {
+    pub fn new(conn: &'a PeerConnection, route: &'a str) -> Self {
         Target {
             conn,
             peer: conn.peer,
@@ -51,7 +51,7 @@ impl<'a> Target<'a> {
         }
     }
 
-    fn lost(&self, err: &ConnectionError) -> Failure {
+    pub fn lost(&self, err: &ConnectionError) -> Failure {
         let interrupted = is_duplicate_close(err).then_some(Interruption::DuplicateClosed);
         let addr = self.conn.conn.remote_address();
         Failure {
@@ -60,7 +60,7 @@ impl<'a> Target<'a> {
         }
     }
 
-    fn zero_rtt_rejected(&self) -> Failure {
+    pub fn zero_rtt_rejected(&self) -> Failure {
         // quinn also reports a 0-RTT stream as rejected when its connection closed before
         // the handshake completed (for example `Node::disconnect`): that is a lost
         // connection, not a rejection to re-send after.
@@ -73,7 +73,7 @@ impl<'a> Target<'a> {
         }
     }
 
-    fn write_failed(&self, err: WriteError) -> Failure {
+    pub fn write_failed(&self, err: WriteError) -> Failure {
         match err {
             WriteError::Stopped(stop) => self.stopped(stop.into_inner()).into(),
             WriteError::ConnectionLost(e) => self.lost(&e),
@@ -82,7 +82,7 @@ impl<'a> Target<'a> {
         }
     }
 
-    fn read_failed(&self, err: ReadError) -> Failure {
+    pub fn read_failed(&self, err: ReadError) -> Failure {
         match err {
             ReadError::ConnectionLost(e) => self.lost(&e),
             ReadError::ZeroRttRejected => self.zero_rtt_rejected(),
@@ -91,7 +91,7 @@ impl<'a> Target<'a> {
         }
     }
 
-    fn protocol(&self, source: ProtocolError) -> Failure {
+    pub fn protocol(&self, source: ProtocolError) -> Failure {
         RequestError::Protocol {
             peer: self.peer,
             route: self.route.to_string(),
@@ -100,7 +100,7 @@ impl<'a> Target<'a> {
         .into()
     }
 
-    fn timed_out(&self, after: Duration) -> Failure {
+    pub fn timed_out(&self, after: Duration) -> Failure {
         RequestError::Timeout {
             peer: self.peer,
             route: self.route.to_string(),
@@ -109,7 +109,7 @@ impl<'a> Target<'a> {
         .into()
     }
 
-    fn too_large(&self, body: Body, message: String) -> RequestError {
+    pub fn too_large(&self, body: Body, message: String) -> RequestError {
         RequestError::TooLarge {
             peer: self.peer,
             route: self.route.to_string(),
@@ -118,7 +118,7 @@ impl<'a> Target<'a> {
         }
     }
 
-    fn remote(&self, status: Status, message: String) -> RequestError {
+    pub fn remote(&self, status: Status, message: String) -> RequestError {
         RequestError::Remote {
             peer: self.peer,
             route: self.route.to_string(),
@@ -146,7 +146,7 @@ impl<'a> Target<'a> {
     }
 
     /// The error for a stream the peer stopped with `stop` (when no answer explains it).
-    fn stopped(&self, stop: u64) -> RequestError {
+    pub fn stopped(&self, stop: u64) -> RequestError {
         let status = match u32::try_from(stop) {
             Ok(code::TIMED_OUT) => return self.peer_timed_out(),
             Ok(code::TOO_LARGE) => {

@@ -15,10 +15,11 @@ use tracing::{debug, warn, Instrument};
 
 use crate::budget::{ByteBudget, Held};
 use crate::framing::{poll_once, read_body, write_framed_within, BodyError, Deadline, Stalled};
-use crate::handler::{call_handler, RequestContext, Route, Router};
+use crate::handler::{call_handler, RequestContext, Route, RouteKind, Router};
 use crate::identity::PeerId;
 use crate::metrics::{Metrics, Outcome, Side};
 use crate::peers::{PeerConnection, PeerShare};
+use crate::transfer::StreamRoute;
 use crate::wire::{self, code, HeaderError, Status};
 
 /// Limits that the answering side applies.
@@ -42,6 +43,8 @@ pub(crate) struct Serving<'a> {
     pub slots: &'a Arc<Semaphore>,
     /// One permit per answer being written (shutdown waits for them).
     pub answers: &'a Arc<Semaphore>,
+    /// One permit per streaming request or message being served.
+    pub transfers: &'a Arc<Semaphore>,
     /// What the peer may hold of this node.
     pub share: &'a Arc<PeerShare>,
     /// The node's budget of request bytes held in memory.
@@ -57,13 +60,13 @@ pub(crate) struct Serving<'a> {
 
 /// How serving a stream ended, for metrics and logs: the route label (a registered
 /// route, `unknown`, or `malformed`) and the outcome.
-struct Served {
-    route: Arc<str>,
-    outcome: Outcome,
+pub(crate) struct Served {
+    pub route: Arc<str>,
+    pub outcome: Outcome,
 }
 
 impl Served {
-    fn new(route: &Arc<str>, outcome: Outcome) -> Self {
+    pub fn new(route: &Arc<str>, outcome: Outcome) -> Self {
         Served {
             route: route.clone(),
             outcome,
@@ -202,7 +205,10 @@ impl Serving<'_> {
             return Served::unregistered("unknown", Outcome::Busy);
         }
         let read = match self.read_request(&mut recv, deadline).await {
-            Ok(read) => read,
+            Ok(Opened::Whole(read)) => read,
+            Ok(Opened::Streaming(stream)) => {
+                return self.transfer(stream, Some(send), recv, started).await
+            }
             Err(refusal) => {
                 debug!(peer = %self.peer, "request refused: {refusal}");
                 if let Some(stop) = refusal.stop_code() {
@@ -224,11 +230,14 @@ impl Serving<'_> {
         };
         let Read {
             name: route,
-            route: Route { handler, .. },
+            route: handler,
             body,
             held,
             early,
         } = read;
+        let RouteKind::Whole(handler) = &handler.kind else {
+            unreachable!("a streaming route's requests are opened, not read")
+        };
         // A slot for the handler is taken only now, with the whole request read: a peer
         // that stalls while sending holds its own stream, never a slot others need. The
         // peer's own share is taken first, so a peer at its share takes none of the node's.
@@ -300,7 +309,10 @@ impl Serving<'_> {
     async fn deliver_message(&self, started: Instant, mut recv: RecvStream) -> Served {
         let deadline = started + self.limits.request_timeout;
         let read = match self.read_request(&mut recv, deadline).await {
-            Ok(read) => read,
+            Ok(Opened::Whole(read)) => read,
+            Ok(Opened::Streaming(stream)) => {
+                return self.transfer(stream, None, recv, started).await
+            }
             Err(refusal) => {
                 warn!(peer = %self.peer, "dropped a one-way message: {refusal}");
                 if let Some(stop) = refusal.stop_code() {
@@ -311,11 +323,14 @@ impl Serving<'_> {
         };
         let Read {
             name: route,
-            route: Route { handler, .. },
+            route: handler,
             body,
             held,
             early,
         } = read;
+        let RouteKind::Whole(handler) = &handler.kind else {
+            unreachable!("a streaming route's messages are opened, not read")
+        };
         // As for requests, handler slots are taken once the message is read (the peer's
         // share first). With no answer to say BUSY in, the message waits for them until
         // its deadline.
@@ -346,13 +361,18 @@ impl Serving<'_> {
     }
 
     /// Waits for the connection's handshake to complete; `false` if it never will.
-    async fn confirmed(&self) -> bool {
+    pub(crate) async fn confirmed(&self) -> bool {
         let mut confirmed = self.confirmed.clone();
         let done = confirmed.wait_for(|done| *done).await.is_ok();
         done
     }
 
-    fn context(&self, route: &Arc<str>, one_way: bool, early_data: bool) -> RequestContext {
+    pub(crate) fn context(
+        &self,
+        route: &Arc<str>,
+        one_way: bool,
+        early_data: bool,
+    ) -> RequestContext {
         RequestContext {
             peer: self.peer,
             connection: self.connection.clone(),
@@ -368,7 +388,7 @@ impl Serving<'_> {
         &self,
         recv: &mut RecvStream,
         deadline: Instant,
-    ) -> Result<Read<'_>, Refusal> {
+    ) -> Result<Opened<'_>, Refusal> {
         let mut route_read: Option<Arc<str>> = None;
         let mut early = recv.is_0rtt();
         let work = async {
@@ -388,6 +408,10 @@ impl Serving<'_> {
                     return Err(Refusal::Broken(None));
                 }
             };
+            // A streaming route's handler reads the body itself.
+            if let RouteKind::Streaming(streaming) = &handler.kind {
+                return Ok(Got::Streaming(streaming.clone(), first));
+            }
             let limit = usize::try_from(self.limits.max_request_size).unwrap_or(usize::MAX);
             let route = || route_read.clone();
             let budget = ByteBudget {
@@ -410,7 +434,7 @@ impl Serving<'_> {
             if !read.0.early_data && !self.confirmed().await {
                 return Err(Refusal::Unconfirmed(route().unwrap_or_default()));
             }
-            Ok(read)
+            Ok(Got::Whole(read.0, read.1, read.2))
         };
         // A request that is all there when its stream is accepted (most are) is read with
         // no timer; only one that has to wait is raced against the deadline.
@@ -422,17 +446,49 @@ impl Serving<'_> {
             }
         };
         match result {
-            Ok(Ok((route, body, held))) => Ok(Read {
+            Ok(Ok(Got::Whole(route, body, held))) => Ok(Opened::Whole(Read {
                 name: route_read.unwrap_or_default(),
                 route,
                 body,
                 held,
                 early,
-            }),
+            })),
+            Ok(Ok(Got::Streaming(route, first))) => Ok(Opened::Streaming(Stream {
+                name: route_read.unwrap_or_default(),
+                route,
+                first,
+                early,
+            })),
             Ok(Err(refusal)) => Err(refusal),
             Err(_) => Err(Refusal::TimedOut(route_read)),
         }
     }
+}
+
+/// What reading a request or message brought.
+enum Got<'r> {
+    /// A whole body, for the route's handler.
+    Whole(&'r Route, Bytes, Held),
+    /// The start of a body that a streaming handler reads itself.
+    Streaming(Arc<StreamRoute>, Bytes),
+}
+
+/// A request or message, opened.
+enum Opened<'r> {
+    /// Read in full.
+    Whole(Read<'r>),
+    /// Its header read; the body is for its streaming handler to read.
+    Streaming(Stream),
+}
+
+/// A request or message on a streaming route: its header read.
+pub(crate) struct Stream {
+    pub name: Arc<str>,
+    pub route: Arc<StreamRoute>,
+    /// Body bytes that came with the header.
+    pub first: Bytes,
+    /// Its bytes arrived as 0-RTT data.
+    pub early: bool,
 }
 
 /// A request or message read in full.
@@ -498,7 +554,13 @@ impl Serving<'_> {
     /// the peer reads none of it for `answer_timeout`, or already has its share of answers
     /// waiting. A peer that leaves `max_stalls` answers in a row unread loses its
     /// connection (close code `LIMIT`).
-    async fn answer(&self, send: &mut SendStream, status: Status, body: Bytes, deadline: Deadline) {
+    pub(crate) async fn answer(
+        &self,
+        send: &mut SendStream,
+        status: Status,
+        body: Bytes,
+        deadline: Deadline,
+    ) {
         self.answer_tracked(None, send, status, body, deadline)
             .await
     }
@@ -546,7 +608,7 @@ impl Serving<'_> {
 
     /// Counts an answer the peer left unread; past `max_stalls` in a row, the peer loses
     /// its connection.
-    fn unread(&self) {
+    pub(crate) fn unread(&self) {
         self.metrics.answer_abandoned();
         if self.share.stalled() >= self.limits.max_stalls {
             warn!(peer = %self.peer, "closing the connection: the peer does not read its answers");

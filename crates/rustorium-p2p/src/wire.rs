@@ -86,6 +86,9 @@ pub mod code {
     pub const TIMED_OUT: u32 = 0x06;
     /// STOP_SENDING / RESET_STREAM: the node is shutting down.
     pub const SHUTTING_DOWN: u32 = 0x07;
+    /// RESET_STREAM: the handler failed after its answer had started (a streaming
+    /// answer); what was sent of it is incomplete.
+    pub const HANDLER_ERROR: u32 = 0x08;
 
     /// CONNECTION_CLOSE: the node is shutting down (after letting running requests
     /// finish), or the connection was closed on purpose.
@@ -112,6 +115,7 @@ pub mod code {
             0x05 => "receiver busy",
             0x06 => "timed out at the receiver",
             0x07 => "receiver shutting down",
+            0x08 => "the handler failed mid-answer",
             _ => "unknown code",
         }
     }

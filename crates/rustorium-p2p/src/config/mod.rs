@@ -174,6 +174,23 @@ pub struct Limits {
     /// How long shutdown lets running requests finish. Default 5 s.
     #[serde(with = "units::duration")]
     pub shutdown_grace: Duration,
+    /// Largest request or one-way message body a streaming route accepts, unless the
+    /// route sets its own (`StreamLimits`). Its bytes are never held whole: flow control
+    /// hands them to the handler as it reads. Default 4 GiB.
+    #[serde(with = "units::size")]
+    pub max_stream_body_size: u64,
+    /// Longest a streaming request or message may run, from its first byte to the end of
+    /// its answer, unless the route sets its own. Default 10 min.
+    #[serde(with = "units::duration")]
+    pub max_stream_duration: Duration,
+    /// Streaming requests and messages served at once on this node (kept apart from
+    /// `max_concurrent_requests`: a transfer runs as fast as its peer sends, so peers
+    /// holding transfers never take the slots of buffered requests). Past this a
+    /// streaming request is answered BUSY. Default 256.
+    pub max_concurrent_transfers: u32,
+    /// Streaming requests and messages served at once for one peer (its share of
+    /// `max_concurrent_transfers`). Default 8.
+    pub max_concurrent_transfers_per_peer: u32,
 }
 
 impl Default for Limits {
@@ -202,6 +219,10 @@ impl Default for Limits {
             reconnect_min_backoff: Duration::from_millis(100),
             reconnect_max_backoff: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(5),
+            max_stream_body_size: 4 << 30,
+            max_stream_duration: Duration::from_secs(600),
+            max_concurrent_transfers: 256,
+            max_concurrent_transfers_per_peer: 8,
         }
     }
 }
@@ -320,6 +341,7 @@ impl Config {
             ("limits.answer_timeout", l.answer_timeout),
             ("limits.handshake_timeout", l.handshake_timeout),
             ("limits.reconnect_min_backoff", l.reconnect_min_backoff),
+            ("limits.max_stream_duration", l.max_stream_duration),
             ("transport.max_idle_timeout", t.max_idle_timeout),
             ("transport.initial_rtt", t.initial_rtt),
         ] {
@@ -338,6 +360,14 @@ impl Config {
                 l.max_pending_answers_per_peer,
             ),
             ("limits.max_connections", l.max_connections),
+            (
+                "limits.max_concurrent_transfers",
+                l.max_concurrent_transfers,
+            ),
+            (
+                "limits.max_concurrent_transfers_per_peer",
+                l.max_concurrent_transfers_per_peer,
+            ),
             ("limits.max_handshakes", l.max_handshakes),
             ("limits.max_handshakes_per_ip", l.max_handshakes_per_ip),
             ("limits.max_connections_per_ip", l.max_connections_per_ip),
@@ -351,6 +381,7 @@ impl Config {
         for (key, value, least) in [
             ("limits.max_request_size", l.max_request_size, 1),
             ("limits.max_response_size", l.max_response_size, 1),
+            ("limits.max_stream_body_size", l.max_stream_body_size, 1),
             (
                 "limits.max_buffered_request_bytes",
                 l.max_buffered_request_bytes,

@@ -312,6 +312,7 @@ fn serving<'a>(shared: &'a Shared, entry: &'a Arc<PeerConnection>) -> Serving<'a
         limits: &shared.serve_limits,
         slots: &shared.requests,
         answers: &shared.answers,
+        transfers: &shared.transfers,
         share: &entry.share,
         bytes: &shared.bytes,
         peer: entry.peer,

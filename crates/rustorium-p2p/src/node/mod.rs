@@ -22,7 +22,7 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::error::{BindError, ConnectError, RequestError};
 use crate::event::{Direction, DisconnectReason, PeerEvent};
-use crate::handler::{Handler, Route, Router};
+use crate::handler::{Handler, Route, RouteKind, Router};
 use crate::identity::{Keypair, PeerAddr, PeerId};
 use crate::metrics::{Metrics, NodeStats, Outcome, Side, StreamKind};
 use crate::peers::{PeerConnection, Peers, ShareLimits};
@@ -31,6 +31,11 @@ use crate::request;
 use crate::serve::ServeLimits;
 use crate::stream_budget::StreamPool;
 use crate::tls::TlsConfigs;
+use crate::transfer::{
+    AnswerStream, MessageBody, RequestBody, StreamHandler, StreamLimits, StreamRoute,
+};
+#[allow(unused_imports)]
+use crate::transfer::{AnswerWriter, BodyReader};
 use crate::wire::{self, code, Status};
 
 /// Builds a [`Node`]: identity, settings and handlers, then [`bind`](NodeBuilder::bind).
@@ -55,6 +60,8 @@ pub struct NodeBuilder {
     config: Option<Config>,
     overrides: Overrides,
     routes: Vec<(String, Route)>,
+    /// Streaming routes, whose limits are resolved against the config at `bind`.
+    streaming: Vec<(String, Box<dyn StreamHandler>, StreamLimits)>,
     /// Tests only: present this certificate instead of a fresh one.
     #[cfg(test)]
     certificate: Option<Vec<u8>>,
@@ -153,10 +160,54 @@ impl NodeBuilder {
         self.routes.push((
             route.to_string(),
             Route {
-                handler,
+                kind: RouteKind::Whole(handler),
                 early_data,
             },
         ));
+        self
+    }
+
+    /// Registers a streaming handler for `route`: it reads the request body as it
+    /// arrives ([`BodyReader`]) and writes its answer as it goes ([`AnswerWriter`]), so
+    /// bodies of any size pass through without being held in memory. The body may be up
+    /// to `limits.max_stream_body_size` and the request may run for up to
+    /// `limits.max_stream_duration` (see [`streaming_route_with`](Self::streaming_route_with)
+    /// for limits of its own). A streaming request holds one of the node's
+    /// `max_concurrent_transfers` (and of its peer's `max_concurrent_transfers_per_peer`)
+    /// while it runs, never a handler slot of buffered routes; past either it is
+    /// answered BUSY. It never runs on 0-RTT data.
+    ///
+    /// Requesters may call it with [`Node::open_request`] or, for bodies that fit in
+    /// memory, [`Node::request`]; the wire format is the same.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), rustorium_p2p::BindError> {
+    /// use rustorium_p2p::{AnswerWriter, BodyReader, HandlerError, Node, RequestContext};
+    ///
+    /// let node = Node::builder()
+    ///     .streaming_route("files/echo", |_ctx: RequestContext, mut body: BodyReader, mut answer: AnswerWriter| async move {
+    ///         while let Some(chunk) = body.chunk().await? {
+    ///             answer.write(chunk).await?;
+    ///         }
+    ///         Ok::<_, HandlerError>(())
+    ///     })
+    ///     .bind()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn streaming_route(self, route: &str, handler: impl StreamHandler) -> Self {
+        self.streaming_route_with(route, StreamLimits::new(), handler)
+    }
+
+    /// [`streaming_route`](Self::streaming_route) with limits of its own.
+    pub fn streaming_route_with(
+        mut self,
+        route: &str,
+        limits: StreamLimits,
+        handler: impl StreamHandler,
+    ) -> Self {
+        self.streaming
+            .push((route.to_string(), Box::new(handler), limits));
         self
     }
 
@@ -186,9 +237,23 @@ impl NodeBuilder {
         config
     }
 
-    fn router(&mut self) -> Result<Router, BindError> {
+    fn router(&mut self, limits: &crate::config::Limits) -> Result<Router, BindError> {
         let mut router = Router::default();
-        for (route, handler) in self.routes.drain(..) {
+        let streaming = self.streaming.drain(..).map(|(route, handler, own)| {
+            let streaming = StreamRoute {
+                handler,
+                max_body: own.max_body.unwrap_or(limits.max_stream_body_size),
+                max_duration: own.max_duration.unwrap_or(limits.max_stream_duration),
+            };
+            let kind = RouteKind::Streaming(Arc::new(streaming));
+            let route_entry = Route {
+                kind,
+                early_data: false,
+            };
+            (route, route_entry)
+        });
+        let all: Vec<_> = self.routes.drain(..).chain(streaming).collect();
+        for (route, handler) in all {
             if let Err(reason) = wire::check_route(&route) {
                 return Err(BindError::InvalidRoute { route, reason });
             }
@@ -203,7 +268,7 @@ impl NodeBuilder {
     pub async fn bind(mut self) -> Result<Node, BindError> {
         let config = self.settings();
         config.validate()?;
-        let router = self.router()?;
+        let router = self.router(&config.limits)?;
         let admission = admission::Admission::new(&config.limits);
         let full: crate::tls::AtCapacity = {
             let admission = admission.clone();
@@ -264,6 +329,7 @@ impl NodeBuilder {
                 slots: l.max_concurrent_requests_per_peer,
                 answers: l.max_pending_answers_per_peer,
                 bytes: peer_bytes,
+                transfers: l.max_concurrent_transfers_per_peer,
             },
         );
         let buffered = node_bytes;
@@ -282,6 +348,7 @@ impl NodeBuilder {
             serve_limits,
             answers: Arc::new(Semaphore::new(ANSWERS_TRACKED as usize)),
             bytes: Arc::new(Semaphore::new(buffered)),
+            transfers: Arc::new(Semaphore::new(l.max_concurrent_transfers as usize)),
             streams: StreamPool::new(l.max_extra_streams),
             io,
             admission,
@@ -334,6 +401,8 @@ struct Shared {
     answers: Arc<Semaphore>,
     /// One permit per byte of request bodies held in memory.
     bytes: Arc<Semaphore>,
+    /// One permit per streaming request or message being served.
+    transfers: Arc<Semaphore>,
     /// Streams connections may grow into beyond their first ones.
     streams: Arc<StreamPool>,
     /// The runtime the node's tasks and quinn's drivers run on.
@@ -472,6 +541,7 @@ impl Node {
             config: None,
             overrides: Overrides::default(),
             routes: Vec::new(),
+            streaming: Vec::new(),
             #[cfg(test)]
             certificate: None,
         }
@@ -676,6 +746,104 @@ impl Node {
         .await
     }
 
+    /// Opens a streaming request to `route` on `peer`: a [`RequestBody`] to write the
+    /// body to, and an [`AnswerStream`] to read the answer from, at the same time. Each
+    /// write and read waits at most `request_timeout` for the peer (the whole request
+    /// has no time limit here: the peer's route has its `max_duration`). The request is
+    /// never sent as 0-RTT data, nor sent again after a failure.
+    ///
+    /// ```no_run
+    /// # async fn run(node: rustorium_p2p::Node, peer: rustorium_p2p::PeerId) -> Result<(), rustorium_p2p::RequestError> {
+    /// let (mut body, mut answer) = node.open_request(peer, "files/echo").await?;
+    /// let send = async move {
+    ///     for _ in 0..1024 {
+    ///         body.write(vec![7u8; 64 * 1024]).await?;
+    ///     }
+    ///     body.finish()
+    /// };
+    /// let receive = async move {
+    ///     let mut total = 0;
+    ///     while let Some(chunk) = answer.chunk().await? {
+    ///         total += chunk.len();
+    ///     }
+    ///     Ok(total)
+    /// };
+    /// let ((), total) = tokio::try_join!(send, receive)?;
+    /// assert_eq!(total, 64 << 20);
+    /// # Ok(()) }
+    /// ```
+    pub async fn open_request(
+        &self,
+        peer: PeerId,
+        route: &str,
+    ) -> Result<(RequestBody, AnswerStream), RequestError> {
+        self.open_request_with(peer, route, RequestOptions::default())
+            .await
+    }
+
+    /// [`open_request`](Node::open_request) with options: the timeout is how long each
+    /// write or read may wait for the peer (`idempotent` has no effect: a streaming
+    /// request never goes as 0-RTT data).
+    #[tracing::instrument(skip_all, fields(peer = %peer.short(), route))]
+    pub async fn open_request_with(
+        &self,
+        peer: PeerId,
+        route: &str,
+        options: RequestOptions,
+    ) -> Result<(RequestBody, AnswerStream), RequestError> {
+        check_route(route)?;
+        let shared = self.shared();
+        let idle = options
+            .timeout
+            .unwrap_or(shared.config.limits.request_timeout);
+        let mut record = Record::new(shared, StreamKind::Request, route);
+        let deadline = Instant::now() + idle;
+        let ready = dial::ready_connection(shared, peer, route, deadline, idle, false).await;
+        let conn = match ready {
+            Ok(conn) => conn,
+            Err(e) => {
+                record.failed(&e);
+                return Err(e);
+            }
+        };
+        let limit = shared.config.limits.max_response_size;
+        crate::transfer::open_request(&conn, route, idle, limit, deadline, record)
+            .await
+            .map_err(|(e, mut record)| {
+                record.failed(&e);
+                e
+            })
+    }
+
+    /// Opens a streaming one-way message to `route` on `peer`: write its body, then
+    /// [`finish`](MessageBody::finish) it, which waits until the peer's QUIC stack has
+    /// acknowledged every byte. Each write waits at most `request_timeout` for the peer.
+    pub async fn open_message(
+        &self,
+        peer: PeerId,
+        route: &str,
+    ) -> Result<MessageBody, RequestError> {
+        check_route(route)?;
+        let shared = self.shared();
+        let idle = shared.config.limits.request_timeout;
+        let mut record = Record::new(shared, StreamKind::OneWay, route);
+        let deadline = Instant::now() + idle;
+        let ready = dial::ready_connection(shared, peer, route, deadline, idle, false).await;
+        let conn = match ready {
+            Ok(conn) => conn,
+            Err(e) => {
+                record.failed(&e);
+                return Err(e);
+            }
+        };
+        crate::transfer::open_message(&conn, route, idle, deadline, record)
+            .await
+            .map_err(|(e, mut record)| {
+                record.failed(&e);
+                e
+            })
+    }
+
     /// Runs `attempt` on a connection to `peer` that is ready for it, again when a
     /// failure says the peer never processed it ([`policy::may_resend`]), all within
     /// `timeout`; and records the outcome in the metrics.
@@ -745,10 +913,12 @@ impl Node {
         shared.shutdown.send_replace(true);
         let grace = shared.config.limits.shutdown_grace;
         let all = shared.config.limits.max_concurrent_requests;
+        let transfers = shared.config.limits.max_concurrent_transfers;
         let drained = tokio::time::timeout(grace, async {
             let handlers = shared.requests.acquire_many(all).await;
             let answers = shared.answers.acquire_many(ANSWERS_TRACKED).await;
-            (handlers, answers)
+            let transfers = shared.transfers.acquire_many(transfers).await;
+            (handlers, answers, transfers)
         })
         .await;
         if drained.is_err() {
@@ -756,6 +926,7 @@ impl Node {
             warn!("shutdown: {running} requests still running after {grace:?}; closing anyway");
         }
         shared.requests.close();
+        shared.transfers.close();
         // Closed from the node's own runtime, after what its drivers have queued: the last
         // answers are on their way before the close frames.
         let endpoint = shared.endpoint.clone();
@@ -770,24 +941,85 @@ impl Node {
     }
 }
 
+/// A streaming request or message this node sent, in the metrics: an active stream
+/// until dropped, and its outcome recorded once (`cancelled` if dropped before).
+pub(crate) struct Record {
+    shared: Arc<Shared>,
+    route: String,
+    started: std::time::Instant,
+    done: bool,
+}
+
+impl Record {
+    fn new(shared: &Arc<Shared>, kind: StreamKind, route: &str) -> Self {
+        shared
+            .metrics
+            .stream_opened_owned(kind, Direction::Outbound);
+        Record {
+            shared: shared.clone(),
+            route: route.to_string(),
+            started: std::time::Instant::now(),
+            done: false,
+        }
+    }
+
+    fn record(&mut self, outcome: Outcome) {
+        if !std::mem::replace(&mut self.done, true) {
+            let took = self.started.elapsed();
+            let metrics = &self.shared.metrics;
+            metrics.request_done(Side::Client, &self.route, outcome, took);
+        }
+    }
+
+    /// It ended well.
+    pub fn ok(&mut self) {
+        self.record(Outcome::Ok);
+    }
+
+    /// It failed with `e`.
+    pub fn failed(&mut self, e: &RequestError) {
+        self.record(error_outcome(e));
+    }
+
+    /// It ended with `result`.
+    pub fn done<T>(&mut self, result: &Result<T, RequestError>) {
+        self.record(outcome(result));
+    }
+}
+
+impl Drop for Record {
+    fn drop(&mut self) {
+        self.record(Outcome::Cancelled);
+        self.shared.metrics.stream_closed();
+    }
+}
+
 /// The `status` label of a request this node sent.
 fn outcome<T>(result: &Result<T, RequestError>) -> Outcome {
     match result {
         Ok(_) => Outcome::Ok,
-        Err(RequestError::Remote { status, .. }) => match status {
+        Err(e) => error_outcome(e),
+    }
+}
+
+/// The `status` label of a request this node sent that failed with `e`.
+fn error_outcome(e: &RequestError) -> Outcome {
+    match e {
+        RequestError::Remote { status, .. } => match status {
             Status::UnknownRoute => Outcome::UnknownRoute,
             Status::BadRequest => Outcome::BadRequest,
             Status::HandlerError => Outcome::HandlerError,
             Status::Busy => Outcome::Busy,
             _ => Outcome::ProtocolError,
         },
-        Err(RequestError::TooLarge { .. }) => Outcome::TooLarge,
-        Err(RequestError::Timeout { .. } | RequestError::PeerTimedOut { .. }) => Outcome::TimedOut,
-        Err(RequestError::ConnectionLost { .. } | RequestError::ZeroRttRejected { .. }) => {
+        RequestError::TooLarge { .. } => Outcome::TooLarge,
+        RequestError::Timeout { .. } | RequestError::PeerTimedOut { .. } => Outcome::TimedOut,
+        RequestError::ConnectionLost { .. } | RequestError::ZeroRttRejected { .. } => {
             Outcome::ConnectionLost
         }
-        Err(RequestError::Protocol { .. }) => Outcome::ProtocolError,
-        Err(_) => Outcome::ConnectFailed,
+        RequestError::BodyStopped { .. } => Outcome::StreamError,
+        RequestError::Protocol { .. } => Outcome::ProtocolError,
+        _ => Outcome::ConnectFailed,
     }
 }
 

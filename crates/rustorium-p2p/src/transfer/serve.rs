@@ -1,0 +1,224 @@
+//! The answering side of a streaming route: the handler runs as the body arrives, with a
+//! transfer slot (its peer's share, then the node's) for as long as it runs, and the
+//! route's `max_duration` as its end.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use quinn::{RecvStream, SendStream, VarInt};
+use tokio::sync::{Mutex, OwnedSemaphorePermit};
+use tokio::time::{timeout_at, Instant};
+use tracing::{debug, warn};
+
+use super::reader::BodyReader;
+use super::writer::{Answer, AnswerWriter};
+use super::TransferError;
+use crate::framing::Deadline;
+use crate::handler::catch_panics;
+use crate::metrics::Outcome;
+use crate::serve::{Served, Serving, Stream};
+use crate::wire::{code, Status};
+
+/// `start + after`, or far in the future if that overflows.
+pub(crate) fn end_of(start: Instant, after: Duration) -> Instant {
+    start
+        .checked_add(after)
+        .unwrap_or_else(|| start + Duration::from_secs(100 * 365 * 24 * 3600))
+}
+
+impl Serving<'_> {
+    /// Serves a request (with `send`, its answer stream) or a one-way message (without)
+    /// on a streaming route.
+    pub(crate) async fn transfer(
+        &self,
+        stream: Stream,
+        send: Option<SendStream>,
+        recv: RecvStream,
+        started: Instant,
+    ) -> Served {
+        let Stream {
+            name,
+            route,
+            first,
+            early,
+        } = stream;
+        let deadline = end_of(started, self.limits.request_timeout);
+        // A transfer runs as long as its peer sends: it holds a transfer slot, never one
+        // of the handler slots buffered requests need.
+        let slots = match send {
+            Some(_) => self.take_transfer_slots(),
+            // With no answer to say BUSY in, a message waits for a slot until its deadline.
+            None => {
+                let slots = async {
+                    let share = self.share.transfers.clone().acquire_owned().await?;
+                    let node = self.transfers.clone().acquire_owned().await?;
+                    Ok::<_, tokio::sync::AcquireError>((share, node))
+                };
+                match timeout_at(deadline, slots).await {
+                    Ok(Ok(slots)) => Ok(slots),
+                    _ => Err("the node is at max_concurrent_transfers or shutting down"),
+                }
+            }
+        };
+        let mut recv = recv;
+        let _slots = match slots {
+            Ok(slots) => slots,
+            Err(why) => {
+                let _ = recv.stop(VarInt::from_u32(code::BUSY));
+                match send {
+                    Some(mut send) => {
+                        let msg = Bytes::from_static(why.as_bytes());
+                        self.answer(&mut send, Status::Busy, msg, Deadline::At(deadline))
+                            .await
+                    }
+                    None => {
+                        warn!(peer = %self.peer, "dropped a one-way message on {name:?}: {why}")
+                    }
+                }
+                return Served::new(&name, Outcome::Busy);
+            }
+        };
+        // Streaming routes never run on 0-RTT data: a replayed body cannot be told from a
+        // new one until the handshake completes.
+        if !matches!(timeout_at(deadline, self.confirmed()).await, Ok(true)) {
+            let _ = recv.stop(VarInt::from_u32(code::TIMED_OUT));
+            if let Some(mut send) = send {
+                let _ = send.reset(VarInt::from_u32(code::TIMED_OUT));
+            }
+            return Served::new(&name, Outcome::TimedOut);
+        }
+
+        let ends = end_of(started, route.max_duration);
+        let body = BodyReader::new(
+            recv,
+            first,
+            route.max_body,
+            self.limits.request_timeout,
+            ends,
+            route.max_duration,
+        );
+        let answer = send.map(|send| {
+            let answer = Answer::new(
+                send,
+                self.limits.answer_timeout,
+                ends,
+                route.max_duration,
+                self.share.answers.clone(),
+            );
+            Arc::new(Mutex::new(Some(answer)))
+        });
+        let writer = AnswerWriter::new(answer.clone());
+        let ctx = self.context(&name, answer.is_none(), early);
+        let handler = &route.handler;
+        let result = timeout_at(ends, catch_panics(|| handler.call(ctx, body, writer))).await;
+
+        let Some(answer) = answer else {
+            let outcome = match result {
+                Ok(Ok(())) => Outcome::Ok,
+                Ok(Err(e)) => {
+                    warn!(peer = %self.peer, "one-way handler failed: {e}");
+                    status_outcome(e.status)
+                }
+                Err(_) => Outcome::TimedOut,
+            };
+            return Served::new(&name, outcome);
+        };
+        // The handler has returned (or was dropped): the answer is the node's again. A
+        // write still under way (from a task the handler spawned) ends within
+        // `answer_timeout`; any after this fails with `AnswerOver`.
+        let Some(mut answer) = answer.lock().await.take() else {
+            unreachable!("only this function takes the answer")
+        };
+        if answer.strike {
+            self.unread();
+        }
+        let place = answer.place.take();
+        let outcome = match result {
+            Err(_) => {
+                debug!(peer = %self.peer, "transfer on {name:?} ran past its max_duration");
+                let _ = answer.send.reset(VarInt::from_u32(code::TIMED_OUT));
+                Outcome::TimedOut
+            }
+            Ok(Ok(())) => match &answer.failed {
+                Some(e) => transfer_outcome(e),
+                None if answer.started => {
+                    let _ = answer.send.finish();
+                    self.share.read();
+                    self.delivered(&mut answer.send, deadline).await;
+                    Outcome::Ok
+                }
+                None => {
+                    drop(place);
+                    let done = Deadline::After(self.limits.request_timeout);
+                    self.answer(&mut answer.send, Status::Ok, Bytes::new(), done)
+                        .await;
+                    Outcome::Ok
+                }
+            },
+            Ok(Err(e)) => {
+                debug!(peer = %self.peer, "streaming handler failed: {e}");
+                match &answer.failed {
+                    Some(failed) => transfer_outcome(failed),
+                    None if answer.started => {
+                        let _ = answer.send.reset(VarInt::from_u32(code::HANDLER_ERROR));
+                        status_outcome(e.status)
+                    }
+                    None => {
+                        drop(place);
+                        let done = Deadline::After(self.limits.request_timeout);
+                        let message = Bytes::from(e.message);
+                        self.answer(&mut answer.send, e.status, message, done).await;
+                        status_outcome(e.status)
+                    }
+                }
+            }
+        };
+        Served::new(&name, outcome)
+    }
+
+    /// Takes a transfer slot from the peer's share, then one of the node's.
+    fn take_transfer_slots(
+        &self,
+    ) -> Result<(OwnedSemaphorePermit, OwnedSemaphorePermit), &'static str> {
+        let share = self.share.transfers.clone().try_acquire_owned().map_err(|_| {
+            "this peer is at its limit of streaming requests on the node (max_concurrent_transfers_per_peer); retry later"
+        })?;
+        let node = self.transfers.clone().try_acquire_owned().map_err(|_| {
+            "the node is at its limit of streaming requests (max_concurrent_transfers); retry later"
+        })?;
+        Ok((share, node))
+    }
+
+    /// While the node shuts down, an answer counts as delivered once the peer has it.
+    async fn delivered(&self, send: &mut SendStream, deadline: Instant) {
+        if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
+            let by = deadline.max(Instant::now() + self.limits.answer_timeout);
+            let _ = timeout_at(by, send.stopped()).await;
+        }
+    }
+}
+
+/// The outcome label for a handler's failure with `status`.
+fn status_outcome(status: Status) -> Outcome {
+    match status {
+        Status::Ok => Outcome::Ok,
+        Status::TooLarge => Outcome::TooLarge,
+        Status::Busy => Outcome::Busy,
+        Status::BadRequest => Outcome::BadRequest,
+        Status::UnknownRoute => Outcome::UnknownRoute,
+        _ => Outcome::HandlerError,
+    }
+}
+
+/// The outcome label for a transfer whose answer failed with `e`.
+fn transfer_outcome(e: &TransferError) -> Outcome {
+    match e {
+        TransferError::TooLarge { .. } => Outcome::TooLarge,
+        TransferError::Stalled { .. } | TransferError::TooLong { .. } => Outcome::TimedOut,
+        TransferError::Cancelled => Outcome::Cancelled,
+        TransferError::Busy => Outcome::Busy,
+        TransferError::ConnectionLost(_) => Outcome::ConnectionLost,
+        _ => Outcome::StreamError,
+    }
+}

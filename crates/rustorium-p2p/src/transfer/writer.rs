@@ -1,0 +1,160 @@
+//! The answer, as a streaming handler writes it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use quinn::{SendStream, VarInt, WriteError};
+use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+use super::TransferError;
+use crate::framing::{write_chunks_within, Deadline, Stalled};
+use crate::wire::{self, code, Status};
+
+/// The answer to a request on a streaming route, written a chunk at a time.
+///
+/// The first write sends status `OK`; the answer ends when the handler returns `Ok`.
+/// Each write waits for the requester to read (flow control) for at most
+/// `limits.answer_timeout` without progress, and all of them together end at the route's
+/// `max_duration`. For a one-way message there is no one to answer: writes succeed and
+/// go nowhere.
+///
+/// ```no_run
+/// # async fn handler(mut body: rustorium_p2p::BodyReader, mut answer: rustorium_p2p::AnswerWriter) -> Result<(), rustorium_p2p::HandlerError> {
+/// // An echo.
+/// while let Some(chunk) = body.chunk().await? {
+///     answer.write(chunk).await?;
+/// }
+/// # Ok(()) }
+/// ```
+pub struct AnswerWriter {
+    /// Shared with the node, which finishes (or resets) the answer when the handler
+    /// returns; `None` for a one-way message.
+    answer: Option<Arc<Mutex<Option<Answer>>>>,
+}
+
+impl std::fmt::Debug for AnswerWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AnswerWriter")
+            .field("one_way", &self.answer.is_none())
+            .finish_non_exhaustive()
+    }
+}
+
+impl AnswerWriter {
+    pub(crate) fn new(answer: Option<Arc<Mutex<Option<Answer>>>>) -> Self {
+        AnswerWriter { answer }
+    }
+
+    /// Writes `chunk` (the first write also sends status `OK`), waiting while the
+    /// requester has not read what came before.
+    pub async fn write(&mut self, chunk: impl Into<Bytes>) -> Result<(), TransferError> {
+        let Some(answer) = &self.answer else {
+            return Ok(());
+        };
+        let mut answer = answer.lock().await;
+        match answer.as_mut() {
+            Some(answer) => answer.write(chunk.into()).await,
+            None => Err(TransferError::AnswerOver),
+        }
+    }
+
+    /// Writes a copy of `data`; see [`write`](Self::write).
+    pub async fn write_all(&mut self, data: &[u8]) -> Result<(), TransferError> {
+        self.write(Bytes::copy_from_slice(data)).await
+    }
+}
+
+/// An answer stream and where it stands.
+pub(crate) struct Answer {
+    pub send: SendStream,
+    /// The status byte has gone out.
+    pub started: bool,
+    /// What failed a write; later writes fail the same way.
+    pub failed: Option<TransferError>,
+    /// The peer left the answer unread past `answer_timeout`, or had its share of unread
+    /// answers already (a strike against it).
+    pub strike: bool,
+    stall: Duration,
+    ends: Instant,
+    max_duration: Duration,
+    /// The peer's share of answers waiting to be read.
+    pending: Arc<Semaphore>,
+    /// This answer's place in it, from its first byte.
+    pub place: Option<OwnedSemaphorePermit>,
+}
+
+impl Answer {
+    pub fn new(
+        send: SendStream,
+        stall: Duration,
+        ends: Instant,
+        max_duration: Duration,
+        pending: Arc<Semaphore>,
+    ) -> Self {
+        Answer {
+            send,
+            started: false,
+            failed: None,
+            strike: false,
+            stall,
+            ends,
+            max_duration,
+            pending,
+            place: None,
+        }
+    }
+
+    async fn write(&mut self, chunk: Bytes) -> Result<(), TransferError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        let mut chunks = [Bytes::new(), chunk];
+        let chunks = if self.started {
+            &mut chunks[1..]
+        } else {
+            let Ok(place) = self.pending.clone().try_acquire_owned() else {
+                let _ = self.send.reset(VarInt::from_u32(code::BUSY));
+                self.strike = true;
+                return Err(self.fail(TransferError::Busy));
+            };
+            self.place = Some(place);
+            chunks[0] = Bytes::copy_from_slice(&[wire::encode_status(Status::Ok)]);
+            &mut chunks[..]
+        };
+        let mut deadline = Deadline::At(self.ends);
+        match write_chunks_within(&mut self.send, chunks, self.stall, &mut deadline).await {
+            Ok(Ok(())) => {
+                self.started = true;
+                Ok(())
+            }
+            Ok(Err(e)) => Err(self.fail(match e {
+                WriteError::Stopped(code) => TransferError::ended(code.into_inner()),
+                WriteError::ConnectionLost(e) => TransferError::ConnectionLost(e),
+                WriteError::ClosedStream | WriteError::ZeroRttRejected => {
+                    TransferError::Ended { code: 0 }
+                }
+            })),
+            Err(Stalled) => {
+                let _ = self.send.reset(VarInt::from_u32(code::TIMED_OUT));
+                if Instant::now() >= self.ends {
+                    Err(self.fail(TransferError::TooLong {
+                        limit: self.max_duration,
+                    }))
+                } else {
+                    self.strike = true;
+                    Err(self.fail(TransferError::Stalled { after: self.stall }))
+                }
+            }
+        }
+    }
+
+    fn fail(&mut self, e: TransferError) -> TransferError {
+        self.failed = Some(e.clone());
+        e
+    }
+}
