@@ -11,6 +11,7 @@ mod plot;
 mod raw_wire;
 pub mod scale;
 mod scenarios;
+mod streaming;
 mod typed;
 
 use std::path::PathBuf;
@@ -79,6 +80,10 @@ enum Scenario {
     /// a path with 2 % loss each way (network namespaces and nftables; needs root), ours
     /// and TCP + TLS.
     Hol,
+    /// Streaming bodies, ours only: 16 MiB echoes streamed against buffered, and one large
+    /// echo through the CLI's `sys/echo` (4 GiB; 256 MiB with `--quick`), with both
+    /// processes' memory.
+    Streaming,
 }
 
 /// Sizes of one run.
@@ -230,6 +235,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     };
     let attack_runs = local && wanted(Scenario::Attacks) && ran.contains(&0);
     let typed_runs = local && wanted(Scenario::Typed) && ran.contains(&0);
+    let streaming_runs = local && wanted(Scenario::Streaming) && ran.contains(&0);
     let hol_stacks: Vec<usize> = if local && wanted(Scenario::Hol) {
         match hol::skip_reason() {
             Some(why) => {
@@ -257,6 +263,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         }
         + (pinned_stacks.len() * repeat) as u64
         + if typed_runs { repeat as u64 } else { 0 }
+        + if streaming_runs { 2 * repeat as u64 } else { 0 }
         + (hol_stacks.len() * repeat) as u64;
     let bar = ProgressBar::new(per_repetition * repeat as u64 + scale_steps);
     bar.set_style(
@@ -461,6 +468,47 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             let upload = format!("hol ({}% loss each way): the upload", hol::LOSS_PERCENT);
             results.add(upload, stack, "Mbit/s", h.bulk_mbit);
         }
+    }
+    // 11. Streaming bodies.
+    for rep in 1..=repeat {
+        if !streaming_runs {
+            break;
+        }
+        step(format!("streaming 16 MiB echoes ({rep} of {repeat})"));
+        let bodies = if args.quick { 2 } else { 16 };
+        let (buffered, streamed) = streaming::throughput(bodies, rep % 2 == 0).await?;
+        let name = "streaming: 16 MiB echoes one at a time";
+        results.add(format!("{name}, buffered"), 0, "Mbit/s", buffered);
+        results.add(format!("{name}, streamed"), 0, "Mbit/s", streamed);
+        results.add(
+            format!("{name}, streamed / buffered"),
+            0,
+            "ratio",
+            streamed / buffered,
+        );
+        let bytes: u64 = if args.quick { 256 << 20 } else { 4 << 30 };
+        step(format!(
+            "streaming {} echo through the CLI ({rep} of {repeat})",
+            size_label(bytes as usize)
+        ));
+        let big = tokio::task::block_in_place(|| streaming::big_echo(bytes))?;
+        let name = format!(
+            "streaming: {} echo through the CLI",
+            size_label(bytes as usize)
+        );
+        results.add(format!("{name}, SHA-256 equal"), 0, "Mbit/s", big.megabits);
+        results.add(
+            format!("{name}, node RSS growth"),
+            0,
+            "MiB",
+            big.node_growth_mib,
+        );
+        results.add(
+            format!("{name}, client RSS growth"),
+            0,
+            "MiB",
+            big.client_growth_mib,
+        );
     }
     bar.finish_and_clear();
 

@@ -13,24 +13,24 @@ use rustorium_p2p::{Bytes, Node, PeerAddr};
 #[derive(Args)]
 pub struct Target {
     /// The peer: <peer_id>@<host>:<port>, as the node prints it.
-    peer: PeerAddr,
+    pub(crate) peer: PeerAddr,
     /// Key file to authenticate with; default: an ephemeral identity.
     #[arg(long)]
     key: Option<PathBuf>,
     /// Give up after this long: a duration as in the config file (`2s`, `500ms`, `1m`),
     /// or a number of seconds.
     #[arg(long, default_value = "10s", value_parser = positive_duration)]
-    timeout: Duration,
+    pub(crate) timeout: Duration,
 }
 
 #[derive(Args)]
 pub struct Body {
     /// The body, as text.
     #[arg(long, conflicts_with = "file")]
-    data: Option<String>,
-    /// Read the body from a file (`-`: standard input).
+    pub(crate) data: Option<String>,
+    /// Read the body from a file (`-`: standard input), streamed as it is read.
     #[arg(long)]
-    file: Option<PathBuf>,
+    pub(crate) file: Option<PathBuf>,
 }
 
 impl Body {
@@ -61,12 +61,12 @@ impl Body {
 #[derive(Args)]
 pub struct MessageArgs {
     #[command(flatten)]
-    target: Target,
+    pub(crate) target: Target,
     /// The route, for example sys/echo (1 to 255 bytes).
     #[arg(value_parser = route)]
-    route: String,
+    pub(crate) route: String,
     #[command(flatten)]
-    body: Body,
+    pub(crate) body: Body,
 }
 
 #[derive(Args)]
@@ -89,7 +89,7 @@ fn route(text: &str) -> Result<String, String> {
 }
 
 /// A client node, connected to the target.
-async fn connect(target: &Target) -> anyhow::Result<Node> {
+pub(crate) async fn connect(target: &Target) -> anyhow::Result<Node> {
     // A file named on the command line that cannot be used is a usage error (exit 2).
     let key = super::keys::key_or_ephemeral(target.key.as_deref())
         .map_err(|e| crate::Usage(format!("--key: {}", crate::report(&e))))?;
@@ -156,7 +156,22 @@ fn local_for(remote: SocketAddr) -> SocketAddr {
     }
 }
 
-pub async fn request(args: MessageArgs) -> anyhow::Result<ExitCode> {
+/// What `request` takes.
+#[derive(Args)]
+pub struct RequestArgs {
+    #[command(flatten)]
+    message: MessageArgs,
+    /// Write the answer to this file as it arrives, instead of to standard output.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+pub async fn request(args: RequestArgs) -> anyhow::Result<ExitCode> {
+    // A file in or out streams: neither end is held whole in memory.
+    if args.message.body.file.is_some() || args.out.is_some() {
+        return crate::transfer::request(args.message, args.out).await;
+    }
+    let args = args.message;
     let body = args.body.load()?;
     let node = connect(&args.target).await?;
     let answer = node
@@ -176,6 +191,9 @@ pub async fn request(args: MessageArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn send(args: MessageArgs) -> anyhow::Result<ExitCode> {
+    if args.body.file.is_some() {
+        return crate::transfer::send(args).await;
+    }
     let body = args.body.load()?;
     let node = connect(&args.target).await?;
     let sent = node.send(args.target.peer.peer_id, &args.route, body).await;

@@ -10,6 +10,7 @@ mod link;
 pub mod metrics_http;
 mod node;
 pub mod system;
+mod transfer;
 
 use rustorium_p2p_bench as bench;
 
@@ -43,7 +44,7 @@ enum Command {
     /// Run a node until Ctrl-C or SIGTERM. Prints its PeerAddr as the first line on stdout.
     Node(node::NodeArgs),
     /// Send a request and print the answer body to stdout.
-    Request(client::MessageArgs),
+    Request(client::RequestArgs),
     /// Send a one-way message.
     Send(client::MessageArgs),
     /// Measure round-trip times of `sys/ping` requests.

@@ -1,11 +1,13 @@
 //! The system routes every node started by this command serves: `sys/ping` (empty
-//! answer), `sys/echo` (answers the body) and `sys/info` (JSON: peer_id, version, listen,
+//! answer), `sys/echo` (streams the body back, any size) and `sys/info` (JSON: peer_id, version, listen,
 //! connections, uptime_secs, stats).
 
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-use rustorium_p2p::{Bytes, HandlerError, Node, NodeBuilder, WeakNode};
+use rustorium_p2p::{
+    AnswerWriter, BodyReader, Bytes, HandlerError, Node, NodeBuilder, RequestContext, WeakNode,
+};
 
 /// Where `sys/info` finds its node once it is bound: call [`SystemInfo::set`] with it.
 #[derive(Clone, Default)]
@@ -24,10 +26,13 @@ pub fn routes(builder: NodeBuilder) -> (NodeBuilder, SystemInfo) {
     let info = SystemInfo::default();
     let started = Instant::now();
     let cell = info.clone();
-    // All three change nothing, so they may run on 0-RTT data.
+    // Ping and info change nothing, so they may run on 0-RTT data. Echo streams, so it
+    // answers a body of any size the node's limits allow (`limits.max_stream_body_size`),
+    // holding no more of it than flow control lets in; like every streaming route, it runs
+    // once the handshake is complete.
     let builder = builder
         .early_data_route("sys/ping", |_ctx, _body| async { Ok(Bytes::new()) })
-        .early_data_route("sys/echo", |_ctx, body: Bytes| async move { Ok(body) })
+        .streaming_route("sys/echo", echo)
         .early_data_route("sys/info", move |_ctx, _body| {
             let node = cell.0.get().and_then(WeakNode::upgrade);
             async move {
@@ -36,6 +41,18 @@ pub fn routes(builder: NodeBuilder) -> (NodeBuilder, SystemInfo) {
             }
         });
     (builder, info)
+}
+
+/// `sys/echo`: each chunk of the body is written back as it arrives.
+async fn echo(
+    _ctx: RequestContext,
+    mut body: BodyReader,
+    mut answer: AnswerWriter,
+) -> Result<(), HandlerError> {
+    while let Some(chunk) = body.chunk().await? {
+        answer.write(chunk).await?;
+    }
+    Ok(())
 }
 
 fn describe(node: &Node, started: Instant) -> String {

@@ -921,3 +921,90 @@ fn an_unreachable_peer_flag_is_logged_at_warn_with_the_reason() {
         );
     }
 }
+
+#[test]
+fn file_and_out_stream_bodies_far_past_max_request_size() {
+    let dir = tempfile::tempdir().unwrap();
+    // Buffered bodies may be 64 KiB here; `--file` and `--out` stream through sys/echo.
+    let config = dir.path().join("node.toml");
+    std::fs::write(&config, "[limits]\nmax_request_size = \"64KiB\"\n").unwrap();
+    let node = NodeProcess::start(dir.path(), &["--config", config.to_str().unwrap()]);
+    let addr = node.peer_addr.as_str();
+    let body: Vec<u8> = (0..3u32 << 20).map(|i| (i * 7 + i / 4096) as u8).collect();
+    let file = dir.path().join("body.bin");
+    std::fs::write(&file, &body).unwrap();
+    let out = dir.path().join("answer.bin");
+    let (file, out) = (file.to_str().unwrap(), out.to_str().unwrap());
+
+    let echo = run(&["request", addr, "sys/echo", "--file", file, "--out", out]);
+    assert!(echo.status.success(), "{}", stderr(&echo));
+    assert!(echo.stdout.is_empty(), "the answer went to --out");
+    assert!(std::fs::read(out).unwrap() == body, "the echo differs");
+    // No progress line when standard error is not a terminal.
+    assert!(!stderr(&echo).contains("sent "), "{}", stderr(&echo));
+
+    // To standard output, and as a one-way message.
+    let echo = run(&["request", addr, "sys/echo", "--file", file]);
+    assert!(echo.status.success(), "{}", stderr(&echo));
+    assert!(echo.stdout == body, "the echo on stdout differs");
+    let sent = run(&["send", addr, "sys/echo", "--file", file]);
+    assert!(sent.status.success(), "{}", stderr(&sent));
+
+    // A buffered body that size is still refused, naming the limit.
+    let big = String::from_utf8(vec![b'a'; 100_000]).unwrap();
+    let refused = run(&["request", addr, "sys/ping", "--data", &big]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        stderr(&refused).contains("max_request_size"),
+        "{}",
+        stderr(&refused)
+    );
+}
+
+#[test]
+fn an_out_file_that_cannot_be_made_or_a_directory_to_send_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProcess::start(dir.path(), &[]);
+    let addr = node.peer_addr.as_str();
+    let nowhere = dir.path().join("no/such/dir/answer.bin");
+    let out = run(&[
+        "request",
+        addr,
+        "sys/echo",
+        "--data",
+        "x",
+        "--out",
+        nowhere.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("--out: cannot create"),
+        "{}",
+        stderr(&out)
+    );
+    let folder = dir.path().to_str().unwrap();
+    let out = run(&["request", addr, "sys/echo", "--file", folder]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("is a directory"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_transfer_longer_than_a_moment_shows_progress_on_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProcess::start(dir.path(), &[]);
+    let addr = node.peer_addr.as_str();
+    let out = dir.path().join("answer.bin");
+    let out = out.to_str().unwrap();
+    // A body that takes two seconds to come (the shell's pause shapes the load; nothing
+    // waits on it), sent from a pseudo-terminal made by `script`.
+    let command = format!(
+        "(printf start; sleep 2; printf end) | {BIN} request {addr} sys/echo --file - --out {out}"
+    );
+    let mut script = Command::new("timeout");
+    script.args(["15", "script", "-qec", &command, "/dev/null"]);
+    let shown = finish(script, b"");
+    assert!(shown.status.success(), "{}", stderr(&shown));
+    let terminal = stdout(&shown);
+    assert!(terminal.contains("sent 5 B, received 5 B"), "{terminal:?}");
+    assert_eq!(std::fs::read(out).unwrap(), b"startend");
+}
