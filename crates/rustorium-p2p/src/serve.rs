@@ -540,7 +540,9 @@ async fn read_header<T>(
 
 impl Serving<'_> {
     /// Takes a handler slot from the peer's share, then one of the node's.
-    fn take_slots(&self) -> Result<(OwnedSemaphorePermit, OwnedSemaphorePermit), &'static str> {
+    pub(crate) fn take_slots(
+        &self,
+    ) -> Result<(OwnedSemaphorePermit, OwnedSemaphorePermit), &'static str> {
         let share = self.share.slots.clone().try_acquire_owned().map_err(|_| {
             "this peer is at its limit of concurrent requests on the node (max_concurrent_requests_per_peer); retry later"
         })?;

@@ -183,10 +183,13 @@ pub struct Limits {
     /// its answer, unless the route sets its own. Default 10 min.
     #[serde(with = "units::duration")]
     pub max_stream_duration: Duration,
-    /// Streaming requests and messages served at once on this node (kept apart from
-    /// `max_concurrent_requests`: a transfer runs as fast as its peer sends, so peers
-    /// holding transfers never take the slots of buffered requests). Past this a
-    /// streaming request is answered BUSY. Default 256.
+    /// Streaming requests and messages whose bodies are still arriving, served at once
+    /// on this node (kept apart from `max_concurrent_requests`: a transfer runs as fast
+    /// as its peer sends, so peers holding transfers never take the slots of buffered
+    /// requests; a small body that is all there when its stream opens takes a handler
+    /// slot instead). Past this a streaming request is answered BUSY. Default 2048: one
+    /// address prefix (`max_connections_per_ip` PeerIds at
+    /// `max_concurrent_transfers_per_peer` each) can hold a quarter of it.
     pub max_concurrent_transfers: u32,
     /// Streaming requests and messages served at once for one peer (its share of
     /// `max_concurrent_transfers`). Default 8.
@@ -221,7 +224,7 @@ impl Default for Limits {
             shutdown_grace: Duration::from_secs(5),
             max_stream_body_size: 4 << 30,
             max_stream_duration: Duration::from_secs(600),
-            max_concurrent_transfers: 256,
+            max_concurrent_transfers: 2048,
             max_concurrent_transfers_per_peer: 8,
         }
     }

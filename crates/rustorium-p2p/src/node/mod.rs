@@ -172,10 +172,12 @@ impl NodeBuilder {
     /// bodies of any size pass through without being held in memory. The body may be up
     /// to `limits.max_stream_body_size` and the request may run for up to
     /// `limits.max_stream_duration` (see [`streaming_route_with`](Self::streaming_route_with)
-    /// for limits of its own). A streaming request holds one of the node's
-    /// `max_concurrent_transfers` (and of its peer's `max_concurrent_transfers_per_peer`)
-    /// while it runs, never a handler slot of buffered routes; past either it is
-    /// answered BUSY. It never runs on 0-RTT data.
+    /// for limits of its own). A streaming request whose body is still arriving holds one
+    /// of the node's `max_concurrent_transfers` (and of its peer's
+    /// `max_concurrent_transfers_per_peer`) while it runs, never a handler slot of
+    /// buffered routes; past either it is answered BUSY. A small body that is all there
+    /// when its stream opens is served like a buffered request: with a handler slot, given
+    /// back when the answer starts. It never runs on 0-RTT data.
     ///
     /// Requesters may call it with [`Node::open_request`] or, for bodies that fit in
     /// memory, [`Node::request`]; the wire format is the same.

@@ -1,5 +1,6 @@
 //! The request body, as a streaming handler reads it.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -30,8 +31,10 @@ use crate::wire::code;
 /// ```
 pub struct BodyReader {
     recv: RecvStream,
-    /// Bytes that came with the route header, not yet handed out.
-    first: Bytes,
+    /// Bytes read off the stream before the handler ran, not yet handed out.
+    ready: VecDeque<Bytes>,
+    /// The stream's end came with them.
+    fin: bool,
     received: u64,
     limit: u64,
     idle: Duration,
@@ -58,7 +61,8 @@ impl std::fmt::Debug for BodyReader {
 impl BodyReader {
     pub(crate) fn new(
         recv: RecvStream,
-        first: Bytes,
+        ready: VecDeque<Bytes>,
+        fin: bool,
         limit: u64,
         idle: Duration,
         ends: Instant,
@@ -66,7 +70,8 @@ impl BodyReader {
     ) -> Self {
         BodyReader {
             recv,
-            first,
+            ready,
+            fin,
             received: 0,
             limit,
             idle,
@@ -83,10 +88,10 @@ impl BodyReader {
             State::Finished => return Ok(None),
             State::Failed(e) => return Err(e.clone()),
         }
-        let next = if self.first.is_empty() {
-            self.next().await
-        } else {
-            Ok(Some(std::mem::take(&mut self.first)))
+        let next = match self.ready.pop_front() {
+            Some(chunk) => Ok(Some(chunk)),
+            None if self.fin => Ok(None),
+            None => self.next().await,
         };
         let next = next.and_then(|chunk| match chunk {
             Some(chunk) => {

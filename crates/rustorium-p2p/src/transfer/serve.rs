@@ -2,6 +2,7 @@
 //! transfer slot (its peer's share, then the node's) for as long as it runs, and the
 //! route's `max_duration` as its end.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,11 +15,26 @@ use tracing::{debug, warn};
 use super::reader::BodyReader;
 use super::writer::{Answer, AnswerWriter};
 use super::TransferError;
-use crate::framing::Deadline;
+use crate::framing::{poll_once, Deadline};
 use crate::handler::catch_panics;
 use crate::metrics::Outcome;
 use crate::serve::{Served, Serving, Stream};
 use crate::wire::{code, Status};
+
+/// A body up to this size that is all here when its stream is opened is served with a
+/// handler slot rather than a transfer slot.
+const WHOLE: usize = 16 * 1024;
+
+/// The slots a streaming request or message holds.
+enum Slots {
+    /// A handler slot of the peer's share and one of the node's, as a buffered request
+    /// takes: its body is all here.
+    Handler((OwnedSemaphorePermit, OwnedSemaphorePermit)),
+    /// Held for as long as the handler runs: a transfer slot of the peer's share and one
+    /// of the node's for a body still arriving; for a one-way message whose body is all
+    /// here (no answer to give them back at), handler slots.
+    Held((OwnedSemaphorePermit, OwnedSemaphorePermit)),
+}
 
 /// `start + after`, or far in the future if that overflows.
 pub(crate) fn end_of(start: Instant, after: Duration) -> Instant {
@@ -44,25 +60,53 @@ impl Serving<'_> {
             early,
         } = stream;
         let deadline = end_of(started, self.limits.request_timeout);
-        // A transfer runs as long as its peer sends: it holds a transfer slot, never one
-        // of the handler slots buffered requests need.
-        let slots = match send {
-            Some(_) => self.take_transfer_slots(),
+        let mut recv = recv;
+        // What of the body is already here. A body that is all here (most small ones)
+        // can no longer be held open by its peer: it is served like a buffered request,
+        // with a handler slot, which its answer gives back once it starts (from then on
+        // it counts among the peer's pending answers). A body still arriving takes a
+        // transfer slot for as long as the handler runs: its peer sets the pace.
+        let mut ready = VecDeque::from([first]);
+        let mut here = ready[0].len();
+        let fin = loop {
+            if here > WHOLE {
+                break false;
+            }
+            match poll_once(recv.read_chunk(WHOLE + 1 - here, true)).await {
+                Some(Ok(Some(chunk))) => {
+                    here += chunk.bytes.len();
+                    ready.push_back(chunk.bytes);
+                }
+                Some(Ok(None)) => break true,
+                Some(Err(e)) => {
+                    debug!(peer = %self.peer, "stream failed: {e}");
+                    return Served::new(&name, Outcome::StreamError);
+                }
+                None => break false,
+            }
+        };
+        let slots = match (fin, send.is_some()) {
+            (true, true) => self.take_slots().map(Slots::Handler),
+            (false, true) => self.take_transfer_slots().map(Slots::Held),
             // With no answer to say BUSY in, a message waits for a slot until its deadline.
-            None => {
+            (fin, false) => {
+                let (share, node) = if fin {
+                    (&self.share.slots, self.slots)
+                } else {
+                    (&self.share.transfers, self.transfers)
+                };
                 let slots = async {
-                    let share = self.share.transfers.clone().acquire_owned().await?;
-                    let node = self.transfers.clone().acquire_owned().await?;
+                    let share = share.clone().acquire_owned().await?;
+                    let node = node.clone().acquire_owned().await?;
                     Ok::<_, tokio::sync::AcquireError>((share, node))
                 };
                 match timeout_at(deadline, slots).await {
-                    Ok(Ok(slots)) => Ok(slots),
-                    _ => Err("the node is at max_concurrent_transfers or shutting down"),
+                    Ok(Ok(slots)) => Ok(Slots::Held(slots)),
+                    _ => Err("the node is at its limit of concurrent requests or shutting down"),
                 }
             }
         };
-        let mut recv = recv;
-        let _slots = match slots {
+        let slots = match slots {
             Ok(slots) => slots,
             Err(why) => {
                 let _ = recv.stop(VarInt::from_u32(code::BUSY));
@@ -79,6 +123,10 @@ impl Serving<'_> {
                 return Served::new(&name, Outcome::Busy);
             }
         };
+        let (handler_slots, _transfer_slots) = match slots {
+            Slots::Handler(slots) => (Some(slots), None),
+            Slots::Held(slots) => (None, Some(slots)),
+        };
         // Streaming routes never run on 0-RTT data: a replayed body cannot be told from a
         // new one until the handshake completes.
         if !matches!(timeout_at(deadline, self.confirmed()).await, Ok(true)) {
@@ -92,7 +140,8 @@ impl Serving<'_> {
         let ends = end_of(started, route.max_duration);
         let body = BodyReader::new(
             recv,
-            first,
+            ready,
+            fin,
             route.max_body,
             self.limits.request_timeout,
             ends,
@@ -105,6 +154,7 @@ impl Serving<'_> {
                 ends,
                 route.max_duration,
                 self.share.answers.clone(),
+                handler_slots,
             );
             Arc::new(Mutex::new(Some(answer)))
         });
@@ -130,6 +180,7 @@ impl Serving<'_> {
         let Some(mut answer) = answer.lock().await.take() else {
             unreachable!("only this function takes the answer")
         };
+        answer.release_slots();
         if answer.strike {
             self.unread();
         }

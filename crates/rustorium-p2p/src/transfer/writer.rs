@@ -83,6 +83,8 @@ pub(crate) struct Answer {
     pending: Arc<Semaphore>,
     /// This answer's place in it, from its first byte.
     pub place: Option<OwnedSemaphorePermit>,
+    /// Handler slots held until the answer starts (for a body that was all there).
+    slots: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
 }
 
 impl Answer {
@@ -92,6 +94,7 @@ impl Answer {
         ends: Instant,
         max_duration: Duration,
         pending: Arc<Semaphore>,
+        slots: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
     ) -> Self {
         Answer {
             send,
@@ -103,6 +106,7 @@ impl Answer {
             max_duration,
             pending,
             place: None,
+            slots,
         }
     }
 
@@ -123,6 +127,9 @@ impl Answer {
                 return Err(self.fail(TransferError::Busy));
             };
             self.place = Some(place);
+            // Answering now: the handler slots go back, and the answer counts among the
+            // peer's pending answers instead (as a buffered answer does).
+            self.slots = None;
             chunks[0] = Bytes::copy_from_slice(&[wire::encode_status(Status::Ok)]);
             &mut chunks[..]
         };
@@ -151,6 +158,11 @@ impl Answer {
                 }
             }
         }
+    }
+
+    /// Gives back the handler slots, if it still holds them.
+    pub fn release_slots(&mut self) {
+        self.slots = None;
     }
 
     fn fail(&mut self, e: TransferError) -> TransferError {
