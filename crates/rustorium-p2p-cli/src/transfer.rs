@@ -147,7 +147,10 @@ async fn exchange(
             }
             result = &mut send, if sent.is_none() => match result {
                 // The peer stopped reading the body: its answer says why.
-                Err(e) if matches!(e.downcast_ref(), Some(RequestError::BodyStopped { .. })) => {
+                Err(e) if matches!(
+                    e.downcast_ref(),
+                    Some(RequestError::BodyStopped { .. } | RequestError::TooLarge { .. })
+                ) => {
                     sent = Some(Ok(()));
                 }
                 Err(e) => return Err(e),

@@ -950,6 +950,27 @@ fn file_and_out_stream_bodies_far_past_max_request_size() {
     let sent = run(&["send", addr, "sys/echo", "--file", file]);
     assert!(sent.status.success(), "{}", stderr(&sent));
 
+    // Over the node's limit for streamed bodies: refused, naming the limit.
+    let small = dir.path().join("small.toml");
+    std::fs::write(&small, "[limits]\nmax_stream_body_size = \"1MiB\"\n").unwrap();
+    let other = tempfile::tempdir().unwrap();
+    let strict = NodeProcess::start(other.path(), &["--config", small.to_str().unwrap()]);
+    let refused = run(&[
+        "request",
+        &strict.peer_addr,
+        "sys/echo",
+        "--file",
+        file,
+        "--out",
+        out,
+    ]);
+    assert_eq!(refused.status.code(), Some(1), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("max_stream_body_size"),
+        "{}",
+        stderr(&refused)
+    );
+
     // A buffered body that size is still refused, naming the limit.
     let big = String::from_utf8(vec![b'a'; 100_000]).unwrap();
     let refused = run(&["request", addr, "sys/ping", "--data", &big]);

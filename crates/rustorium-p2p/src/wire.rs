@@ -73,7 +73,8 @@ impl fmt::Display for Status {
 pub mod code {
     /// STOP_SENDING / RESET_STREAM: the requester gave up (timeout, or its future was dropped).
     pub const CANCELLED: u32 = 0x01;
-    /// STOP_SENDING: the body is over the receiver's size limit.
+    /// STOP_SENDING: the body is over the receiver's size limit. RESET_STREAM of a
+    /// streamed answer: the request body went over the limit after the answer started.
     pub const TOO_LARGE: u32 = 0x02;
     /// STOP_SENDING: the receiver has no handler for the route.
     pub const UNKNOWN_ROUTE: u32 = 0x03;

@@ -600,3 +600,84 @@ async fn a_several_gib_echo_comes_back_identical_in_flat_memory() {
     );
     assert!(grew < 64 * 1024, "resident memory grew {grew} KiB");
 }
+
+#[tokio::test]
+async fn a_streamed_answer_left_unread_is_given_up_and_counted_against_the_peer() {
+    let (tx, mut ended) = mpsc::unbounded_channel();
+    let mut config = common::config();
+    config.limits.answer_timeout = Duration::from_millis(300);
+    let server = Node::builder()
+        .config(config)
+        .streaming_route(
+            "stream/download",
+            move |_ctx: RequestContext, _body: BodyReader, mut answer: AnswerWriter| {
+                let tx = tx.clone();
+                async move {
+                    // Writes until the requester stops taking it (bounded by the count).
+                    for _ in 0..100_000 {
+                        if let Err(e) = answer.write(vec![0u8; 64 * 1024]).await {
+                            let _ = tx.send(e.clone());
+                            return Err(e.into());
+                        }
+                    }
+                    Ok(())
+                }
+            },
+        )
+        .bind()
+        .await
+        .unwrap();
+    let client = connected(&server).await;
+    let (body, answer) = client
+        .open_request(server.peer_id(), "stream/download")
+        .await
+        .unwrap();
+    body.finish().unwrap();
+    // The requester holds the answer and never reads it.
+    let seen = within("the handler's write", ended.recv()).await.unwrap();
+    assert!(
+        matches!(seen, TransferError::Stalled { after } if after == Duration::from_millis(300)),
+        "{seen:?}"
+    );
+    common::eventually("the unread answer is counted", || {
+        common::metric_sum(&server, &["answers_abandoned"]) == 1.0
+    })
+    .await;
+    drop(answer);
+}
+
+#[tokio::test]
+async fn an_echo_over_the_routes_limit_says_too_large_though_its_answer_had_started() {
+    let server = builder()
+        .streaming_route_with(
+            "stream/echo",
+            StreamLimits::new().max_body(256 * 1024),
+            echo,
+        )
+        .bind()
+        .await
+        .unwrap();
+    let client = connected(&server).await;
+    let (mut body, answer) = client
+        .open_request(server.peer_id(), "stream/echo")
+        .await
+        .unwrap();
+    let answer = tokio::spawn(answer.read_to_end(1 << 30));
+    let mut stopped = None;
+    for _ in 0..1000 {
+        if let Err(e) = within("a write", body.write(vec![1u8; 16 * 1024])).await {
+            stopped = Some(e);
+            break;
+        }
+    }
+    let stopped = stopped.expect("the peer stops reading past its limit");
+    assert!(
+        matches!(stopped, RequestError::TooLarge { .. }),
+        "{stopped:?}"
+    );
+    let err = within("answer", answer).await.unwrap().unwrap_err();
+    assert!(
+        matches!(&err, RequestError::TooLarge { message, .. } if message.contains("max_stream_body_size")),
+        "{err:?}"
+    );
+}

@@ -410,6 +410,10 @@ impl AnswerStream {
     fn read_failed(&self, e: ReadError) -> RequestError {
         let target = self.with.target();
         match e {
+            ReadError::Reset(reset) if reset.into_inner() == u64::from(code::TOO_LARGE) => {
+                let message = "the request body went over the peer's limit for this route (max_stream_body_size) while it was answering; what came of the answer is incomplete".to_string();
+                target.too_large(Body::Request, message)
+            }
             ReadError::Reset(reset) if reset.into_inner() == u64::from(code::HANDLER_ERROR) => {
                 let message = "the handler failed after its answer had started (stream reset with HANDLER_ERROR); what came of the answer is incomplete".to_string();
                 target.remote(Status::HandlerError, message)

@@ -212,7 +212,13 @@ impl Serving<'_> {
                 match &answer.failed {
                     Some(failed) => transfer_outcome(failed),
                     None if answer.started => {
-                        let _ = answer.send.reset(VarInt::from_u32(code::HANDLER_ERROR));
+                        // A body over the limit (an echo is answering as it reads) says
+                        // so; any other failure is the handler's.
+                        let reset = match e.status {
+                            Status::TooLarge => code::TOO_LARGE,
+                            _ => code::HANDLER_ERROR,
+                        };
+                        let _ = answer.send.reset(VarInt::from_u32(reset));
                         status_outcome(e.status)
                     }
                     None => {
