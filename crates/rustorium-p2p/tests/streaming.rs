@@ -465,6 +465,7 @@ async fn a_stranger_holding_its_transfers_leaves_a_good_peer_served() {
     let mut config = common::config();
     config.limits.max_concurrent_transfers_per_peer = 2;
     config.limits.max_concurrent_transfers = 3;
+    config.limits.max_request_size = 64 * 1024;
     let server = Node::builder()
         .config(config)
         .streaming_route("stream/echo", echo)
@@ -483,10 +484,10 @@ async fn a_stranger_holding_its_transfers_leaves_a_good_peer_served() {
         common::metric_sum(&server, &["streams_active"]) >= 2.0
     })
     .await;
-    // Its third transfer (a body still arriving) is refused BUSY, naming the per-peer
-    // limit.
+    // Its third transfer (a body still arriving, too large to read whole) is refused
+    // BUSY, naming the per-peer limit.
     let (mut body, answer) = stranger.open_request(peer, "stream/echo").await.unwrap();
-    body.write("more to come").await.unwrap();
+    body.write(vec![0u8; 128 * 1024]).await.unwrap();
     let err = within("busy", answer.read_to_end(1024)).await.unwrap_err();
     drop(body);
     assert!(
@@ -680,4 +681,41 @@ async fn an_echo_over_the_routes_limit_says_too_large_though_its_answer_had_star
         matches!(&err, RequestError::TooLarge { message, .. } if message.contains("max_stream_body_size")),
         "{err:?}"
     );
+}
+
+#[tokio::test]
+async fn bodies_still_arriving_when_no_transfer_slot_is_free_are_read_whole_if_they_fit() {
+    let mut config = common::config();
+    config.limits.max_concurrent_transfers_per_peer = 1;
+    let server = Node::builder()
+        .config(config)
+        .streaming_route("stream/echo", echo)
+        .bind()
+        .await
+        .unwrap();
+    let client = connected(&server).await;
+    let peer = server.peer_id();
+    // The peer's one transfer slot is taken by a body that never ends.
+    let (mut held, _answer) = client.open_request(peer, "stream/echo").await.unwrap();
+    held.write(vec![0u8; 32 * 1024]).await.unwrap();
+    common::eventually("the held transfer is running", || {
+        common::metric_sum(&server, &["streams_active"]) >= 1.0
+    })
+    .await;
+    // 100 KiB bodies arrive in many packets: never whole when their streams open.
+    let mut requests = tokio::task::JoinSet::new();
+    for i in 0..16u8 {
+        let client = client.clone();
+        requests.spawn(async move {
+            let body = Bytes::from(vec![i; 100 * 1024]);
+            (
+                client.request(peer, "stream/echo", body.clone()).await,
+                body,
+            )
+        });
+    }
+    for (answer, body) in within("16 echoes of 100 KiB", requests.join_all()).await {
+        assert!(answer.unwrap() == body, "an echo differs");
+    }
+    drop(held);
 }

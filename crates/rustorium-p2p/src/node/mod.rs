@@ -175,9 +175,11 @@ impl NodeBuilder {
     /// for limits of its own). A streaming request whose body is still arriving holds one
     /// of the node's `max_concurrent_transfers` (and of its peer's
     /// `max_concurrent_transfers_per_peer`) while it runs, never a handler slot of
-    /// buffered routes; past either it is answered BUSY. A small body that is all there
-    /// when its stream opens is served like a buffered request: with a handler slot, given
-    /// back when the answer starts. It never runs on 0-RTT data.
+    /// buffered routes. A small body that is all there when its stream opens is served
+    /// like a buffered request: with a handler slot, given back when the answer starts.
+    /// With no transfer slot free, a body that fits `max_request_size` is read whole (as
+    /// a buffered route reads it) and served the same way; a larger one is answered BUSY.
+    /// It never runs on 0-RTT data.
     ///
     /// Requesters may call it with [`Node::open_request`] or, for bodies that fit in
     /// memory, [`Node::request`]; the wire format is the same.

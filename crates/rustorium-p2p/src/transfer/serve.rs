@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use quinn::{RecvStream, SendStream, VarInt};
 use tokio::sync::{Mutex, OwnedSemaphorePermit};
 use tokio::time::{timeout_at, Instant};
@@ -15,15 +15,27 @@ use tracing::{debug, warn};
 use super::reader::BodyReader;
 use super::writer::{Answer, AnswerWriter};
 use super::TransferError;
-use crate::framing::{poll_once, Deadline};
+use crate::budget::{ByteBudget, Held};
+use crate::framing::{poll_once, read_body, BodyError, Deadline};
 use crate::handler::catch_panics;
 use crate::metrics::Outcome;
 use crate::serve::{Served, Serving, Stream};
+use crate::transfer::StreamRoute;
 use crate::wire::{code, Status};
 
 /// A body up to this size that is all here when its stream is opened is served with a
 /// handler slot rather than a transfer slot.
 const WHOLE: usize = 16 * 1024;
+
+/// What reading a whole body (for want of a transfer slot) came to.
+enum Whole {
+    /// It is in `ready`; its bytes are counted until this is dropped.
+    Read(Held),
+    /// It is over what may be buffered: it needs a transfer slot.
+    TooLarge,
+    /// The stream failed or the peer was too slow.
+    Failed(Outcome),
+}
 
 /// The slots a streaming request or message holds.
 enum Slots {
@@ -85,9 +97,42 @@ impl Serving<'_> {
                 None => break false,
             }
         };
+        let mut fin = fin;
+        // Bytes of a body read whole because no transfer slot was free (counted in the
+        // byte budget, as a buffered request's, until the handler returns).
+        let mut held = None;
         let slots = match (fin, send.is_some()) {
             (true, true) => self.take_slots().map(Slots::Handler),
-            (false, true) => self.take_transfer_slots().map(Slots::Held),
+            (false, true) => match self.take_transfer_slots() {
+                Ok(slots) => Ok(Slots::Held(slots)),
+                // No transfer slot: a body that fits a buffered request is read whole,
+                // as a buffered route would (the byte budget, `max_request_size`,
+                // `request_timeout`), and served with a handler slot. Many medium
+                // bodies at once (an echo under load) are served so; only a body too
+                // large to buffer is refused BUSY.
+                Err(why) => match self
+                    .read_whole(&mut recv, &mut ready, deadline, &route)
+                    .await
+                {
+                    Whole::Read(bytes) => {
+                        held = Some(bytes);
+                        fin = true;
+                        self.take_slots().map(Slots::Handler)
+                    }
+                    Whole::TooLarge => Err(why),
+                    Whole::Failed(outcome) => {
+                        let code = match outcome {
+                            Outcome::TimedOut => code::TIMED_OUT,
+                            _ => code::CANCELLED,
+                        };
+                        let _ = recv.stop(VarInt::from_u32(code));
+                        if let Some(mut send) = send {
+                            let _ = send.reset(VarInt::from_u32(code));
+                        }
+                        return Served::new(&name, outcome);
+                    }
+                },
+            },
             // With no answer to say BUSY in, a message waits for a slot until its deadline.
             (fin, false) => {
                 let (share, node) = if fin {
@@ -162,6 +207,7 @@ impl Serving<'_> {
         let ctx = self.context(&name, answer.is_none(), early);
         let handler = &route.handler;
         let result = timeout_at(ends, catch_panics(|| handler.call(ctx, body, writer))).await;
+        drop(held);
 
         let Some(answer) = answer else {
             let outcome = match result {
@@ -232,6 +278,41 @@ impl Serving<'_> {
             }
         };
         Served::new(&name, outcome)
+    }
+
+    /// Reads the rest of a body into `ready` (as one chunk), within the smaller of
+    /// `max_request_size` and the route's `max_body`, the byte budget, and `deadline`.
+    async fn read_whole(
+        &self,
+        recv: &mut RecvStream,
+        ready: &mut VecDeque<Bytes>,
+        deadline: Instant,
+        route: &StreamRoute,
+    ) -> Whole {
+        let mut first = BytesMut::new();
+        for chunk in ready.drain(..) {
+            first.extend_from_slice(&chunk);
+        }
+        let limit = self.limits.max_request_size.min(route.max_body);
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        let budget = ByteBudget {
+            peer: &self.share.bytes,
+            node: self.bytes,
+        };
+        let read = read_body(recv, first.freeze(), limit, Some(budget));
+        match timeout_at(deadline, read).await {
+            Ok(Ok((body, held))) => {
+                ready.push_back(body);
+                Whole::Read(held)
+            }
+            Ok(Err(BodyError::TooLarge)) => Whole::TooLarge,
+            Ok(Err(BodyError::Read(e))) => {
+                debug!(peer = %self.peer, "stream failed: {e}");
+                Whole::Failed(Outcome::StreamError)
+            }
+            Ok(Err(BodyError::Closing)) => Whole::Failed(Outcome::Busy),
+            Err(_) => Whole::Failed(Outcome::TimedOut),
+        }
     }
 
     /// Takes a transfer slot from the peer's share, then one of the node's.
