@@ -135,14 +135,18 @@ async fn exchange(
         Ok::<_, anyhow::Error>(())
     };
     let (mut send, mut receive) = (std::pin::pin!(send), std::pin::pin!(receive));
-    let mut sent = None;
+    let mut sent: Option<anyhow::Result<()>> = None;
     loop {
         tokio::select! {
             received = &mut receive => {
-                // The answer decides; a body the peer stopped reading is explained by it.
+                // The answer decides; a body the peer stopped reading is explained by it
+                // (an answer that came anyway still means the body did not all go).
                 return match (received, sent) {
                     (Err(e), _) | (Ok(()), Some(Err(e))) => Err(e),
-                    _ => Ok(()),
+                    (Ok(()), None) => Err(anyhow::anyhow!(
+                        "the peer answered before the whole body was sent; the answer is above"
+                    )),
+                    (Ok(()), Some(Ok(()))) => Ok(()),
                 };
             }
             result = &mut send, if sent.is_none() => match result {
@@ -151,7 +155,7 @@ async fn exchange(
                     e.downcast_ref(),
                     Some(RequestError::BodyStopped { .. } | RequestError::TooLarge { .. })
                 ) => {
-                    sent = Some(Ok(()));
+                    sent = Some(Err(e));
                 }
                 Err(e) => return Err(e),
                 Ok(()) => sent = Some(Ok(())),

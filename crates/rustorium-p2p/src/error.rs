@@ -471,6 +471,17 @@ pub enum RequestError {
         /// The route.
         route: String,
     },
+    /// The peer ended a streaming request when one of its time limits ran out (stream code
+    /// `TIMED_OUT` on the answer): the body made no progress for the peer's
+    /// `request_timeout`, the answer was not read for its `answer_timeout`, or the whole
+    /// transfer ran past the route's `max_stream_duration`.
+    #[error("peer {peer} ended {route:?} when one of its time limits ran out (stream code TIMED_OUT): the body made no progress for its limits.request_timeout, the answer was left unread for its limits.answer_timeout, or the transfer ran past the route's max_stream_duration")]
+    TransferTimedOut {
+        /// The peer.
+        peer: PeerId,
+        /// The route.
+        route: String,
+    },
     /// The peer stopped reading the body of a streaming request or message before its
     /// end: its handler returned (or failed) without reading it all (`CANCELLED`), or the
     /// body made no progress for the peer's `request_timeout` or ran past the route's

@@ -85,6 +85,18 @@ impl RequestContext {
 pub struct HandlerError {
     pub(crate) status: Status,
     pub(crate) message: String,
+    /// For an error made from a [`TransferError`](crate::TransferError): whether the
+    /// requester cancelled or was too slow (then there is no one to answer).
+    pub(crate) cause: Option<Cause>,
+}
+
+/// What a streaming handler's failure came from, when it came from the requester.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cause {
+    /// The requester dropped its body or its answer.
+    Cancelled,
+    /// The requester's body stalled, or the transfer ran past its `max_duration`.
+    TimedOut,
 }
 
 impl HandlerError {
@@ -93,6 +105,7 @@ impl HandlerError {
         HandlerError {
             status: Status::HandlerError,
             message: message.into(),
+            cause: None,
         }
     }
 
@@ -101,6 +114,7 @@ impl HandlerError {
         HandlerError {
             status: Status::Busy,
             message: message.into(),
+            cause: None,
         }
     }
 
@@ -110,6 +124,7 @@ impl HandlerError {
         HandlerError {
             status: Status::BadRequest,
             message: message.into(),
+            cause: None,
         }
     }
 

@@ -376,14 +376,20 @@ async fn a_body_that_stalls_past_request_timeout_ends_the_handler_read() {
         matches!(seen, Err(TransferError::Stalled { after }) if after == Duration::from_millis(300)),
         "{seen:?}"
     );
+    // The requester is told the peer's time ran out, not that a handler failed.
     let err = within("answer", answer.read_to_end(1024))
         .await
         .unwrap_err();
     assert!(
-        matches!(&err, RequestError::Remote { status: Status::HandlerError, message, .. } if message.contains("no progress")),
+        matches!(&err, RequestError::TransferTimedOut { .. }),
         "{err:?}"
     );
+    assert!(err.to_string().contains("request_timeout"), "{err}");
     drop(body);
+    common::eventually("the server counts it timed out", || {
+        common::metric_sum(&server, &["requests_total", "stream/count", "timed_out"]) == 1.0
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -410,9 +416,10 @@ async fn a_transfer_past_the_routes_max_duration_is_reset() {
     assert!(within("start", answer.chunk()).await.unwrap().is_some());
     let err = within("the end", answer.chunk()).await.unwrap_err();
     assert!(
-        err.to_string().contains("timed out at the receiver"),
-        "{err}"
+        matches!(&err, RequestError::TransferTimedOut { .. }),
+        "{err:?}"
     );
+    assert!(err.to_string().contains("max_stream_duration"), "{err}");
     common::eventually("the server counts it timed out", || {
         common::metric_sum(&server, &["requests_total", "stream/slow", "timed_out"]) == 1.0
     })
@@ -717,5 +724,160 @@ async fn bodies_still_arriving_when_no_transfer_slot_is_free_are_read_whole_if_t
     for (answer, body) in within("16 echoes of 100 KiB", requests.join_all()).await {
         assert!(answer.unwrap() == body, "an echo differs");
     }
+    drop(held);
+}
+
+/// A streaming route that answers with 64 KiB chunks for as long as it is read.
+fn download() -> impl rustorium_p2p::StreamHandler {
+    |_ctx: RequestContext, _body: BodyReader, mut answer: AnswerWriter| async move {
+        for _ in 0..1_000_000 {
+            answer.write(vec![0u8; 64 * 1024]).await?;
+        }
+        Ok::<_, HandlerError>(())
+    }
+}
+
+#[tokio::test]
+async fn a_long_answer_to_a_small_request_always_holds_a_slot() {
+    // A download asked for with a small body: its handler slot is traded for a transfer
+    // slot when its answer starts, or kept when none is free. Either way the node's
+    // limits count it, however slowly its peer reads.
+    let mut config = common::config();
+    config.limits.max_concurrent_requests = 1;
+    config.limits.max_concurrent_transfers = 1;
+    let server = Node::builder()
+        .config(config)
+        .streaming_route("stream/download", download())
+        .route("echo", |_ctx, body: Bytes| async move { Ok(body) })
+        .bind()
+        .await
+        .unwrap();
+    let client = connected(&server).await;
+    let peer = server.peer_id();
+    let mut downloads = Vec::new();
+    for _ in 0..2 {
+        let (body, mut answer) = client.open_request(peer, "stream/download").await.unwrap();
+        body.finish().unwrap();
+        assert!(within("a first chunk", answer.chunk())
+            .await
+            .unwrap()
+            .is_some());
+        downloads.push(answer);
+    }
+    // The first holds the one transfer slot, the second the one handler slot.
+    let err = within("busy", client.request(peer, "echo", "x"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, RequestError::Remote { status: Status::Busy, message, .. } if message.contains("max_concurrent_requests")),
+        "{err:?}"
+    );
+    drop(downloads);
+    common::eventually("the downloads are over", || {
+        common::metric_sum(&server, &["requests_total", "stream/download", "cancelled"]) == 2.0
+    })
+    .await;
+    let answer = within("echo", client.request(peer, "echo", "x"))
+        .await
+        .unwrap();
+    assert_eq!(&answer[..], b"x");
+}
+
+#[tokio::test]
+async fn an_answer_cut_by_a_cancelled_write_is_reset_not_finished() {
+    let server = builder()
+        .streaming_route(
+            "stream/cut",
+            |_ctx: RequestContext, _body: BodyReader, mut answer: AnswerWriter| async move {
+                // A write larger than the requester's window, given up midway.
+                let big = vec![1u8; 4 << 20];
+                let cut = tokio::time::timeout(Duration::from_millis(50), answer.write(big)).await;
+                assert!(cut.is_err(), "the write should not fit the window");
+                Ok::<_, HandlerError>(())
+            },
+        )
+        .bind()
+        .await
+        .unwrap();
+    let mut config = common::config();
+    config.transport.stream_receive_window = 64 * 1024;
+    let client = Node::builder().config(config).bind().await.unwrap();
+    within("connect", client.connect(&server.peer_addr()))
+        .await
+        .unwrap();
+    let (body, answer) = client
+        .open_request(server.peer_id(), "stream/cut")
+        .await
+        .unwrap();
+    body.finish().unwrap();
+    // Not read until the handler has given up its write (the window holds it back).
+    common::eventually("the handler returned", || {
+        common::metric_sum(&server, &["requests_total", "stream/cut"]) == 1.0
+    })
+    .await;
+    let err = within("answer", answer.read_to_end(8 << 20))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, RequestError::Remote { status: Status::HandlerError, message, .. } if message.contains("incomplete")),
+        "a cut answer must not read as complete: {err:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_answer_may_wait_for_an_upload_longer_than_the_timeout() {
+    // The route answers once it has the whole body; the upload takes longer than the
+    // requester's timeout, but it keeps moving, so the answer's wait does not run out.
+    let (tx, _ended) = mpsc::unbounded_channel();
+    let server = builder()
+        .streaming_route("stream/count", reporting(tx))
+        .bind()
+        .await
+        .unwrap();
+    let client = connected(&server).await;
+    let options = RequestOptions::new().timeout(Duration::from_millis(300));
+    let (mut body, answer) = client
+        .open_request_with(server.peer_id(), "stream/count", options)
+        .await
+        .unwrap();
+    let answer = tokio::spawn(answer.read_to_end(64));
+    for _ in 0..12 {
+        body.write(vec![0u8; 1024]).await.unwrap();
+        // The upload's pace (load shape, not synchronisation): 12 x 100 ms.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    body.finish().unwrap();
+    let answer = within("answer", answer).await.unwrap().unwrap();
+    assert_eq!(&answer[..], b"12288");
+}
+
+#[tokio::test]
+async fn a_body_read_whole_for_want_of_a_transfer_slot_still_meets_the_routes_limit() {
+    let mut config = common::config();
+    config.limits.max_concurrent_transfers_per_peer = 1;
+    let server = Node::builder()
+        .config(config)
+        .streaming_route_with("stream/echo", StreamLimits::new().max_body(32 * 1024), echo)
+        .bind()
+        .await
+        .unwrap();
+    let client = connected(&server).await;
+    let peer = server.peer_id();
+    let (mut held, _answer) = client.open_request(peer, "stream/echo").await.unwrap();
+    held.write(vec![0u8; 20 * 1024]).await.unwrap();
+    common::eventually("the held transfer is running", || {
+        common::metric_sum(&server, &["streams_active"]) >= 1.0
+    })
+    .await;
+    let err = within(
+        "too large",
+        client.request(peer, "stream/echo", vec![0u8; 100 * 1024]),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&err, RequestError::TooLarge { message, .. } if message.contains("32768")),
+        "{err:?}"
+    );
     drop(held);
 }

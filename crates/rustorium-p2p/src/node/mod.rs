@@ -1017,7 +1017,9 @@ fn error_outcome(e: &RequestError) -> Outcome {
             _ => Outcome::ProtocolError,
         },
         RequestError::TooLarge { .. } => Outcome::TooLarge,
-        RequestError::Timeout { .. } | RequestError::PeerTimedOut { .. } => Outcome::TimedOut,
+        RequestError::Timeout { .. }
+        | RequestError::PeerTimedOut { .. }
+        | RequestError::TransferTimedOut { .. } => Outcome::TimedOut,
         RequestError::ConnectionLost { .. } | RequestError::ZeroRttRejected { .. } => {
             Outcome::ConnectionLost
         }

@@ -27,7 +27,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use crate::handler::{HandlerError, RequestContext};
+use crate::handler::{Cause, HandlerError, RequestContext};
 use crate::wire::{code, Status};
 
 pub use reader::BodyReader;
@@ -165,21 +165,33 @@ pub enum TransferError {
     /// The answer was written to after its handler returned.
     #[error("the answer is over: its handler has returned")]
     AnswerOver,
+    /// An earlier write of the answer was cancelled (or panicked) midway: what went out
+    /// may be cut anywhere, so the answer cannot go on (it is reset with
+    /// `HANDLER_ERROR` when the handler returns).
+    #[error("an earlier write of the answer was cancelled midway")]
+    Interrupted,
 }
 
 impl From<TransferError> for HandlerError {
     /// The handler's failure for a transfer error: `TOO_LARGE` for a body over the
-    /// limit, `HANDLER_ERROR` with the error's message otherwise. (When the requester is
-    /// gone, or the answer already started, nothing is sent.)
+    /// limit, `HANDLER_ERROR` with the error's message otherwise. When the requester
+    /// cancelled or was too slow, the stream is reset (`CANCELLED`, `TIMED_OUT`) rather
+    /// than answered; when the answer already started, it is reset.
     fn from(e: TransferError) -> Self {
         let status = match e {
             TransferError::TooLarge { .. } => Status::TooLarge,
             TransferError::Busy => Status::Busy,
             _ => Status::HandlerError,
         };
+        let cause = match e {
+            TransferError::Cancelled => Some(Cause::Cancelled),
+            TransferError::Stalled { .. } | TransferError::TooLong { .. } => Some(Cause::TimedOut),
+            _ => None,
+        };
         HandlerError {
             status,
             message: e.to_string(),
+            cause,
         }
     }
 }

@@ -90,8 +90,10 @@ pub(crate) async fn open_request(
     if let Err(e) = with.write(&mut send, &mut [header]).await {
         return Err((e, record));
     }
+    let progress = Arc::new(std::sync::Mutex::new(Instant::now()));
     let answer = AnswerStream {
         with: With::new(conn, route, idle),
+        body_progress: progress.clone(),
         recv,
         max_response_size,
         first: Bytes::new(),
@@ -102,6 +104,7 @@ pub(crate) async fn open_request(
         with,
         send,
         open: true,
+        progress: Some(progress),
     };
     Ok((body, answer))
 }
@@ -129,6 +132,7 @@ pub(crate) async fn open_message(
             with,
             send,
             open: true,
+            progress: None,
         },
         record,
     })
@@ -147,6 +151,8 @@ pub struct RequestBody {
     send: SendStream,
     /// Not finished, and not failed.
     open: bool,
+    /// When the body last made progress, for the answer's wait (a request's body only).
+    progress: Option<Arc<std::sync::Mutex<Instant>>>,
 }
 
 impl std::fmt::Debug for RequestBody {
@@ -172,6 +178,8 @@ impl RequestBody {
         if result.is_err() {
             self.open = false;
             let _ = self.send.reset(VarInt::from_u32(code::CANCELLED));
+        } else {
+            self.progressed();
         }
         result
     }
@@ -181,9 +189,19 @@ impl RequestBody {
         self.write(Bytes::copy_from_slice(data)).await
     }
 
-    /// Ends the body. Does not wait: the answer tells how the request went.
+    /// Records progress for the answer's wait: while the body moves, the answer may be
+    /// waiting for all of it.
+    fn progressed(&self) {
+        if let Some(progress) = &self.progress {
+            *progress.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        }
+    }
+
+    /// Ends the body. Does not wait: the answer tells how the request went (the answer
+    /// has the request's timeout from now to start).
     pub fn finish(mut self) -> Result<(), RequestError> {
         self.open = false;
+        self.progressed();
         self.send.finish().map_err(|_| {
             self.with
                 .target()
@@ -230,8 +248,10 @@ impl MessageBody {
         self.write(Bytes::copy_from_slice(data)).await
     }
 
-    /// Ends the message and waits (at most the timeout) until the peer's QUIC stack has
-    /// acknowledged all of it, or refused it.
+    /// Ends the message and waits until the peer's QUIC stack has acknowledged all of
+    /// it, or refused it. The wait is bounded by the timeout as a whole (not reset by
+    /// progress): what is still unacknowledged is at most the stream's flow-control
+    /// window, about a megabyte, which a link must carry within `request_timeout`.
     pub async fn finish(mut self) -> Result<(), RequestError> {
         let result = self.finished().await;
         self.record.done(&result);
@@ -286,6 +306,8 @@ enum State {
 /// answer before its end cancels the request (`CANCELLED`).
 pub struct AnswerStream {
     with: With,
+    /// When the request's body last made progress.
+    body_progress: Arc<std::sync::Mutex<Instant>>,
     recv: RecvStream,
     max_response_size: u64,
     /// Body bytes that came with the status byte, not yet handed out.
@@ -387,18 +409,28 @@ impl AnswerStream {
         self.read(crate::budget::CHUNK).await
     }
 
-    /// One read off the stream, waiting at most the idle timeout; a chunk already there
-    /// is taken with no timer.
+    /// One read off the stream, waiting at most the idle timeout since the last progress
+    /// of the answer or of the body (an answer may wait for the whole body); a chunk
+    /// already there is taken with no timer.
     async fn read(&mut self, want: usize) -> Result<Option<Bytes>, RequestError> {
         let idle = self.with.idle;
+        let body_progress = self.body_progress.clone();
+        let body_moved = || *body_progress.lock().unwrap_or_else(|e| e.into_inner());
         let result = {
             let mut read = std::pin::pin!(self.recv.read_chunk(want, true));
             match poll_once(read.as_mut()).await {
                 Some(result) => result,
-                None => match timeout(idle, read).await {
-                    Ok(result) => result,
-                    Err(_) => return Err(self.with.target().timed_out(idle).error),
-                },
+                None => {
+                    let mut since = Instant::now().max(body_moved());
+                    loop {
+                        match timeout_at(since + idle, read.as_mut()).await {
+                            Ok(result) => break result,
+                            // The body moved meanwhile: the wait starts again from then.
+                            Err(_) if body_moved() > since => since = body_moved(),
+                            Err(_) => return Err(self.with.target().timed_out(idle).error),
+                        }
+                    }
+                }
             }
         };
         match result {
@@ -413,6 +445,12 @@ impl AnswerStream {
             ReadError::Reset(reset) if reset.into_inner() == u64::from(code::TOO_LARGE) => {
                 let message = "the request body went over the peer's limit for this route (max_stream_body_size) while it was answering; what came of the answer is incomplete".to_string();
                 target.too_large(Body::Request, message)
+            }
+            ReadError::Reset(reset) if reset.into_inner() == u64::from(code::TIMED_OUT) => {
+                RequestError::TransferTimedOut {
+                    peer: self.with.conn.peer,
+                    route: self.with.route.clone(),
+                }
             }
             ReadError::Reset(reset) if reset.into_inner() == u64::from(code::HANDLER_ERROR) => {
                 let message = "the handler failed after its answer had started (stream reset with HANDLER_ERROR); what came of the answer is incomplete".to_string();

@@ -15,9 +15,10 @@ use tracing::{debug, warn};
 use super::reader::BodyReader;
 use super::writer::{Answer, AnswerWriter};
 use super::TransferError;
+use crate::budget::CHUNK;
 use crate::budget::{ByteBudget, Held};
 use crate::framing::{poll_once, read_body, BodyError, Deadline};
-use crate::handler::catch_panics;
+use crate::handler::{catch_panics, Cause, HandlerError};
 use crate::metrics::Outcome;
 use crate::serve::{Served, Serving, Stream};
 use crate::transfer::StreamRoute;
@@ -27,25 +28,34 @@ use crate::wire::{code, Status};
 /// handler slot rather than a transfer slot.
 const WHOLE: usize = 16 * 1024;
 
-/// What reading a whole body (for want of a transfer slot) came to.
-enum Whole {
-    /// It is in `ready`; its bytes are counted until this is dropped.
-    Read(Held),
-    /// It is over what may be buffered: it needs a transfer slot.
-    TooLarge,
-    /// The stream failed or the peer was too slow.
-    Failed(Outcome),
+/// A slot of the peer's share and one of the node's.
+type Pair = (OwnedSemaphorePermit, OwnedSemaphorePermit);
+
+/// A streaming request or message let in: the slots it holds, and what of its body was
+/// read before its handler runs.
+struct Admitted {
+    /// Handler slots of a request whose body is all here: given back when its answer
+    /// starts, for a transfer slot if one is free (else kept).
+    until_answer: Option<Pair>,
+    /// Slots held until the handler returns: transfer slots for a body still arriving,
+    /// or the slots of a one-way message.
+    whole_run: Option<Pair>,
+    /// The bytes in `ready`, counted in the byte budget until the handler returns.
+    held: Held,
+    /// Body bytes read so far, in chunks of at most 64 KiB.
+    ready: VecDeque<Bytes>,
+    /// The stream's end is among them.
+    fin: bool,
 }
 
-/// The slots a streaming request or message holds.
-enum Slots {
-    /// A handler slot of the peer's share and one of the node's, as a buffered request
-    /// takes: its body is all here.
-    Handler((OwnedSemaphorePermit, OwnedSemaphorePermit)),
-    /// Held for as long as the handler runs: a transfer slot of the peer's share and one
-    /// of the node's for a body still arriving; for a one-way message whose body is all
-    /// here (no answer to give them back at), handler slots.
-    Held((OwnedSemaphorePermit, OwnedSemaphorePermit)),
+/// Why a streaming request or message was not let in.
+enum Refused {
+    /// No slot (the reason names the limit).
+    Busy(&'static str),
+    /// The body is over the route's `max_body` (known while reading it whole).
+    TooLarge(u64),
+    /// The stream failed, or the peer was too slow.
+    Failed(Outcome),
 }
 
 /// `start + after`, or far in the future if that overflows.
@@ -62,7 +72,7 @@ impl Serving<'_> {
         &self,
         stream: Stream,
         send: Option<SendStream>,
-        recv: RecvStream,
+        mut recv: RecvStream,
         started: Instant,
     ) -> Served {
         let Stream {
@@ -72,108 +82,8 @@ impl Serving<'_> {
             early,
         } = stream;
         let deadline = end_of(started, self.limits.request_timeout);
-        let mut recv = recv;
-        // What of the body is already here. A body that is all here (most small ones)
-        // can no longer be held open by its peer: it is served like a buffered request,
-        // with a handler slot, which its answer gives back once it starts (from then on
-        // it counts among the peer's pending answers). A body still arriving takes a
-        // transfer slot for as long as the handler runs: its peer sets the pace.
-        let mut ready = VecDeque::from([first]);
-        let mut here = ready[0].len();
-        let fin = loop {
-            if here > WHOLE {
-                break false;
-            }
-            match poll_once(recv.read_chunk(WHOLE + 1 - here, true)).await {
-                Some(Ok(Some(chunk))) => {
-                    here += chunk.bytes.len();
-                    ready.push_back(chunk.bytes);
-                }
-                Some(Ok(None)) => break true,
-                Some(Err(e)) => {
-                    debug!(peer = %self.peer, "stream failed: {e}");
-                    return Served::new(&name, Outcome::StreamError);
-                }
-                None => break false,
-            }
-        };
-        let mut fin = fin;
-        // Bytes of a body read whole because no transfer slot was free (counted in the
-        // byte budget, as a buffered request's, until the handler returns).
-        let mut held = None;
-        let slots = match (fin, send.is_some()) {
-            (true, true) => self.take_slots().map(Slots::Handler),
-            (false, true) => match self.take_transfer_slots() {
-                Ok(slots) => Ok(Slots::Held(slots)),
-                // No transfer slot: a body that fits a buffered request is read whole,
-                // as a buffered route would (the byte budget, `max_request_size`,
-                // `request_timeout`), and served with a handler slot. Many medium
-                // bodies at once (an echo under load) are served so; only a body too
-                // large to buffer is refused BUSY.
-                Err(why) => match self
-                    .read_whole(&mut recv, &mut ready, deadline, &route)
-                    .await
-                {
-                    Whole::Read(bytes) => {
-                        held = Some(bytes);
-                        fin = true;
-                        self.take_slots().map(Slots::Handler)
-                    }
-                    Whole::TooLarge => Err(why),
-                    Whole::Failed(outcome) => {
-                        let code = match outcome {
-                            Outcome::TimedOut => code::TIMED_OUT,
-                            _ => code::CANCELLED,
-                        };
-                        let _ = recv.stop(VarInt::from_u32(code));
-                        if let Some(mut send) = send {
-                            let _ = send.reset(VarInt::from_u32(code));
-                        }
-                        return Served::new(&name, outcome);
-                    }
-                },
-            },
-            // With no answer to say BUSY in, a message waits for a slot until its deadline.
-            (fin, false) => {
-                let (share, node) = if fin {
-                    (&self.share.slots, self.slots)
-                } else {
-                    (&self.share.transfers, self.transfers)
-                };
-                let slots = async {
-                    let share = share.clone().acquire_owned().await?;
-                    let node = node.clone().acquire_owned().await?;
-                    Ok::<_, tokio::sync::AcquireError>((share, node))
-                };
-                match timeout_at(deadline, slots).await {
-                    Ok(Ok(slots)) => Ok(Slots::Held(slots)),
-                    _ => Err("the node is at its limit of concurrent requests or shutting down"),
-                }
-            }
-        };
-        let slots = match slots {
-            Ok(slots) => slots,
-            Err(why) => {
-                let _ = recv.stop(VarInt::from_u32(code::BUSY));
-                match send {
-                    Some(mut send) => {
-                        let msg = Bytes::from_static(why.as_bytes());
-                        self.answer(&mut send, Status::Busy, msg, Deadline::At(deadline))
-                            .await
-                    }
-                    None => {
-                        warn!(peer = %self.peer, "dropped a one-way message on {name:?}: {why}")
-                    }
-                }
-                return Served::new(&name, Outcome::Busy);
-            }
-        };
-        let (handler_slots, _transfer_slots) = match slots {
-            Slots::Handler(slots) => (Some(slots), None),
-            Slots::Held(slots) => (None, Some(slots)),
-        };
         // Streaming routes never run on 0-RTT data: a replayed body cannot be told from a
-        // new one until the handshake completes.
+        // new one until the handshake completes. Nothing is taken before that.
         if !matches!(timeout_at(deadline, self.confirmed()).await, Ok(true)) {
             let _ = recv.stop(VarInt::from_u32(code::TIMED_OUT));
             if let Some(mut send) = send {
@@ -181,6 +91,19 @@ impl Serving<'_> {
             }
             return Served::new(&name, Outcome::TimedOut);
         }
+        let admitted = self
+            .admit(&mut recv, first, send.is_some(), deadline, &route)
+            .await;
+        let Admitted {
+            until_answer,
+            whole_run: _whole_run,
+            held,
+            ready,
+            fin,
+        } = match admitted {
+            Ok(admitted) => admitted,
+            Err(refused) => return self.refuse(&name, refused, send, recv, deadline).await,
+        };
 
         let ends = end_of(started, route.max_duration);
         let body = BodyReader::new(
@@ -199,7 +122,8 @@ impl Serving<'_> {
                 ends,
                 route.max_duration,
                 self.share.answers.clone(),
-                handler_slots,
+                until_answer,
+                [self.share.transfers.clone(), self.transfers.clone()],
             );
             Arc::new(Mutex::new(Some(answer)))
         });
@@ -214,15 +138,18 @@ impl Serving<'_> {
                 Ok(Ok(())) => Outcome::Ok,
                 Ok(Err(e)) => {
                     warn!(peer = %self.peer, "one-way handler failed: {e}");
-                    status_outcome(e.status)
+                    error_outcome(&e)
                 }
                 Err(_) => Outcome::TimedOut,
             };
             return Served::new(&name, outcome);
         };
+        // A writer still alive here was moved out of the handler (into a task of its
+        // own): its answer may not be complete, so it is not finished as if it were.
+        let escaped = Arc::strong_count(&answer) > 1;
         // The handler has returned (or was dropped): the answer is the node's again. A
-        // write still under way (from a task the handler spawned) ends within
-        // `answer_timeout`; any after this fails with `AnswerOver`.
+        // write still under way ends by the route's `max_duration`; any after this fails
+        // with `AnswerOver`.
         let Some(mut answer) = answer.lock().await.take() else {
             unreachable!("only this function takes the answer")
         };
@@ -231,11 +158,21 @@ impl Serving<'_> {
             self.unread();
         }
         let place = answer.place.take();
+        let reset = |answer: &mut Answer, code: u32| {
+            let _ = answer.send.reset(VarInt::from_u32(code));
+        };
         let outcome = match result {
             Err(_) => {
                 debug!(peer = %self.peer, "transfer on {name:?} ran past its max_duration");
-                let _ = answer.send.reset(VarInt::from_u32(code::TIMED_OUT));
+                reset(&mut answer, code::TIMED_OUT);
                 Outcome::TimedOut
+            }
+            // A write was cancelled (or panicked) midway, or the writer outlived its
+            // handler: what went out may be cut anywhere.
+            Ok(_) if (answer.writing || escaped) && answer.failed.is_none() => {
+                debug!(peer = %self.peer, "answer on {name:?} left incomplete by its handler");
+                reset(&mut answer, code::HANDLER_ERROR);
+                Outcome::HandlerError
             }
             Ok(Ok(())) => match &answer.failed {
                 Some(e) => transfer_outcome(e),
@@ -255,24 +192,35 @@ impl Serving<'_> {
             },
             Ok(Err(e)) => {
                 debug!(peer = %self.peer, "streaming handler failed: {e}");
-                match &answer.failed {
-                    Some(failed) => transfer_outcome(failed),
-                    None if answer.started => {
-                        // A body over the limit (an echo is answering as it reads) says
-                        // so; any other failure is the handler's.
-                        let reset = match e.status {
+                match (&answer.failed, e.cause) {
+                    // The answer's own failure says what happened (the stream is reset).
+                    (Some(failed), _) => transfer_outcome(failed),
+                    // The body's failure: the requester cancelled, or was too slow.
+                    (None, Some(Cause::Cancelled)) => {
+                        reset(&mut answer, code::CANCELLED);
+                        Outcome::Cancelled
+                    }
+                    (None, Some(Cause::TimedOut)) => {
+                        reset(&mut answer, code::TIMED_OUT);
+                        Outcome::TimedOut
+                    }
+                    // A body over the limit (an echo is answering as it reads) says so;
+                    // any other failure is the handler's.
+                    (None, _) if answer.started => {
+                        let code = match e.status {
                             Status::TooLarge => code::TOO_LARGE,
                             _ => code::HANDLER_ERROR,
                         };
-                        let _ = answer.send.reset(VarInt::from_u32(reset));
-                        status_outcome(e.status)
+                        reset(&mut answer, code);
+                        error_outcome(&e)
                     }
-                    None => {
+                    (None, _) => {
                         drop(place);
                         let done = Deadline::After(self.limits.request_timeout);
+                        let outcome = error_outcome(&e);
                         let message = Bytes::from(e.message);
                         self.answer(&mut answer.send, e.status, message, done).await;
-                        status_outcome(e.status)
+                        outcome
                     }
                 }
             }
@@ -280,19 +228,112 @@ impl Serving<'_> {
         Served::new(&name, outcome)
     }
 
-    /// Reads the rest of a body into `ready` (as one chunk), within the smaller of
-    /// `max_request_size` and the route's `max_body`, the byte budget, and `deadline`.
+    /// Reads what of the body is already here (counted in the byte budget) and takes the
+    /// slots the request or message needs. A body that is all here (most small ones)
+    /// can no longer be held open by its peer: it is served like a buffered request, with
+    /// a handler slot. A body still arriving takes a transfer slot for as long as the
+    /// handler runs, since its peer sets the pace; with none free, a body that fits
+    /// `max_request_size` is read whole, as a buffered route would read it.
+    async fn admit(
+        &self,
+        recv: &mut RecvStream,
+        first: Bytes,
+        request: bool,
+        deadline: Instant,
+        route: &StreamRoute,
+    ) -> Result<Admitted, Refused> {
+        let budget = ByteBudget {
+            peer: &self.share.bytes,
+            node: self.bytes,
+        };
+        let count = |n: usize| async move {
+            match timeout_at(deadline, budget.reserve(n)).await {
+                Ok(Ok(held)) => Ok(held),
+                Ok(Err(_)) => Err(Refused::Busy("the node is shutting down")),
+                Err(_) => Err(Refused::Failed(Outcome::TimedOut)),
+            }
+        };
+        // The header's chunk (and what came with it) is left out of the budget, as on a
+        // buffered route; what is read after it is counted.
+        let mut held = Held::default();
+        let mut here = first.len();
+        let mut ready = VecDeque::from([first]);
+        let mut fin = loop {
+            if here > WHOLE {
+                break false;
+            }
+            match poll_once(recv.read_chunk(WHOLE + 1 - here, true)).await {
+                Some(Ok(Some(chunk))) => {
+                    held.merge(count(chunk.bytes.len()).await?);
+                    here += chunk.bytes.len();
+                    ready.push_back(chunk.bytes);
+                }
+                Some(Ok(None)) => break true,
+                Some(Err(e)) => {
+                    debug!(peer = %self.peer, "stream failed: {e}");
+                    return Err(Refused::Failed(Outcome::StreamError));
+                }
+                None => break false,
+            }
+        };
+        let admitted = |until_answer, whole_run, held, ready, fin| Admitted {
+            until_answer,
+            whole_run,
+            held,
+            ready,
+            fin,
+        };
+        if !request {
+            // With no answer to say BUSY in, a message waits for its slots until its
+            // deadline, and holds them until its handler returns.
+            let (share, node) = if fin {
+                (&self.share.slots, self.slots)
+            } else {
+                (&self.share.transfers, self.transfers)
+            };
+            let slots = async {
+                let share = share.clone().acquire_owned().await?;
+                let node = node.clone().acquire_owned().await?;
+                Ok::<_, tokio::sync::AcquireError>((share, node))
+            };
+            return match timeout_at(deadline, slots).await {
+                Ok(Ok(slots)) => Ok(admitted(None, Some(slots), held, ready, fin)),
+                _ => Err(Refused::Busy(
+                    "the node is at its limit of concurrent requests or shutting down",
+                )),
+            };
+        }
+        if !fin {
+            match self.take_transfer_slots() {
+                Ok(slots) => return Ok(admitted(None, Some(slots), held, ready, fin)),
+                Err(why) => {
+                    let whole = self.read_whole(recv, &mut ready, deadline, route, why);
+                    held.merge(whole.await?);
+                    fin = true;
+                }
+            }
+        }
+        let slots = self.take_slots().map_err(Refused::Busy)?;
+        Ok(admitted(Some(slots), None, held, ready, fin))
+    }
+
+    /// Reads the rest of a body into `ready` (in chunks of at most 64 KiB), within the
+    /// smaller of `max_request_size` and the route's `max_body`, the byte budget, and
+    /// `deadline`; its bytes stay counted in the returned [`Held`]. A body over
+    /// `max_request_size` needs a transfer slot: refused with `busy`.
     async fn read_whole(
         &self,
         recv: &mut RecvStream,
         ready: &mut VecDeque<Bytes>,
         deadline: Instant,
         route: &StreamRoute,
-    ) -> Whole {
+        busy: &'static str,
+    ) -> Result<Held, Refused> {
         let mut first = BytesMut::new();
         for chunk in ready.drain(..) {
             first.extend_from_slice(&chunk);
         }
+        let over_route = route.max_body < self.limits.max_request_size;
         let limit = self.limits.max_request_size.min(route.max_body);
         let limit = usize::try_from(limit).unwrap_or(usize::MAX);
         let budget = ByteBudget {
@@ -302,17 +343,69 @@ impl Serving<'_> {
         let read = read_body(recv, first.freeze(), limit, Some(budget));
         match timeout_at(deadline, read).await {
             Ok(Ok((body, held))) => {
-                ready.push_back(body);
-                Whole::Read(held)
+                let mut at = 0;
+                while at < body.len() {
+                    let end = (at + CHUNK).min(body.len());
+                    ready.push_back(body.slice(at..end));
+                    at = end;
+                }
+                Ok(held)
             }
-            Ok(Err(BodyError::TooLarge)) => Whole::TooLarge,
+            Ok(Err(BodyError::TooLarge)) if over_route => Err(Refused::TooLarge(route.max_body)),
+            Ok(Err(BodyError::TooLarge)) => Err(Refused::Busy(busy)),
             Ok(Err(BodyError::Read(e))) => {
                 debug!(peer = %self.peer, "stream failed: {e}");
-                Whole::Failed(Outcome::StreamError)
+                Err(Refused::Failed(Outcome::StreamError))
             }
-            Ok(Err(BodyError::Closing)) => Whole::Failed(Outcome::Busy),
-            Err(_) => Whole::Failed(Outcome::TimedOut),
+            Ok(Err(BodyError::Closing)) => Err(Refused::Busy("the node is shutting down")),
+            Err(_) => Err(Refused::Failed(Outcome::TimedOut)),
         }
+    }
+
+    /// Refuses a streaming request or message: BUSY or TOO_LARGE with the reason (a
+    /// request's answer; a message is logged), or, for a failed or too slow stream, a
+    /// reset.
+    async fn refuse(
+        &self,
+        name: &Arc<str>,
+        refused: Refused,
+        send: Option<SendStream>,
+        mut recv: RecvStream,
+        deadline: Instant,
+    ) -> Served {
+        let (status, message, outcome) = match refused {
+            Refused::Busy(why) => (Status::Busy, why.to_string(), Outcome::Busy),
+            Refused::TooLarge(limit) => (
+                Status::TooLarge,
+                format!("request body exceeds this route's limit of {limit} bytes (max_stream_body_size)"),
+                Outcome::TooLarge,
+            ),
+            Refused::Failed(outcome) => {
+                let code = match outcome {
+                    Outcome::TimedOut => code::TIMED_OUT,
+                    _ => code::CANCELLED,
+                };
+                let _ = recv.stop(VarInt::from_u32(code));
+                if let Some(mut send) = send {
+                    let _ = send.reset(VarInt::from_u32(code));
+                }
+                return Served::new(name, outcome);
+            }
+        };
+        let stop = match status {
+            Status::TooLarge => code::TOO_LARGE,
+            _ => code::BUSY,
+        };
+        let _ = recv.stop(VarInt::from_u32(stop));
+        match send {
+            Some(mut send) => {
+                let message = Bytes::from(message);
+                self.answer(&mut send, status, message, Deadline::At(deadline))
+                    .await
+            }
+            None => warn!(peer = %self.peer, "dropped a one-way message on {name:?}: {message}"),
+        }
+        Served::new(name, outcome)
     }
 
     /// Takes a transfer slot from the peer's share, then one of the node's.
@@ -337,14 +430,16 @@ impl Serving<'_> {
     }
 }
 
-/// The outcome label for a handler's failure with `status`.
-fn status_outcome(status: Status) -> Outcome {
-    match status {
-        Status::Ok => Outcome::Ok,
-        Status::TooLarge => Outcome::TooLarge,
-        Status::Busy => Outcome::Busy,
-        Status::BadRequest => Outcome::BadRequest,
-        Status::UnknownRoute => Outcome::UnknownRoute,
+/// The outcome label for a handler's failure `e`.
+fn error_outcome(e: &HandlerError) -> Outcome {
+    match (e.cause, e.status) {
+        (Some(Cause::Cancelled), _) => Outcome::Cancelled,
+        (Some(Cause::TimedOut), _) => Outcome::TimedOut,
+        (_, Status::Ok) => Outcome::Ok,
+        (_, Status::TooLarge) => Outcome::TooLarge,
+        (_, Status::Busy) => Outcome::Busy,
+        (_, Status::BadRequest) => Outcome::BadRequest,
+        (_, Status::UnknownRoute) => Outcome::UnknownRoute,
         _ => Outcome::HandlerError,
     }
 }
@@ -356,6 +451,7 @@ fn transfer_outcome(e: &TransferError) -> Outcome {
         TransferError::Stalled { .. } | TransferError::TooLong { .. } => Outcome::TimedOut,
         TransferError::Cancelled => Outcome::Cancelled,
         TransferError::Busy => Outcome::Busy,
+        TransferError::Interrupted => Outcome::HandlerError,
         TransferError::ConnectionLost(_) => Outcome::ConnectionLost,
         _ => Outcome::StreamError,
     }

@@ -85,6 +85,13 @@ pub(crate) struct Answer {
     pub place: Option<OwnedSemaphorePermit>,
     /// Handler slots held until the answer starts (for a body that was all there).
     slots: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+    /// The transfer slots (the peer's share, the node's) that replace them then, if free.
+    transfers: [Arc<Semaphore>; 2],
+    /// Transfer slots taken when the answer started.
+    transfer: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+    /// A write is under way; still `true` after the handler returns, it was cancelled
+    /// (or panicked) midway.
+    pub writing: bool,
 }
 
 impl Answer {
@@ -95,6 +102,7 @@ impl Answer {
         max_duration: Duration,
         pending: Arc<Semaphore>,
         slots: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+        transfers: [Arc<Semaphore>; 2],
     ) -> Self {
         Answer {
             send,
@@ -107,12 +115,19 @@ impl Answer {
             pending,
             place: None,
             slots,
+            transfers,
+            transfer: None,
+            writing: false,
         }
     }
 
     async fn write(&mut self, chunk: Bytes) -> Result<(), TransferError> {
         if let Some(e) = &self.failed {
             return Err(e.clone());
+        }
+        if self.writing {
+            let _ = self.send.reset(VarInt::from_u32(code::HANDLER_ERROR));
+            return Err(self.fail(TransferError::Interrupted));
         }
         if chunk.is_empty() {
             return Ok(());
@@ -127,14 +142,28 @@ impl Answer {
                 return Err(self.fail(TransferError::Busy));
             };
             self.place = Some(place);
-            // Answering now: the handler slots go back, and the answer counts among the
-            // peer's pending answers instead (as a buffered answer does).
-            self.slots = None;
+            // Answering now, for as long as the peer takes to read: the handler slots
+            // go back for transfer slots, if any are free (else they are kept), and the
+            // answer counts among the peer's pending answers (as a buffered one does).
+            if self.slots.is_some() {
+                let [share, node] = &self.transfers;
+                if let (Ok(share), Ok(node)) = (
+                    share.clone().try_acquire_owned(),
+                    node.clone().try_acquire_owned(),
+                ) {
+                    self.transfer = Some((share, node));
+                    self.slots = None;
+                }
+            }
             chunks[0] = Bytes::copy_from_slice(&[wire::encode_status(Status::Ok)]);
             &mut chunks[..]
         };
         let mut deadline = Deadline::At(self.ends);
-        match write_chunks_within(&mut self.send, chunks, self.stall, &mut deadline).await {
+        // Cleared when the write ends; left set if it is dropped (or panics) midway.
+        self.writing = true;
+        let written = write_chunks_within(&mut self.send, chunks, self.stall, &mut deadline).await;
+        self.writing = false;
+        match written {
             Ok(Ok(())) => {
                 self.started = true;
                 Ok(())
@@ -160,9 +189,10 @@ impl Answer {
         }
     }
 
-    /// Gives back the handler slots, if it still holds them.
+    /// Gives back the handler or transfer slots it holds.
     pub fn release_slots(&mut self) {
         self.slots = None;
+        self.transfer = None;
     }
 
     fn fail(&mut self, e: TransferError) -> TransferError {
