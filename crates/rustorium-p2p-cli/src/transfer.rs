@@ -150,10 +150,15 @@ async fn exchange(
                 };
             }
             result = &mut send, if sent.is_none() => match result {
-                // The peer stopped reading the body: its answer says why.
+                // The peer stopped reading the body (too large, busy, its handler is done):
+                // its answer says why.
                 Err(e) if matches!(
                     e.downcast_ref(),
-                    Some(RequestError::BodyStopped { .. } | RequestError::TooLarge { .. })
+                    Some(
+                        RequestError::BodyStopped { .. }
+                            | RequestError::TooLarge { .. }
+                            | RequestError::Remote { .. }
+                    )
                 ) => {
                     sent = Some(Err(e));
                 }

@@ -176,7 +176,8 @@ impl NodeBuilder {
     /// of the node's `max_concurrent_transfers` (and of its peer's
     /// `max_concurrent_transfers_per_peer`) while it runs, never a handler slot of
     /// buffered routes. A small body that is all there when its stream opens is served
-    /// like a buffered request: with a handler slot, given back when the answer starts.
+    /// like a buffered request: with a handler slot until its answer starts, then a
+    /// transfer slot, or (none free) a buffered answer's `request_timeout` to be read.
     /// With no transfer slot free, a body that fits `max_request_size` is read whole (as
     /// a buffered route reads it) and served the same way; a larger one is answered BUSY.
     /// It never runs on 0-RTT data.
@@ -752,9 +753,10 @@ impl Node {
 
     /// Opens a streaming request to `route` on `peer`: a [`RequestBody`] to write the
     /// body to, and an [`AnswerStream`] to read the answer from, at the same time. Each
-    /// write and read waits at most `request_timeout` for the peer (the whole request
-    /// has no time limit here: the peer's route has its `max_duration`). The request is
-    /// never sent as 0-RTT data, nor sent again after a failure.
+    /// write waits at most `request_timeout` without progress, and each read at most
+    /// `request_timeout` from the last progress of the body or the answer (the whole
+    /// request has no time limit here: the peer's route has its `max_duration`). The
+    /// request is never sent as 0-RTT data, nor sent again after a failure.
     ///
     /// ```no_run
     /// # async fn run(node: rustorium_p2p::Node, peer: rustorium_p2p::PeerId) -> Result<(), rustorium_p2p::RequestError> {

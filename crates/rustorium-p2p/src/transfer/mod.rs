@@ -111,6 +111,15 @@ impl StreamLimits {
     }
 }
 
+/// How long one side of a transfer may wait: `wait` for each step of progress (the
+/// peer's), until `ends`, the end of the route's `max_duration`.
+#[derive(Clone, Copy)]
+pub(crate) struct Times {
+    pub wait: std::time::Duration,
+    pub ends: tokio::time::Instant,
+    pub max_duration: std::time::Duration,
+}
+
 /// A registered streaming route: its handler and its limits, resolved against the
 /// node's configuration.
 pub(crate) struct StreamRoute {
@@ -137,10 +146,12 @@ pub enum TransferError {
         /// How long nothing moved.
         after: Duration,
     },
-    /// The transfer ran past the route's `max_duration`.
-    #[error("the transfer ran past this route's limit of {limit:?}")]
+    /// The transfer ran past its time: the route's `max_duration`, or, for a long answer
+    /// to a small request when no transfer slot was free, a buffered answer's
+    /// `request_timeout` from its first write.
+    #[error("the transfer ran past its time limit of {limit:?}")]
     TooLong {
-        /// The route's `max_duration`.
+        /// The limit.
         limit: Duration,
     },
     /// The requester cancelled: it dropped its body or its answer before the end.

@@ -1,14 +1,13 @@
 //! The request body, as a streaming handler reads it.
 
 use std::collections::VecDeque;
-use std::time::Duration;
 
 use bytes::Bytes;
 use quinn::{ReadError, RecvStream, VarInt};
 use tokio::time::{timeout_at, Instant};
 
-use super::TransferError;
-use crate::budget::CHUNK;
+use super::{Times, TransferError};
+use crate::budget::{Held, CHUNK};
 use crate::framing::poll_once;
 use crate::wire::code;
 
@@ -33,13 +32,13 @@ pub struct BodyReader {
     recv: RecvStream,
     /// Bytes read off the stream before the handler ran, not yet handed out.
     ready: VecDeque<Bytes>,
+    /// Their count in the byte budget, given back once they are all handed out.
+    held: Held,
     /// The stream's end came with them.
     fin: bool,
     received: u64,
     limit: u64,
-    idle: Duration,
-    ends: Instant,
-    max_duration: Duration,
+    times: Times,
     state: State,
 }
 
@@ -62,21 +61,19 @@ impl BodyReader {
     pub(crate) fn new(
         recv: RecvStream,
         ready: VecDeque<Bytes>,
+        held: Held,
         fin: bool,
         limit: u64,
-        idle: Duration,
-        ends: Instant,
-        max_duration: Duration,
+        times: Times,
     ) -> Self {
         BodyReader {
             recv,
             ready,
+            held,
             fin,
             received: 0,
             limit,
-            idle,
-            ends,
-            max_duration,
+            times,
             state: State::Open,
         }
     }
@@ -89,7 +86,13 @@ impl BodyReader {
             State::Failed(e) => return Err(e.clone()),
         }
         let next = match self.ready.pop_front() {
-            Some(chunk) => Ok(Some(chunk)),
+            Some(chunk) => {
+                if self.ready.is_empty() {
+                    // The handler has them all now: they are its memory, not the node's.
+                    self.held = Held::default();
+                }
+                Ok(Some(chunk))
+            }
             None if self.fin => Ok(None),
             None => self.next().await,
         };
@@ -143,7 +146,11 @@ impl BodyReader {
         // At most one byte past the limit, so that an over-long body is noticed.
         let left = self.limit.saturating_sub(self.received).saturating_add(1);
         let want = usize::try_from(left).unwrap_or(usize::MAX).min(CHUNK);
-        let (idle, ends, max_duration) = (self.idle, self.ends, self.max_duration);
+        let Times {
+            wait: idle,
+            ends,
+            max_duration,
+        } = self.times;
         let mut read = std::pin::pin!(self.recv.read_chunk(want, true));
         let result = match poll_once(read.as_mut()).await {
             Some(result) => result,

@@ -174,14 +174,24 @@ impl RequestBody {
                 .protocol(ProtocolError::ClosedStream)
                 .error);
         }
-        let result = self.with.write(&mut self.send, &mut [chunk.into()]).await;
-        if result.is_err() {
-            self.open = false;
-            let _ = self.send.reset(VarInt::from_u32(code::CANCELLED));
-        } else {
+        // In pieces of at most 64 KiB, each a step of progress for the answer's wait.
+        let chunk = chunk.into();
+        let mut at = 0;
+        while at < chunk.len() {
+            let end = (at + crate::budget::CHUNK).min(chunk.len());
+            let result = self
+                .with
+                .write(&mut self.send, &mut [chunk.slice(at..end)])
+                .await;
+            if let Err(e) = result {
+                self.open = false;
+                let _ = self.send.reset(VarInt::from_u32(code::CANCELLED));
+                return Err(e);
+            }
             self.progressed();
+            at = end;
         }
-        result
+        Ok(())
     }
 
     /// Writes a copy of `data`; see [`write`](Self::write).
@@ -301,7 +311,9 @@ enum State {
 ///
 /// The first [`chunk`](Self::chunk) waits for the peer's status: anything but `OK` is an
 /// error with the peer's message, as from [`Node::request`](crate::Node::request). Each
-/// read waits at most the request's timeout for the peer. There is no size limit on a
+/// read waits at most the request's timeout from the last progress of the answer or of
+/// the request's body (so an answer may come after an upload of any length, once it
+/// ends). There is no size limit on a
 /// streamed answer: what it holds in memory is what the caller keeps. Dropping the
 /// answer before its end cancels the request (`CANCELLED`).
 pub struct AnswerStream {

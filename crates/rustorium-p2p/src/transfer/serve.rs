@@ -13,8 +13,8 @@ use tokio::time::{timeout_at, Instant};
 use tracing::{debug, warn};
 
 use super::reader::BodyReader;
-use super::writer::{Answer, AnswerWriter};
-use super::TransferError;
+use super::writer::{Answer, AnswerWriter, Places};
+use super::{Times, TransferError};
 use crate::budget::CHUNK;
 use crate::budget::{ByteBudget, Held};
 use crate::framing::{poll_once, read_body, BodyError, Deadline};
@@ -40,7 +40,7 @@ struct Admitted {
     /// Slots held until the handler returns: transfer slots for a body still arriving,
     /// or the slots of a one-way message.
     whole_run: Option<Pair>,
-    /// The bytes in `ready`, counted in the byte budget until the handler returns.
+    /// The bytes in `ready`, counted in the byte budget until the handler has them.
     held: Held,
     /// Body bytes read so far, in chunks of at most 64 KiB.
     ready: VecDeque<Bytes>,
@@ -106,32 +106,28 @@ impl Serving<'_> {
         };
 
         let ends = end_of(started, route.max_duration);
-        let body = BodyReader::new(
-            recv,
-            ready,
-            fin,
-            route.max_body,
-            self.limits.request_timeout,
+        let times = |wait| Times {
+            wait,
             ends,
-            route.max_duration,
-        );
+            max_duration: route.max_duration,
+        };
+        let reading = times(self.limits.request_timeout);
+        let body = BodyReader::new(recv, ready, held, fin, route.max_body, reading);
         let answer = send.map(|send| {
-            let answer = Answer::new(
-                send,
-                self.limits.answer_timeout,
-                ends,
-                route.max_duration,
-                self.share.answers.clone(),
-                until_answer,
-                [self.share.transfers.clone(), self.transfers.clone()],
-            );
+            let places = Places {
+                pending: self.share.answers.clone(),
+                slots: until_answer,
+                transfers: [self.share.transfers.clone(), self.transfers.clone()],
+                answers: self.answers.clone(),
+                buffered: self.limits.request_timeout,
+            };
+            let answer = Answer::new(send, times(self.limits.answer_timeout), places);
             Arc::new(Mutex::new(Some(answer)))
         });
         let writer = AnswerWriter::new(answer.clone());
         let ctx = self.context(&name, answer.is_none(), early);
         let handler = &route.handler;
         let result = timeout_at(ends, catch_panics(|| handler.call(ctx, body, writer))).await;
-        drop(held);
 
         let Some(answer) = answer else {
             let outcome = match result {
@@ -153,6 +149,9 @@ impl Serving<'_> {
         let Some(mut answer) = answer.lock().await.take() else {
             unreachable!("only this function takes the answer")
         };
+        // Counted among the answers being written (which shutdown waits for) before its
+        // slots go, so that no moment sees neither.
+        let _tracked = self.answers.clone().try_acquire_owned().ok();
         answer.release_slots();
         if answer.strike {
             self.unread();
@@ -333,7 +332,7 @@ impl Serving<'_> {
         for chunk in ready.drain(..) {
             first.extend_from_slice(&chunk);
         }
-        let over_route = route.max_body < self.limits.max_request_size;
+        let over_route = route.max_body <= self.limits.max_request_size;
         let limit = self.limits.max_request_size.min(route.max_body);
         let limit = usize::try_from(limit).unwrap_or(usize::MAX);
         let budget = ByteBudget {

@@ -8,7 +8,7 @@ use quinn::{SendStream, VarInt, WriteError};
 use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use super::TransferError;
+use super::{Times, TransferError};
 use crate::framing::{write_chunks_within, Deadline, Stalled};
 use crate::wire::{self, code, Status};
 
@@ -49,6 +49,10 @@ impl AnswerWriter {
 
     /// Writes `chunk` (the first write also sends status `OK`), waiting while the
     /// requester has not read what came before.
+    ///
+    /// Cancelling a write (a `timeout` around it, a `select!`) ends the answer: what went
+    /// out of it may be cut anywhere, so later writes fail with
+    /// [`TransferError::Interrupted`] and the answer is reset with `HANDLER_ERROR`.
     pub async fn write(&mut self, chunk: impl Into<Bytes>) -> Result<(), TransferError> {
         let Some(answer) = &self.answer else {
             return Ok(());
@@ -66,6 +70,20 @@ impl AnswerWriter {
     }
 }
 
+/// What an answer may hold of the node and of its peer's share.
+pub(crate) struct Places {
+    /// The peer's share of answers waiting to be read.
+    pub pending: Arc<Semaphore>,
+    /// Handler slots held until the answer starts (for a body that was all there).
+    pub slots: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+    /// The transfer slots (the peer's share, the node's) that replace them then, if free.
+    pub transfers: [Arc<Semaphore>; 2],
+    /// The node's count of answers being written.
+    pub answers: Arc<Semaphore>,
+    /// How long an answer that got no transfer slot has: `request_timeout`.
+    pub buffered: Duration,
+}
+
 /// An answer stream and where it stands.
 pub(crate) struct Answer {
     pub send: SendStream,
@@ -76,9 +94,8 @@ pub(crate) struct Answer {
     /// The peer left the answer unread past `answer_timeout`, or had its share of unread
     /// answers already (a strike against it).
     pub strike: bool,
-    stall: Duration,
-    ends: Instant,
-    max_duration: Duration,
+    /// `wait`: `answer_timeout`, for each write's progress.
+    times: Times,
     /// The peer's share of answers waiting to be read.
     pending: Arc<Semaphore>,
     /// This answer's place in it, from its first byte.
@@ -89,34 +106,42 @@ pub(crate) struct Answer {
     transfers: [Arc<Semaphore>; 2],
     /// Transfer slots taken when the answer started.
     transfer: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+    /// The node's count of answers being written (shutdown waits for them), and how
+    /// long an answer that got no transfer slot has: a buffered answer's
+    /// `request_timeout`.
+    answers: Arc<Semaphore>,
+    buffered: Duration,
+    /// This answer's place among the node's answers being written, for an answer that
+    /// got no transfer slot.
+    tracked: Option<OwnedSemaphorePermit>,
     /// A write is under way; still `true` after the handler returns, it was cancelled
     /// (or panicked) midway.
     pub writing: bool,
 }
 
 impl Answer {
-    pub fn new(
-        send: SendStream,
-        stall: Duration,
-        ends: Instant,
-        max_duration: Duration,
-        pending: Arc<Semaphore>,
-        slots: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
-        transfers: [Arc<Semaphore>; 2],
-    ) -> Self {
+    pub fn new(send: SendStream, times: Times, places: Places) -> Self {
+        let Places {
+            pending,
+            slots,
+            transfers,
+            answers,
+            buffered,
+        } = places;
         Answer {
             send,
             started: false,
             failed: None,
             strike: false,
-            stall,
-            ends,
-            max_duration,
+            times,
             pending,
             place: None,
             slots,
             transfers,
             transfer: None,
+            answers,
+            buffered,
+            tracked: None,
             writing: false,
         }
     }
@@ -142,26 +167,37 @@ impl Answer {
                 return Err(self.fail(TransferError::Busy));
             };
             self.place = Some(place);
-            // Answering now, for as long as the peer takes to read: the handler slots
-            // go back for transfer slots, if any are free (else they are kept), and the
-            // answer counts among the peer's pending answers (as a buffered one does).
-            if self.slots.is_some() {
+            // Answering now, for as long as the peer takes to read. The answer counts
+            // among the peer's pending answers (as a buffered one does), and the handler
+            // slots go back: for transfer slots, if any are free (the route's
+            // `max_duration` then applies); else the answer is held to a buffered
+            // answer's terms, `request_timeout` from now, so that no answer holds a
+            // handler slot while its peer reads.
+            if self.slots.take().is_some() {
                 let [share, node] = &self.transfers;
-                if let (Ok(share), Ok(node)) = (
+                match (
                     share.clone().try_acquire_owned(),
                     node.clone().try_acquire_owned(),
                 ) {
-                    self.transfer = Some((share, node));
-                    self.slots = None;
+                    (Ok(share), Ok(node)) => self.transfer = Some((share, node)),
+                    _ => {
+                        self.tracked = self.answers.clone().try_acquire_owned().ok();
+                        let by = Instant::now() + self.buffered;
+                        if by < self.times.ends {
+                            self.times.ends = by;
+                            self.times.max_duration = self.buffered;
+                        }
+                    }
                 }
             }
             chunks[0] = Bytes::copy_from_slice(&[wire::encode_status(Status::Ok)]);
             &mut chunks[..]
         };
-        let mut deadline = Deadline::At(self.ends);
+        let mut deadline = Deadline::At(self.times.ends);
         // Cleared when the write ends; left set if it is dropped (or panics) midway.
         self.writing = true;
-        let written = write_chunks_within(&mut self.send, chunks, self.stall, &mut deadline).await;
+        let stall = self.times.wait;
+        let written = write_chunks_within(&mut self.send, chunks, stall, &mut deadline).await;
         self.writing = false;
         match written {
             Ok(Ok(())) => {
@@ -177,13 +213,13 @@ impl Answer {
             })),
             Err(Stalled) => {
                 let _ = self.send.reset(VarInt::from_u32(code::TIMED_OUT));
-                if Instant::now() >= self.ends {
+                if Instant::now() >= self.times.ends {
                     Err(self.fail(TransferError::TooLong {
-                        limit: self.max_duration,
+                        limit: self.times.max_duration,
                     }))
                 } else {
                     self.strike = true;
-                    Err(self.fail(TransferError::Stalled { after: self.stall }))
+                    Err(self.fail(TransferError::Stalled { after: stall }))
                 }
             }
         }
@@ -193,6 +229,7 @@ impl Answer {
     pub fn release_slots(&mut self) {
         self.slots = None;
         self.transfer = None;
+        self.tracked = None;
     }
 
     fn fail(&mut self, e: TransferError) -> TransferError {
