@@ -157,13 +157,17 @@ impl Node {
             type_name: type_name::<Req>(),
             source,
         })?;
-        let answer = self.request_with(peer, route, body, options).await?;
-        decode(&answer).map_err(|source| RequestError::Decode {
-            peer,
-            route: route.to_string(),
-            type_name: type_name::<Resp>(),
-            source,
-        })
+        // Decoded before the request is counted: an answer of another type is counted as
+        // a protocol error, not as `ok`.
+        let decoded = |answer: Bytes| {
+            decode(&answer).map_err(|source| RequestError::Decode {
+                peer,
+                route: route.to_string(),
+                type_name: type_name::<Resp>(),
+                source,
+            })
+        };
+        self.request_then(peer, route, body, options, decoded).await
     }
 
     /// [`send`](Node::send) with a typed value, encoded as

@@ -162,6 +162,12 @@ async fn an_answer_of_another_type_is_a_decode_error_naming_route_and_type() {
         text.contains("kv/get/v1") && text.contains("ValueV2"),
         "{text}"
     );
+    // Counted as a protocol error on the requester, not as an answer it could use.
+    let counted = |status: &str| {
+        common::metric_sum(&client, &["requests_total", "kv/get/v1", "client", status])
+    };
+    assert_eq!(counted("protocol_error"), 1.0, "{}", client.metrics_text());
+    assert_eq!(counted("\"ok\""), 0.0, "{}", client.metrics_text());
 }
 
 /// A typed route speaks postcard's documented wire format: a client of another language

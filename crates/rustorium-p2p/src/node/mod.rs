@@ -708,16 +708,34 @@ impl Node {
         body: impl Into<Bytes>,
         options: RequestOptions,
     ) -> Result<Bytes, RequestError> {
+        self.request_then(peer, route, body.into(), options, Ok)
+            .await
+    }
+
+    /// [`request_with`](Node::request_with), its answer turned into a `T` by `then`
+    /// before the request is counted, so that an answer `then` refuses is counted as the
+    /// error it returns.
+    pub(crate) async fn request_then<T>(
+        &self,
+        peer: PeerId,
+        route: &str,
+        body: Bytes,
+        options: RequestOptions,
+        then: impl Fn(Bytes) -> Result<T, RequestError>,
+    ) -> Result<T, RequestError> {
         check_route(route)?;
-        let body = body.into();
         let timeout = options
             .timeout
             .unwrap_or(self.shared().config.limits.request_timeout);
         let limit = self.shared().config.limits.max_response_size;
         let (kind, idempotent) = (StreamKind::Request, options.idempotent);
+        let then = &then;
         self.with_retries(kind, peer, route, timeout, idempotent, |conn, deadline| {
             let body = body.clone();
-            async move { request::request(&conn, route, body, limit, deadline, timeout).await }
+            async move {
+                let answer = request::request(&conn, route, body, limit, deadline, timeout).await?;
+                then(answer).map_err(request::Failure::from)
+            }
         })
         .await
     }
@@ -1026,6 +1044,8 @@ fn error_outcome(e: &RequestError) -> Outcome {
             Outcome::ConnectionLost
         }
         RequestError::BodyStopped { .. } => Outcome::StreamError,
+        #[cfg(feature = "typed")]
+        RequestError::Decode { .. } => Outcome::ProtocolError,
         RequestError::Protocol { .. } => Outcome::ProtocolError,
         _ => Outcome::ConnectFailed,
     }
