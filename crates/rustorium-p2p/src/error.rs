@@ -475,7 +475,7 @@ pub enum RequestError {
     /// `TIMED_OUT` on the answer): the body made no progress for the peer's
     /// `request_timeout`, the answer was not read for its `answer_timeout`, or the whole
     /// transfer ran past the route's `max_stream_duration`.
-    #[error("peer {peer} ended {route:?} when one of its time limits ran out (stream code TIMED_OUT): the body made no progress for its limits.request_timeout, the answer was left unread for its limits.answer_timeout, or (on a streaming route) the transfer ran past its max_stream_duration")]
+    #[error("peer {peer} ended {route:?} when one of its time limits ran out (stream code TIMED_OUT): the body made no progress for its limits.request_timeout, the answer was left unread for its limits.answer_timeout, or (on a streaming route) the transfer ran past its max_stream_duration, or its limits.request_timeout for a long answer to a small request while it had no transfer slot free")]
     TransferTimedOut {
         /// The peer.
         peer: PeerId,

@@ -737,12 +737,23 @@ fn download() -> impl rustorium_p2p::StreamHandler {
     }
 }
 
+/// Reads `answer` until it ends; its error, if it ends in one.
+async fn read_out(answer: &mut rustorium_p2p::AnswerStream) -> Option<RequestError> {
+    loop {
+        match answer.chunk().await {
+            Ok(Some(_)) => {}
+            Ok(None) => return None,
+            Err(e) => return Some(e),
+        }
+    }
+}
+
 #[tokio::test]
-async fn a_long_answer_to_a_small_request_never_keeps_a_handler_slot() {
+async fn a_long_answer_to_a_small_request_holds_a_slot_no_longer_than_a_buffered_one() {
     // A download asked for with a small body: when its answer starts, its handler slot is
-    // traded for a transfer slot, or, with none free, the answer gets a buffered
-    // answer's terms (request_timeout from its start). Either way buffered requests keep
-    // their slots, however slowly downloads are read.
+    // traded for a transfer slot; with none free, it keeps the handler slot, and it and
+    // its handler get a buffered request's time (request_timeout) from then. The node's
+    // limits always count it, and no download holds a handler slot for longer.
     let mut config = common::config();
     config.limits.max_concurrent_requests = 1;
     config.limits.max_concurrent_transfers = 1;
@@ -751,45 +762,62 @@ async fn a_long_answer_to_a_small_request_never_keeps_a_handler_slot() {
     let server = Node::builder()
         .config(config)
         .streaming_route("stream/download", download())
+        .streaming_route(
+            "stream/stall",
+            |_ctx: RequestContext, _body: BodyReader, mut answer: AnswerWriter| async move {
+                answer.write("a start").await?;
+                std::future::pending::<()>().await;
+                Ok::<_, HandlerError>(())
+            },
+        )
         .route("echo", |_ctx, body: Bytes| async move { Ok(body) })
         .bind()
         .await
         .unwrap();
     let client = connected(&server).await;
     let peer = server.peer_id();
-    let mut downloads = Vec::new();
-    for _ in 0..2 {
-        let (body, mut answer) = client.open_request(peer, "stream/download").await.unwrap();
-        body.finish().unwrap();
-        assert!(within("a first chunk", answer.chunk())
-            .await
-            .unwrap()
-            .is_some());
-        downloads.push(answer);
-    }
-    // The first holds the one transfer slot; the second holds no slot.
-    let answer = within("echo", client.request(peer, "echo", "x"))
-        .await
-        .unwrap();
-    assert_eq!(&answer[..], b"x");
-    // The second ends at its request_timeout, however fast it is read...
-    let mut second = downloads.pop().unwrap();
-    let ended = within("the second download's end", async {
-        loop {
-            match second.chunk().await {
-                Ok(Some(_)) => {}
-                Ok(None) => break None,
-                Err(e) => break Some(e),
-            }
+    let open = |route: &'static str| {
+        let client = client.clone();
+        async move {
+            let (body, mut answer) = client.open_request(peer, route).await.unwrap();
+            body.finish().unwrap();
+            assert!(within("a first chunk", answer.chunk())
+                .await
+                .unwrap()
+                .is_some());
+            answer
         }
-    })
-    .await;
+    };
+    // The first takes the one transfer slot and goes on past request_timeout.
+    let mut first = open("stream/download").await;
+    // The second keeps the one handler slot: buffered requests are BUSY meanwhile...
+    let mut second = open("stream/download").await;
+    let err = within("busy", client.request(peer, "echo", "x"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, RequestError::Remote { status: Status::Busy, message, .. } if message.contains("max_concurrent_requests")),
+        "{err:?}"
+    );
+    // ... until it ends at its request_timeout, however fast it is read.
+    let ended = within("the second download's end", read_out(&mut second)).await;
     assert!(
         matches!(ended, Some(RequestError::TransferTimedOut { .. })),
         "{ended:?}"
     );
-    // ... while the first, with its transfer slot, goes on.
-    assert!(within("the first download goes on", downloads[0].chunk())
+    let answer = within("echo", client.request(peer, "echo", "x"))
+        .await
+        .unwrap();
+    assert_eq!(&answer[..], b"x");
+    // A handler that stops writing after its start is dropped at the same time.
+    let mut stalled = open("stream/stall").await;
+    let ended = within("the stalled answer's end", read_out(&mut stalled)).await;
+    assert!(
+        matches!(ended, Some(RequestError::TransferTimedOut { .. })),
+        "{ended:?}"
+    );
+    // The first, with its transfer slot, went on all along.
+    assert!(within("the first goes on", first.chunk())
         .await
         .unwrap()
         .is_some());

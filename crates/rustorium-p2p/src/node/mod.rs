@@ -177,7 +177,7 @@ impl NodeBuilder {
     /// `max_concurrent_transfers_per_peer`) while it runs, never a handler slot of
     /// buffered routes. A small body that is all there when its stream opens is served
     /// like a buffered request: with a handler slot until its answer starts, then a
-    /// transfer slot, or (none free) a buffered answer's `request_timeout` to be read.
+    /// transfer slot, or (none free) the handler slot for at most `request_timeout` more.
     /// With no transfer slot free, a body that fits `max_request_size` is read whole (as
     /// a buffered route reads it) and served the same way; a larger one is answered BUSY.
     /// It never runs on 0-RTT data.
@@ -700,7 +700,6 @@ impl Node {
 
     /// [`request`](Node::request) with options: a timeout of its own, or marked
     /// idempotent so that it may go out as 0-RTT data.
-    #[tracing::instrument(skip_all, fields(peer = %peer.short(), route))]
     pub async fn request_with(
         &self,
         peer: PeerId,
@@ -715,6 +714,7 @@ impl Node {
     /// [`request_with`](Node::request_with), its answer turned into a `T` by `then`
     /// before the request is counted, so that an answer `then` refuses is counted as the
     /// error it returns.
+    #[tracing::instrument(skip_all, fields(peer = %peer.short(), route))]
     pub(crate) async fn request_then<T>(
         &self,
         peer: PeerId,

@@ -112,7 +112,8 @@ impl StreamLimits {
 }
 
 /// How long one side of a transfer may wait: `wait` for each step of progress (the
-/// peer's), until `ends`, the end of the route's `max_duration`.
+/// peer's), until `ends`, the end of the route's `max_duration` (or sooner: see
+/// `writer::Places::buffered`).
 #[derive(Clone, Copy)]
 pub(crate) struct Times {
     pub wait: std::time::Duration,

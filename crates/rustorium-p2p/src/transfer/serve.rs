@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use quinn::{RecvStream, SendStream, VarInt};
-use tokio::sync::{Mutex, OwnedSemaphorePermit};
+use tokio::sync::{watch, Mutex, OwnedSemaphorePermit};
 use tokio::time::{timeout_at, Instant};
 use tracing::{debug, warn};
 
@@ -44,6 +44,8 @@ struct Admitted {
     held: Held,
     /// Body bytes read so far, in chunks of at most 64 KiB.
     ready: VecDeque<Bytes>,
+    /// The whole body was read (for want of a transfer slot).
+    read_whole: bool,
     /// The stream's end is among them.
     fin: bool,
 }
@@ -100,6 +102,7 @@ impl Serving<'_> {
             held,
             ready,
             fin,
+            read_whole,
         } = match admitted {
             Ok(admitted) => admitted,
             Err(refused) => return self.refuse(&name, refused, send, recv, deadline).await,
@@ -112,14 +115,24 @@ impl Serving<'_> {
             max_duration: route.max_duration,
         };
         let reading = times(self.limits.request_timeout);
-        let body = BodyReader::new(recv, ready, held, fin, route.max_body, reading);
+        // Bytes read at open go back to the budget once the handler has them; a body read
+        // whole stays counted until the handler returns (slices of it share one buffer).
+        let (early_held, whole_held) = if read_whole {
+            (Held::default(), held)
+        } else {
+            (held, Held::default())
+        };
+        let body = BodyReader::new(recv, ready, early_held, fin, route.max_body, reading);
+        // The handler's end: the route's, or sooner if its answer is held to a buffered
+        // request's time (see `Places::buffered`).
+        let (ends_tx, mut ends_rx) = watch::channel(ends);
         let answer = send.map(|send| {
             let places = Places {
                 pending: self.share.answers.clone(),
                 slots: until_answer,
                 transfers: [self.share.transfers.clone(), self.transfers.clone()],
-                answers: self.answers.clone(),
                 buffered: self.limits.request_timeout,
+                ends: ends_tx,
             };
             let answer = Answer::new(send, times(self.limits.answer_timeout), places);
             Arc::new(Mutex::new(Some(answer)))
@@ -127,7 +140,19 @@ impl Serving<'_> {
         let writer = AnswerWriter::new(answer.clone());
         let ctx = self.context(&name, answer.is_none(), early);
         let handler = &route.handler;
-        let result = timeout_at(ends, catch_panics(|| handler.call(ctx, body, writer))).await;
+        let run = catch_panics(|| handler.call(ctx, body, writer));
+        let mut run = std::pin::pin!(run);
+        let mut watching = true;
+        let result = loop {
+            let by = *ends_rx.borrow_and_update();
+            tokio::select! {
+                biased;
+                result = &mut run => break Ok(result),
+                _ = tokio::time::sleep_until(by) => break Err(()),
+                changed = ends_rx.changed(), if watching => watching = changed.is_ok(),
+            }
+        };
+        drop(whole_held);
 
         let Some(answer) = answer else {
             let outcome = match result {
@@ -257,7 +282,7 @@ impl Serving<'_> {
         let mut held = Held::default();
         let mut here = first.len();
         let mut ready = VecDeque::from([first]);
-        let mut fin = loop {
+        let fin = loop {
             if here > WHOLE {
                 break false;
             }
@@ -281,6 +306,7 @@ impl Serving<'_> {
             held,
             ready,
             fin,
+            read_whole: false,
         };
         if !request {
             // With no answer to say BUSY in, a message waits for its slots until its
@@ -308,7 +334,11 @@ impl Serving<'_> {
                 Err(why) => {
                     let whole = self.read_whole(recv, &mut ready, deadline, route, why);
                     held.merge(whole.await?);
-                    fin = true;
+                    let slots = self.take_slots().map_err(Refused::Busy)?;
+                    return Ok(Admitted {
+                        read_whole: true,
+                        ..admitted(Some(slots), None, held, ready, true)
+                    });
                 }
             }
         }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use quinn::{SendStream, VarInt, WriteError};
-use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, Mutex, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use super::{Times, TransferError};
@@ -17,7 +17,9 @@ use crate::wire::{self, code, Status};
 /// The first write sends status `OK`; the answer ends when the handler returns `Ok`.
 /// Each write waits for the requester to read (flow control) for at most
 /// `limits.answer_timeout` without progress, and all of them together end at the route's
-/// `max_duration`. For a one-way message there is no one to answer: writes succeed and
+/// `max_duration` (or, for a long answer to a small request made when the node had no
+/// transfer slot free, `limits.request_timeout` after its first write, when the handler
+/// is dropped too). For a one-way message there is no one to answer: writes succeed and
 /// go nowhere.
 ///
 /// ```no_run
@@ -78,10 +80,11 @@ pub(crate) struct Places {
     pub slots: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
     /// The transfer slots (the peer's share, the node's) that replace them then, if free.
     pub transfers: [Arc<Semaphore>; 2],
-    /// The node's count of answers being written.
-    pub answers: Arc<Semaphore>,
-    /// How long an answer that got no transfer slot has: `request_timeout`.
+    /// How long an answer that got no transfer slot (and so keeps its handler slots)
+    /// has, with its handler: `request_timeout`, a buffered request's time.
     pub buffered: Duration,
+    /// Where the handler's end is told when that shortens it.
+    pub ends: watch::Sender<Instant>,
 }
 
 /// An answer stream and where it stands.
@@ -100,20 +103,15 @@ pub(crate) struct Answer {
     pending: Arc<Semaphore>,
     /// This answer's place in it, from its first byte.
     pub place: Option<OwnedSemaphorePermit>,
-    /// Handler slots held until the answer starts (for a body that was all there).
+    /// Handler slots held until the answer starts (for a body that was all there), and
+    /// after that if no transfer slot was free.
     slots: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
     /// The transfer slots (the peer's share, the node's) that replace them then, if free.
     transfers: [Arc<Semaphore>; 2],
     /// Transfer slots taken when the answer started.
     transfer: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
-    /// The node's count of answers being written (shutdown waits for them), and how
-    /// long an answer that got no transfer slot has: a buffered answer's
-    /// `request_timeout`.
-    answers: Arc<Semaphore>,
     buffered: Duration,
-    /// This answer's place among the node's answers being written, for an answer that
-    /// got no transfer slot.
-    tracked: Option<OwnedSemaphorePermit>,
+    ends_of_handler: watch::Sender<Instant>,
     /// A write is under way; still `true` after the handler returns, it was cancelled
     /// (or panicked) midway.
     pub writing: bool,
@@ -125,8 +123,8 @@ impl Answer {
             pending,
             slots,
             transfers,
-            answers,
             buffered,
+            ends,
         } = places;
         Answer {
             send,
@@ -139,9 +137,8 @@ impl Answer {
             slots,
             transfers,
             transfer: None,
-            answers,
             buffered,
-            tracked: None,
+            ends_of_handler: ends,
             writing: false,
         }
     }
@@ -157,6 +154,13 @@ impl Answer {
         if chunk.is_empty() {
             return Ok(());
         }
+        // A write that could go at once would not look at the clock: the end is checked
+        // here, for a handler that writes slowly to a peer that reads fast.
+        if Instant::now() >= self.times.ends {
+            let _ = self.send.reset(VarInt::from_u32(code::TIMED_OUT));
+            let limit = self.times.max_duration;
+            return Err(self.fail(TransferError::TooLong { limit }));
+        }
         let mut chunks = [Bytes::new(), chunk];
         let chunks = if self.started {
             &mut chunks[1..]
@@ -167,13 +171,13 @@ impl Answer {
                 return Err(self.fail(TransferError::Busy));
             };
             self.place = Some(place);
-            // Answering now, for as long as the peer takes to read. The answer counts
-            // among the peer's pending answers (as a buffered one does), and the handler
-            // slots go back: for transfer slots, if any are free (the route's
-            // `max_duration` then applies); else the answer is held to a buffered
-            // answer's terms, `request_timeout` from now, so that no answer holds a
-            // handler slot while its peer reads.
-            if self.slots.take().is_some() {
+            // Answering now, for as long as the peer takes to read; the answer counts
+            // among the peer's pending answers (as a buffered one does). A request that
+            // came with handler slots trades them for transfer slots if any are free (the
+            // route's `max_duration` then applies). Else it keeps them, and it and its
+            // handler get a buffered request's time from now, `request_timeout`: no
+            // answer holds a handler slot for longer.
+            if let Some(slots) = self.slots.take() {
                 let [share, node] = &self.transfers;
                 match (
                     share.clone().try_acquire_owned(),
@@ -181,11 +185,12 @@ impl Answer {
                 ) {
                     (Ok(share), Ok(node)) => self.transfer = Some((share, node)),
                     _ => {
-                        self.tracked = self.answers.clone().try_acquire_owned().ok();
+                        self.slots = Some(slots);
                         let by = Instant::now() + self.buffered;
                         if by < self.times.ends {
                             self.times.ends = by;
                             self.times.max_duration = self.buffered;
+                            self.ends_of_handler.send_replace(by);
                         }
                     }
                 }
@@ -229,7 +234,6 @@ impl Answer {
     pub fn release_slots(&mut self) {
         self.slots = None;
         self.transfer = None;
-        self.tracked = None;
     }
 
     fn fail(&mut self, e: TransferError) -> TransferError {
