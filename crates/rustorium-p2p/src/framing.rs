@@ -73,16 +73,18 @@ pub(crate) async fn write_framed_within(
     deadline: &mut Deadline,
 ) -> Result<Result<(), WriteError>, Stalled> {
     let (mut chunks, count) = framed(prefix, body);
-    write_chunks_within(send, &mut chunks[..count], stall, deadline).await
+    write_chunks_within(send, &mut chunks[..count], stall, deadline, || {}).await
 }
 
 /// Writes `chunks` on `send` (without finishing it), giving up with [`Stalled`] when no
-/// byte goes out for `stall`, or at `deadline`, as [`write_framed_within`] does.
+/// byte goes out for `stall`, or at `deadline`, as [`write_framed_within`] does; calls
+/// `progress` each time bytes go out after a wait.
 pub(crate) async fn write_chunks_within(
     send: &mut SendStream,
     chunks: &mut [Bytes],
     stall: Duration,
     deadline: &mut Deadline,
+    mut progress: impl FnMut(),
 ) -> Result<Result<(), WriteError>, Stalled> {
     let count = chunks.len();
     // `write_chunks` is cancel-safe: dropped while pending, it has written nothing.
@@ -102,7 +104,10 @@ pub(crate) async fn write_chunks_within(
     while done < count {
         let by = deadline.min(Instant::now() + stall);
         match timeout_at(by, send.write_chunks(&mut chunks[done..count])).await {
-            Ok(Ok(written)) => done += written.chunks,
+            Ok(Ok(written)) => {
+                done += written.chunks;
+                progress();
+            }
             Ok(Err(e)) => return Ok(Err(e)),
             Err(_) => return Err(Stalled),
         }

@@ -56,10 +56,16 @@ impl With {
         }
     }
 
-    /// Writes `chunks` with no more than `idle` between steps of progress.
-    async fn write(&self, send: &mut SendStream, chunks: &mut [Bytes]) -> Result<(), RequestError> {
+    /// Writes `chunks` with no more than `idle` between steps of progress, calling
+    /// `progress` at each.
+    async fn write(
+        &self,
+        send: &mut SendStream,
+        chunks: &mut [Bytes],
+        progress: impl FnMut(),
+    ) -> Result<(), RequestError> {
         let mut never = Deadline::After(Duration::from_secs(100 * 365 * 24 * 3600));
-        match write_chunks_within(send, chunks, self.idle, &mut never).await {
+        match write_chunks_within(send, chunks, self.idle, &mut never, progress).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(self.write_failed(e)),
             Err(Stalled) => {
@@ -87,7 +93,7 @@ pub(crate) async fn open_request(
     };
     let (mut send, recv) = opened;
     let header = Bytes::from(wire::encode_header(route));
-    if let Err(e) = with.write(&mut send, &mut [header]).await {
+    if let Err(e) = with.write(&mut send, &mut [header], || {}).await {
         return Err((e, record));
     }
     let progress = Arc::new(std::sync::Mutex::new(Instant::now()));
@@ -124,7 +130,7 @@ pub(crate) async fn open_message(
         Err(_) => return Err((with.target().timed_out(idle).error, record)),
     };
     let header = Bytes::from(wire::encode_header(route));
-    if let Err(e) = with.write(&mut send, &mut [header]).await {
+    if let Err(e) = with.write(&mut send, &mut [header], || {}).await {
         return Err((e, record));
     }
     Ok(MessageBody {
@@ -136,6 +142,14 @@ pub(crate) async fn open_message(
         },
         record,
     })
+}
+
+/// Records progress of a request's body for its answer's wait: while the body moves,
+/// the answer may be waiting for all of it.
+fn progressed(progress: &Option<Arc<std::sync::Mutex<Instant>>>) {
+    if let Some(progress) = progress {
+        *progress.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+    }
 }
 
 /// The body of a streaming request, written a chunk at a time
@@ -174,21 +188,21 @@ impl RequestBody {
                 .protocol(ProtocolError::ClosedStream)
                 .error);
         }
-        // In pieces of at most 64 KiB, each a step of progress for the answer's wait.
+        // In pieces of at most 64 KiB; each piece, and each step of one that has to
+        // wait, is progress for the answer's wait.
         let chunk = chunk.into();
         let mut at = 0;
         while at < chunk.len() {
             let end = (at + crate::budget::CHUNK).min(chunk.len());
-            let result = self
-                .with
-                .write(&mut self.send, &mut [chunk.slice(at..end)])
-                .await;
+            let progress = || progressed(&self.progress);
+            let piece = &mut [chunk.slice(at..end)];
+            let result = self.with.write(&mut self.send, piece, progress).await;
             if let Err(e) = result {
                 self.open = false;
                 let _ = self.send.reset(VarInt::from_u32(code::CANCELLED));
                 return Err(e);
             }
-            self.progressed();
+            progressed(&self.progress);
             at = end;
         }
         Ok(())
@@ -199,19 +213,14 @@ impl RequestBody {
         self.write(Bytes::copy_from_slice(data)).await
     }
 
-    /// Records progress for the answer's wait: while the body moves, the answer may be
-    /// waiting for all of it.
-    fn progressed(&self) {
-        if let Some(progress) = &self.progress {
-            *progress.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
-        }
-    }
-
-    /// Ends the body. Does not wait: the answer tells how the request went (the answer
-    /// has the request's timeout from now to start).
+    /// Ends the body. Does not wait: the answer tells how the request went. The answer
+    /// has the request's timeout from now to start, and what of the body is still in
+    /// flight (up to the connection's `transport.send_window`, 10 MB by default) must
+    /// reach the peer within it: on a link slower than that, give the request a longer
+    /// timeout ([`Node::open_request_with`](crate::Node::open_request_with)).
     pub fn finish(mut self) -> Result<(), RequestError> {
         self.open = false;
-        self.progressed();
+        progressed(&self.progress);
         self.send.finish().map_err(|_| {
             self.with
                 .target()

@@ -202,7 +202,8 @@ impl Answer {
         // Cleared when the write ends; left set if it is dropped (or panics) midway.
         self.writing = true;
         let stall = self.times.wait;
-        let written = write_chunks_within(&mut self.send, chunks, stall, &mut deadline).await;
+        let written =
+            write_chunks_within(&mut self.send, chunks, stall, &mut deadline, || {}).await;
         self.writing = false;
         match written {
             Ok(Ok(())) => {
