@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
 use clap::Args;
 use rustorium_p2p::{Bytes, Node, PeerAddr};
 
@@ -34,26 +33,10 @@ pub struct Body {
 }
 
 impl Body {
-    /// The body; a file that cannot be read is a usage error (exit 2).
-    fn load(&self) -> anyhow::Result<Bytes> {
-        self.read()
-            .map_err(|e| crate::Usage(format!("--file: {}", crate::report(&e))).into())
-    }
-
-    fn read(&self) -> anyhow::Result<Bytes> {
-        Ok(match (&self.data, &self.file) {
-            (Some(text), _) => Bytes::from(text.clone()),
-            (None, Some(path)) if path.as_os_str() == "-" => {
-                let mut body = Vec::new();
-                std::io::Read::read_to_end(&mut std::io::stdin(), &mut body)
-                    .context("cannot read the body from standard input")?;
-                body.into()
-            }
-            (None, Some(path)) => std::fs::read(path)
-                .with_context(|| format!("cannot read {}", path.display()))?
-                .into(),
-            (None, None) => Bytes::new(),
-        })
+    /// The `--data` body (empty without it). A `--file` body is streamed instead
+    /// (`crate::transfer`).
+    fn data(&self) -> Bytes {
+        self.data.clone().map(Bytes::from).unwrap_or_default()
     }
 }
 
@@ -172,7 +155,7 @@ pub async fn request(args: RequestArgs) -> anyhow::Result<ExitCode> {
         return crate::transfer::request(args.message, args.out).await;
     }
     let args = args.message;
-    let body = args.body.load()?;
+    let body = args.body.data();
     let node = connect(&args.target).await?;
     let answer = node
         .request(args.target.peer.peer_id, &args.route, body)
@@ -194,7 +177,7 @@ pub async fn send(args: MessageArgs) -> anyhow::Result<ExitCode> {
     if args.body.file.is_some() {
         return crate::transfer::send(args).await;
     }
-    let body = args.body.load()?;
+    let body = args.body.data();
     let node = connect(&args.target).await?;
     let sent = node.send(args.target.peer.peer_id, &args.route, body).await;
     node.shutdown().await;

@@ -334,12 +334,7 @@ impl Serving<'_> {
         // As for requests, handler slots are taken once the message is read (the peer's
         // share first). With no answer to say BUSY in, the message waits for them until
         // its deadline.
-        let slots = async {
-            let share = self.share.slots.clone().acquire_owned().await?;
-            let node = self.slots.clone().acquire_owned().await?;
-            Ok::<_, tokio::sync::AcquireError>((share, node))
-        };
-        let Ok(Ok(_slots)) = timeout_at(deadline, slots).await else {
+        let Some(_slots) = pair_by(&self.share.slots, self.slots, deadline).await else {
             warn!(peer = %self.peer, "dropped a one-way message on {route:?}: node at max_concurrent_requests or shutting down");
             return Served::new(&route, Outcome::Busy);
         };
@@ -538,18 +533,44 @@ async fn read_header<T>(
     }
 }
 
+/// A slot of a peer's share and one of the node's (handler or transfer slots).
+pub(crate) type Pair = (OwnedSemaphorePermit, OwnedSemaphorePermit);
+
+/// Which of a [`Pair`]'s limits is full.
+pub(crate) enum Full {
+    Share,
+    Node,
+}
+
+/// Takes a slot of the peer's `share`, then one of the `node`'s, if both are free.
+pub(crate) fn try_pair(share: &Arc<Semaphore>, node: &Arc<Semaphore>) -> Result<Pair, Full> {
+    let share = share.clone().try_acquire_owned().map_err(|_| Full::Share)?;
+    let node = node.clone().try_acquire_owned().map_err(|_| Full::Node)?;
+    Ok((share, node))
+}
+
+/// Waits for a slot of the peer's `share`, then one of the `node`'s, until `deadline`;
+/// `None` past it, or once the node closes them (shutting down).
+pub(crate) async fn pair_by(
+    share: &Arc<Semaphore>,
+    node: &Arc<Semaphore>,
+    deadline: Instant,
+) -> Option<Pair> {
+    let pair = async {
+        let share = share.clone().acquire_owned().await.ok()?;
+        let node = node.clone().acquire_owned().await.ok()?;
+        Some((share, node))
+    };
+    timeout_at(deadline, pair).await.ok().flatten()
+}
+
 impl Serving<'_> {
     /// Takes a handler slot from the peer's share, then one of the node's.
-    pub(crate) fn take_slots(
-        &self,
-    ) -> Result<(OwnedSemaphorePermit, OwnedSemaphorePermit), &'static str> {
-        let share = self.share.slots.clone().try_acquire_owned().map_err(|_| {
-            "this peer is at its limit of concurrent requests on the node (max_concurrent_requests_per_peer); retry later"
-        })?;
-        let node = self.slots.clone().try_acquire_owned().map_err(|_| {
-            "the node is at its limit of concurrent requests (max_concurrent_requests); retry later"
-        })?;
-        Ok((share, node))
+    pub(crate) fn take_slots(&self) -> Result<Pair, &'static str> {
+        try_pair(&self.share.slots, self.slots).map_err(|full| match full {
+            Full::Share => "this peer is at its limit of concurrent requests on the node (max_concurrent_requests_per_peer); retry later",
+            Full::Node => "the node is at its limit of concurrent requests (max_concurrent_requests); retry later",
+        })
     }
 
     /// Writes an answer (status byte, body, FIN) by `deadline`, resetting the stream if
@@ -593,11 +614,7 @@ impl Serving<'_> {
             Ok(Ok(())) => {
                 self.share.read();
                 let _ = send.finish();
-                // While the node shuts down, an answer counts as delivered once the peer
-                // has it: shutdown waits for answers in flight, then closes.
-                if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
-                    let _ = timeout_at(deadline.at(), send.stopped()).await;
-                }
+                self.delivered(send, deadline.at()).await;
             }
             Ok(Err(e)) => debug!("answer not delivered: {e}"),
             Err(Stalled) => {
@@ -605,6 +622,14 @@ impl Serving<'_> {
                 let _ = send.reset(VarInt::from_u32(code::TIMED_OUT));
                 self.unread();
             }
+        }
+    }
+
+    /// While the node shuts down, an answer counts as delivered once the peer has it
+    /// (waited for until `by`): shutdown waits for answers in flight, then closes.
+    pub(crate) async fn delivered(&self, send: &mut SendStream, by: Instant) {
+        if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
+            let _ = timeout_at(by, send.stopped()).await;
         }
     }
 

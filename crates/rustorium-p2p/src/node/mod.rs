@@ -815,28 +815,14 @@ impl Node {
         route: &str,
         options: RequestOptions,
     ) -> Result<(RequestBody, AnswerStream), RequestError> {
-        check_route(route)?;
-        let shared = self.shared();
         let idle = options
             .timeout
-            .unwrap_or(shared.config.limits.request_timeout);
-        let mut record = Record::new(shared, StreamKind::Request, route);
-        let deadline = Instant::now() + idle;
-        let ready = dial::ready_connection(shared, peer, route, deadline, idle, false).await;
-        let conn = match ready {
-            Ok(conn) => conn,
-            Err(e) => {
-                record.failed(&e);
-                return Err(e);
-            }
-        };
-        let limit = shared.config.limits.max_response_size;
-        crate::transfer::open_request(&conn, route, idle, limit, deadline, record)
-            .await
-            .map_err(|(e, mut record)| {
-                record.failed(&e);
-                e
-            })
+            .unwrap_or(self.shared().config.limits.request_timeout);
+        let (conn, record, deadline) = self
+            .stream_to(peer, route, StreamKind::Request, idle)
+            .await?;
+        let limit = self.shared().config.limits.max_response_size;
+        crate::transfer::open_request(&conn, route, idle, limit, deadline, record).await
     }
 
     /// Opens a streaming one-way message to `route` on `peer`: write its body, then
@@ -847,25 +833,33 @@ impl Node {
         peer: PeerId,
         route: &str,
     ) -> Result<MessageBody, RequestError> {
+        let idle = self.shared().config.limits.request_timeout;
+        let (conn, record, deadline) = self
+            .stream_to(peer, route, StreamKind::OneWay, idle)
+            .await?;
+        crate::transfer::open_message(&conn, route, idle, deadline, record).await
+    }
+
+    /// A connection to `peer` ready for a streaming request or message (never 0-RTT),
+    /// within `idle`; the stream's place in the metrics; and the deadline for opening it.
+    async fn stream_to(
+        &self,
+        peer: PeerId,
+        route: &str,
+        kind: StreamKind,
+        idle: Duration,
+    ) -> Result<(Arc<PeerConnection>, Record, Instant), RequestError> {
         check_route(route)?;
         let shared = self.shared();
-        let idle = shared.config.limits.request_timeout;
-        let mut record = Record::new(shared, StreamKind::OneWay, route);
+        let mut record = Record::new(shared, kind, route);
         let deadline = Instant::now() + idle;
-        let ready = dial::ready_connection(shared, peer, route, deadline, idle, false).await;
-        let conn = match ready {
-            Ok(conn) => conn,
+        match dial::ready_connection(shared, peer, route, deadline, idle, false).await {
+            Ok(conn) => Ok((conn, record, deadline)),
             Err(e) => {
                 record.failed(&e);
-                return Err(e);
+                Err(e)
             }
-        };
-        crate::transfer::open_message(&conn, route, idle, deadline, record)
-            .await
-            .map_err(|(e, mut record)| {
-                record.failed(&e);
-                e
-            })
+        }
     }
 
     /// Runs `attempt` on a connection to `peer` that is ready for it, again when a

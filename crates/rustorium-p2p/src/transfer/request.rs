@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use quinn::{ReadError, RecvStream, SendStream, VarInt, WriteError};
+use quinn::{ConnectionError, ReadError, RecvStream, SendStream, VarInt, WriteError};
 use tokio::time::{timeout, timeout_at, Instant};
 
 use crate::error::{Body, ProtocolError, RequestError};
@@ -14,6 +14,23 @@ use crate::node::Record;
 use crate::peers::{PeerConnection, StreamGuard};
 use crate::request::{Failure, Target};
 use crate::wire::{self, code, Status};
+
+/// A new stream's sending half: a unidirectional stream, or a bidirectional one's.
+trait Opened {
+    fn send(&mut self) -> &mut SendStream;
+}
+
+impl Opened for SendStream {
+    fn send(&mut self) -> &mut SendStream {
+        self
+    }
+}
+
+impl Opened for (SendStream, RecvStream) {
+    fn send(&mut self) -> &mut SendStream {
+        &mut self.0
+    }
+}
 
 /// Who a streaming request is with, and how long it may wait for them.
 struct With {
@@ -56,6 +73,23 @@ impl With {
         }
     }
 
+    /// Waits (by `deadline`) for the stream `opening` opens, then writes the route header
+    /// on it.
+    async fn start<S: Opened>(
+        &self,
+        opening: impl std::future::Future<Output = Result<S, ConnectionError>>,
+        deadline: Instant,
+    ) -> Result<S, RequestError> {
+        let mut opened = match timeout_at(deadline, opening).await {
+            Ok(Ok(opened)) => opened,
+            Ok(Err(e)) => return Err(self.target().lost(&e).error),
+            Err(_) => return Err(self.target().timed_out(self.idle).error),
+        };
+        let header = Bytes::from(wire::encode_header(&self.route));
+        self.write(opened.send(), &mut [header], || {}).await?;
+        Ok(opened)
+    }
+
     /// Writes `chunks` with no more than `idle` between steps of progress, calling
     /// `progress` at each.
     async fn write(
@@ -76,33 +110,30 @@ impl With {
     }
 }
 
-/// Opens a streaming request on `conn`: its stream, with the route header written.
+/// Opens a streaming request on `conn`: its stream, with the route header written, by
+/// `deadline`. A failure is counted in `record`.
 pub(crate) async fn open_request(
     conn: &Arc<PeerConnection>,
     route: &str,
     idle: Duration,
     max_response_size: u64,
     deadline: Instant,
-    record: Record,
-) -> Result<(RequestBody, AnswerStream), (RequestError, Record)> {
+    mut record: Record,
+) -> Result<(RequestBody, AnswerStream), RequestError> {
     let with = With::new(conn, route, idle);
-    let opened = match timeout_at(deadline, conn.conn.open_bi()).await {
-        Ok(Ok(streams)) => streams,
-        Ok(Err(e)) => return Err((with.target().lost(&e).error, record)),
-        Err(_) => return Err((with.target().timed_out(idle).error, record)),
+    let (send, recv) = match with.start(conn.conn.open_bi(), deadline).await {
+        Ok(streams) => streams,
+        Err(e) => {
+            record.failed(&e);
+            return Err(e);
+        }
     };
-    let (mut send, recv) = opened;
-    let header = Bytes::from(wire::encode_header(route));
-    if let Err(e) = with.write(&mut send, &mut [header], || {}).await {
-        return Err((e, record));
-    }
     let progress = Arc::new(std::sync::Mutex::new(Instant::now()));
     let answer = AnswerStream {
         with: With::new(conn, route, idle),
         body_progress: progress.clone(),
         recv,
         max_response_size,
-        first: Bytes::new(),
         state: State::Waiting,
         record,
     };
@@ -115,24 +146,23 @@ pub(crate) async fn open_request(
     Ok((body, answer))
 }
 
-/// Opens a streaming one-way message on `conn`: its stream, with the route header written.
+/// Opens a streaming one-way message on `conn`: its stream, with the route header
+/// written, by `deadline`. A failure is counted in `record`.
 pub(crate) async fn open_message(
     conn: &Arc<PeerConnection>,
     route: &str,
     idle: Duration,
     deadline: Instant,
-    record: Record,
-) -> Result<MessageBody, (RequestError, Record)> {
+    mut record: Record,
+) -> Result<MessageBody, RequestError> {
     let with = With::new(conn, route, idle);
-    let mut send = match timeout_at(deadline, conn.conn.open_uni()).await {
-        Ok(Ok(send)) => send,
-        Ok(Err(e)) => return Err((with.target().lost(&e).error, record)),
-        Err(_) => return Err((with.target().timed_out(idle).error, record)),
+    let send = match with.start(conn.conn.open_uni(), deadline).await {
+        Ok(send) => send,
+        Err(e) => {
+            record.failed(&e);
+            return Err(e);
+        }
     };
-    let header = Bytes::from(wire::encode_header(route));
-    if let Err(e) = with.write(&mut send, &mut [header], || {}).await {
-        return Err((e, record));
-    }
     Ok(MessageBody {
         body: RequestBody {
             with,
@@ -331,8 +361,6 @@ pub struct AnswerStream {
     body_progress: Arc<std::sync::Mutex<Instant>>,
     recv: RecvStream,
     max_response_size: u64,
-    /// Body bytes that came with the status byte, not yet handed out.
-    first: Bytes,
     state: State,
     record: Record,
 }
@@ -424,9 +452,6 @@ impl AnswerStream {
 
     /// The next chunk of the body.
     async fn next(&mut self) -> Result<Option<Bytes>, RequestError> {
-        if !self.first.is_empty() {
-            return Ok(Some(std::mem::take(&mut self.first)));
-        }
         self.read(crate::budget::CHUNK).await
     }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use quinn::{RecvStream, SendStream, VarInt};
-use tokio::sync::{watch, Mutex, OwnedSemaphorePermit};
+use tokio::sync::{watch, Mutex};
 use tokio::time::{timeout_at, Instant};
 use tracing::{debug, warn};
 
@@ -20,16 +20,13 @@ use crate::budget::{ByteBudget, Held};
 use crate::framing::{poll_once, read_body, BodyError, Deadline};
 use crate::handler::{catch_panics, Cause, HandlerError};
 use crate::metrics::Outcome;
-use crate::serve::{Served, Serving, Stream};
+use crate::serve::{pair_by, try_pair, Full, Pair, Served, Serving, Stream};
 use crate::transfer::StreamRoute;
 use crate::wire::{code, Status};
 
 /// A body up to this size that is all here when its stream is opened is served with a
 /// handler slot rather than a transfer slot.
 const WHOLE: usize = 16 * 1024;
-
-/// A slot of the peer's share and one of the node's.
-type Pair = (OwnedSemaphorePermit, OwnedSemaphorePermit);
 
 /// A streaming request or message let in: the slots it holds, and what of its body was
 /// read before its handler runs.
@@ -203,7 +200,9 @@ impl Serving<'_> {
                 None if answer.started => {
                     let _ = answer.send.finish();
                     self.share.read();
-                    self.delivered(&mut answer.send, deadline).await;
+                    // The request's own deadline is long gone after a long answer.
+                    let by = Instant::now() + self.limits.answer_timeout;
+                    self.delivered(&mut answer.send, by).await;
                     Outcome::Ok
                 }
                 None => {
@@ -316,14 +315,9 @@ impl Serving<'_> {
             } else {
                 (&self.share.transfers, self.transfers)
             };
-            let slots = async {
-                let share = share.clone().acquire_owned().await?;
-                let node = node.clone().acquire_owned().await?;
-                Ok::<_, tokio::sync::AcquireError>((share, node))
-            };
-            return match timeout_at(deadline, slots).await {
-                Ok(Ok(slots)) => Ok(admitted(None, Some(slots), held, ready, fin)),
-                _ => Err(Refused::Busy(
+            return match pair_by(share, node, deadline).await {
+                Some(slots) => Ok(admitted(None, Some(slots), held, ready, fin)),
+                None => Err(Refused::Busy(
                     "the node is at its limit of concurrent requests or shutting down",
                 )),
             };
@@ -438,24 +432,11 @@ impl Serving<'_> {
     }
 
     /// Takes a transfer slot from the peer's share, then one of the node's.
-    fn take_transfer_slots(
-        &self,
-    ) -> Result<(OwnedSemaphorePermit, OwnedSemaphorePermit), &'static str> {
-        let share = self.share.transfers.clone().try_acquire_owned().map_err(|_| {
-            "this peer is at its limit of streaming requests on the node (max_concurrent_transfers_per_peer); retry later"
-        })?;
-        let node = self.transfers.clone().try_acquire_owned().map_err(|_| {
-            "the node is at its limit of streaming requests (max_concurrent_transfers); retry later"
-        })?;
-        Ok((share, node))
-    }
-
-    /// While the node shuts down, an answer counts as delivered once the peer has it.
-    async fn delivered(&self, send: &mut SendStream, deadline: Instant) {
-        if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
-            let by = deadline.max(Instant::now() + self.limits.answer_timeout);
-            let _ = timeout_at(by, send.stopped()).await;
-        }
+    fn take_transfer_slots(&self) -> Result<Pair, &'static str> {
+        try_pair(&self.share.transfers, self.transfers).map_err(|full| match full {
+            Full::Share => "this peer is at its limit of streaming requests on the node (max_concurrent_transfers_per_peer); retry later",
+            Full::Node => "the node is at its limit of streaming requests (max_concurrent_transfers); retry later",
+        })
     }
 }
 

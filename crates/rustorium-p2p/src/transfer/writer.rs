@@ -10,6 +10,7 @@ use tokio::time::Instant;
 
 use super::{Times, TransferError};
 use crate::framing::{write_chunks_within, Deadline, Stalled};
+use crate::serve::{try_pair, Pair};
 use crate::wire::{self, code, Status};
 
 /// The answer to a request on a streaming route, written a chunk at a time.
@@ -77,7 +78,7 @@ pub(crate) struct Places {
     /// The peer's share of answers waiting to be read.
     pub pending: Arc<Semaphore>,
     /// Handler slots held until the answer starts (for a body that was all there).
-    pub slots: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+    pub slots: Option<Pair>,
     /// The transfer slots (the peer's share, the node's) that replace them then, if free.
     pub transfers: [Arc<Semaphore>; 2],
     /// How long an answer that got no transfer slot (and so keeps its handler slots)
@@ -105,11 +106,11 @@ pub(crate) struct Answer {
     pub place: Option<OwnedSemaphorePermit>,
     /// Handler slots held until the answer starts (for a body that was all there), and
     /// after that if no transfer slot was free.
-    slots: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+    slots: Option<Pair>,
     /// The transfer slots (the peer's share, the node's) that replace them then, if free.
     transfers: [Arc<Semaphore>; 2],
     /// Transfer slots taken when the answer started.
-    transfer: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+    transfer: Option<Pair>,
     buffered: Duration,
     ends_of_handler: watch::Sender<Instant>,
     /// A write is under way; still `true` after the handler returns, it was cancelled
@@ -179,12 +180,9 @@ impl Answer {
             // answer holds a handler slot for longer.
             if let Some(slots) = self.slots.take() {
                 let [share, node] = &self.transfers;
-                match (
-                    share.clone().try_acquire_owned(),
-                    node.clone().try_acquire_owned(),
-                ) {
-                    (Ok(share), Ok(node)) => self.transfer = Some((share, node)),
-                    _ => {
+                match try_pair(share, node) {
+                    Ok(transfer) => self.transfer = Some(transfer),
+                    Err(_) => {
                         self.slots = Some(slots);
                         let by = Instant::now() + self.buffered;
                         if by < self.times.ends {
