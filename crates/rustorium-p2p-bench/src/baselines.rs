@@ -116,8 +116,9 @@ impl ServerCertVerifier for AcceptAny {
 
 // ------------------------------------------------------------------ raw quinn
 
-/// A UDP socket on `addr`: with the OS's default buffers, or with the 4 MiB ones our nodes
-/// ask for.
+/// A UDP socket on `addr`: with the OS's default buffers, or with the ones our nodes ask
+/// for by default (`[transport]`), got the way a node gets them: above the kernel's cap
+/// with `SO_RCVBUFFORCE`/`SO_SNDBUFFORCE` where the process may (Linux).
 pub(crate) fn udp_socket(
     addr: SocketAddr,
     big_buffers: bool,
@@ -125,8 +126,24 @@ pub(crate) fn udp_socket(
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if big_buffers {
-        socket.set_recv_buffer_size(4 << 20)?;
-        socket.set_send_buffer_size(4 << 20)?;
+        let ours = rustorium_p2p::config::TransportSettings::default();
+        let (receive, send) = (
+            ours.socket_receive_buffer as usize,
+            ours.socket_send_buffer as usize,
+        );
+        socket.set_recv_buffer_size(receive)?;
+        socket.set_send_buffer_size(send)?;
+        #[cfg(target_os = "linux")]
+        {
+            // Linux reports twice the size set. Refused without CAP_NET_ADMIN, as for a node.
+            use rustix::net::sockopt;
+            if socket.recv_buffer_size()? < 2 * receive {
+                let _ = sockopt::set_socket_recv_buffer_size_force(&socket, receive);
+            }
+            if socket.send_buffer_size()? < 2 * send {
+                let _ = sockopt::set_socket_send_buffer_size_force(&socket, send);
+            }
+        }
     }
     socket.bind(&addr.into())?;
     Ok(socket.into())

@@ -53,6 +53,7 @@ mod peers;
 mod policy;
 mod request;
 mod serve;
+mod socket;
 mod stream_budget;
 mod tls;
 mod transfer;

@@ -116,6 +116,11 @@ label_enum!(
     DirectionLabel { Inbound = "inbound", Outbound = "outbound", }
 );
 
+label_enum!(
+    /// Which of the UDP socket's buffers.
+    BufferLabel { Receive = "receive", Send = "send", }
+);
+
 impl From<Direction> for DirectionLabel {
     fn from(direction: Direction) -> Self {
         match direction {
@@ -129,6 +134,12 @@ impl From<Direction> for DirectionLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DirectionLabels {
     direction: DirectionLabel,
+}
+
+#[cfg(feature = "metrics")]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BufferLabels {
+    buffer: BufferLabel,
 }
 
 #[cfg(feature = "metrics")]
@@ -266,6 +277,8 @@ pub(crate) struct Metrics {
     reconnects: Counter,
     retries: Counter,
     answers_abandoned: Counter,
+    /// The UDP socket's receive and send buffers, as the kernel granted them.
+    socket_buffers: [Gauge; 2],
 }
 
 /// The metrics a successful request on one route and side updates.
@@ -316,6 +329,7 @@ impl Default for Metrics {
             reconnects: Counter::default(),
             retries: Counter::default(),
             answers_abandoned: Counter::default(),
+            socket_buffers: Default::default(),
         };
         #[cfg(feature = "metrics")]
         m.register();
@@ -473,6 +487,18 @@ impl Metrics {
             "Answers reset because the peer did not read them (answer_timeout, or too many pending)",
             self.answers_abandoned.clone(),
         );
+        let socket_buffers = Family::<BufferLabels, Gauge>::default();
+        for &buffer in BufferLabel::ALL {
+            self.socket_buffers[buffer as usize] = socket_buffers
+                .get_or_create(&BufferLabels { buffer })
+                .clone();
+        }
+        r.register_with_unit(
+            "socket_buffer",
+            "The UDP socket's buffers as the kernel granted them (less than configured when capped by net.core.rmem_max or wmem_max)",
+            Unit::Bytes,
+            socket_buffers,
+        );
     }
 
     /// The OpenMetrics text exposition.
@@ -605,6 +631,13 @@ impl Metrics {
 
     pub fn migrated(&self) {
         self.migrations.inc();
+    }
+
+    /// Records the buffers the node's UDP socket got.
+    pub fn socket_buffers(&self, buffers: crate::socket::Buffers) {
+        let as_gauge = |bytes: usize| i64::try_from(bytes).unwrap_or(i64::MAX);
+        self.socket_buffers[BufferLabel::Receive as usize].set(as_gauge(buffers.receive));
+        self.socket_buffers[BufferLabel::Send as usize].set(as_gauge(buffers.send));
     }
 
     pub fn rebound(&self) {

@@ -174,3 +174,54 @@ async fn stream_limit_grows_to_the_configured_maximum_under_load() {
         running.load(Ordering::SeqCst)
     );
 }
+
+/// The buffer size the node reports in its metrics, in bytes.
+fn socket_buffer(node: &Node, buffer: &str) -> usize {
+    let key = format!("rustorium_p2p_socket_buffer_bytes{{buffer=\"{buffer}\"}} ");
+    let text = node.metrics_text();
+    let line = text.lines().find(|l| l.starts_with(&key));
+    let line = line.unwrap_or_else(|| panic!("no {key} in\n{text}"));
+    line[key.len()..].trim().parse().unwrap()
+}
+
+/// Whether this process may set socket buffers above the kernel's cap (CAP_NET_ADMIN,
+/// bit 12 of the effective capabilities).
+fn may_force_buffers() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let caps = status.lines().find_map(|l| l.strip_prefix("CapEff:"));
+    caps.and_then(|c| u64::from_str_radix(c.trim(), 16).ok())
+        .is_some_and(|c| c & (1 << 12) != 0)
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn the_receive_buffer_goes_past_the_kernel_cap_where_the_process_may() {
+    // A full receive buffer drops datagrams, and each drop waits out a probe timeout:
+    // the soak's slowest requests (BENCHMARKS.md). The kernel caps SO_RCVBUF at
+    // net.core.rmem_max; the node then tries SO_RCVBUFFORCE.
+    let cap: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let asked = (cap * 2).clamp(64 << 10, 256 << 20);
+    let mut config = common::config();
+    config.transport.socket_receive_buffer = asked as u32;
+    let node = Node::builder().config(config).bind().await.unwrap();
+    // Without the right, the node keeps the kernel's cap (and logs how to raise it).
+    let want = if may_force_buffers() { asked } else { cap };
+    assert_eq!(socket_buffer(&node, "receive"), want, "the cap is {cap}");
+    // A rebound socket gets the same.
+    node.rebind("127.0.0.1:0".parse().unwrap()).unwrap();
+    assert_eq!(socket_buffer(&node, "receive"), want, "after rebind");
+    // A request still goes through the socket.
+    let peer = Node::builder()
+        .config(common::config())
+        .route("echo", |_ctx, body| async move { Ok(body) })
+        .bind()
+        .await
+        .unwrap();
+    node.connect(&peer.peer_addr()).await.unwrap();
+    let answer = node.request(peer.peer_id(), "echo", "hi").await.unwrap();
+    assert_eq!(answer, "hi");
+}

@@ -293,13 +293,17 @@ pub struct TransportSettings {
     pub datagram_send_buffer_size: u32,
     /// `cubic`, `new_reno` or `bbr`. Default `cubic`.
     pub congestion_controller: CongestionController,
-    /// The UDP socket's receive buffer (SO_RCVBUF); the kernel caps it at
-    /// `net.core.rmem_max`. The OS default (about 208 KiB) overflows under load, and every
-    /// overflow is a lost packet. At least 64 KiB. Default 4 MiB.
+    /// The UDP socket's receive buffer (SO_RCVBUF), where datagrams wait while the node
+    /// is busy. The OS default (about 208 KiB) overflows under load, and every overflow is
+    /// a lost packet that the peer resends only after a probe timeout. Linux caps it at
+    /// `net.core.rmem_max`; above that the node tries `SO_RCVBUFFORCE` (which needs
+    /// `CAP_NET_ADMIN`) and otherwise logs a warning saying how to raise the cap. At least
+    /// 64 KiB. Default 8 MiB.
     #[serde(with = "units::size")]
     pub socket_receive_buffer: u32,
-    /// The UDP socket's send buffer (SO_SNDBUF), capped at `net.core.wmem_max`. At least
-    /// 64 KiB. Default 4 MiB.
+    /// The UDP socket's send buffer (SO_SNDBUF), capped at `net.core.wmem_max` as the
+    /// receive buffer is (the same `SO_SNDBUFFORCE` attempt and warning). At least 64 KiB.
+    /// Default 4 MiB.
     #[serde(with = "units::size")]
     pub socket_send_buffer: u32,
 }
@@ -321,7 +325,7 @@ impl Default for TransportSettings {
             datagram_receive_buffer_size: 0,
             datagram_send_buffer_size: 1 << 20,
             congestion_controller: CongestionController::Cubic,
-            socket_receive_buffer: 4 << 20,
+            socket_receive_buffer: 8 << 20,
             socket_send_buffer: 4 << 20,
         }
     }
@@ -544,21 +548,6 @@ impl Config {
                 .congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default())),
         };
         transport
-    }
-
-    /// Binds the node's UDP socket with the configured buffer sizes.
-    pub(crate) fn bind_socket(&self, addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
-        use socket2::{Domain, Protocol, Socket, Type};
-        let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-        if addr.is_ipv6() {
-            // Dual-stack where the OS allows it; quinn handles mapped addresses.
-            let _ = socket.set_only_v6(false);
-        }
-        // Best effort: the kernel may cap or refuse the sizes; the node works either way.
-        let _ = socket.set_recv_buffer_size(self.transport.socket_receive_buffer as usize);
-        let _ = socket.set_send_buffer_size(self.transport.socket_send_buffer as usize);
-        socket.bind(&addr.into())?;
-        Ok(socket.into())
     }
 
     /// The quinn endpoint settings these values map to.

@@ -308,7 +308,7 @@ impl NodeBuilder {
         client_config.transport_config(transport.clone());
         let addr = config.node.listen;
         let bind_error = |source| BindError::Socket { addr, source };
-        let socket = config.bind_socket(addr).map_err(bind_error)?;
+        let (socket, buffers) = crate::socket::bind(&config.transport, addr).map_err(bind_error)?;
         let (io, io_thread) = if config.node.io_thread {
             let (handle, thread) =
                 io::IoThread::start("rustorium-io".into()).map_err(bind_error)?;
@@ -369,6 +369,7 @@ impl NodeBuilder {
             closing: AtomicBool::new(false),
             shutdown,
         });
+        shared.metrics.socket_buffers(buffers);
         shared.io.spawn(accept::accept_loop(shared.clone()));
         info!(peer_id = %shared.peer_id, %local_addr, "node listening");
         let node = Node {
@@ -910,11 +911,13 @@ impl Node {
     pub fn rebind(&self, addr: SocketAddr) -> Result<SocketAddr, BindError> {
         let shared = self.shared();
         let bind_error = |source| BindError::Socket { addr, source };
-        let socket = shared.config.bind_socket(addr).map_err(bind_error)?;
+        let (socket, buffers) =
+            crate::socket::bind(&shared.config.transport, addr).map_err(bind_error)?;
         shared.endpoint.rebind(socket).map_err(bind_error)?;
         let new = shared.endpoint.local_addr().map_err(bind_error)?;
         *shared.local_addr.lock().unwrap_or_else(|e| e.into_inner()) = new;
         shared.metrics.rebound();
+        shared.metrics.socket_buffers(buffers);
         info!(%new, "rebound to a new socket");
         Ok(new)
     }
