@@ -614,7 +614,7 @@ impl Serving<'_> {
             Ok(Ok(())) => {
                 self.share.read();
                 let _ = send.finish();
-                self.delivered(send, deadline.at()).await;
+                self.delivered(send, deadline).await;
             }
             Ok(Err(e)) => debug!("answer not delivered: {e}"),
             Err(Stalled) => {
@@ -626,10 +626,11 @@ impl Serving<'_> {
     }
 
     /// While the node shuts down, an answer counts as delivered once the peer has it
-    /// (waited for until `by`): shutdown waits for answers in flight, then closes.
-    pub(crate) async fn delivered(&self, send: &mut SendStream, by: Instant) {
+    /// (waited for until `by`): shutdown waits for answers in flight, then closes. The
+    /// clock is read only then.
+    pub(crate) async fn delivered(&self, send: &mut SendStream, by: Deadline) {
         if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
-            let _ = timeout_at(by, send.stopped()).await;
+            let _ = timeout_at(by.at(), send.stopped()).await;
         }
     }
 

@@ -201,7 +201,7 @@ impl Serving<'_> {
                     let _ = answer.send.finish();
                     self.share.read();
                     // The request's own deadline is long gone after a long answer.
-                    let by = Instant::now() + self.limits.answer_timeout;
+                    let by = Deadline::After(self.limits.answer_timeout);
                     self.delivered(&mut answer.send, by).await;
                     Outcome::Ok
                 }
