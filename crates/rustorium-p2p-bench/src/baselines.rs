@@ -195,12 +195,28 @@ impl QuinnServer {
                     };
                     while let Ok((mut send, mut recv)) = conn.accept_bi().await {
                         tokio::spawn(async move {
-                            if let Ok(body) = recv.read_to_end(MAX_BODY).await {
-                                if body.len() <= ECHO_LIMIT {
-                                    let _ = send.write_all(&body).await;
+                            // Kept up to ECHO_LIMIT to echo; a larger body is read and
+                            // dropped as it comes (no copy, nothing held).
+                            let mut kept = Vec::new();
+                            let mut len = 0;
+                            loop {
+                                match recv.read_chunk(usize::MAX, true).await {
+                                    Ok(Some(chunk)) => {
+                                        len += chunk.bytes.len();
+                                        if len <= ECHO_LIMIT {
+                                            kept.push(chunk.bytes);
+                                        } else {
+                                            kept.clear();
+                                        }
+                                    }
+                                    Ok(None) => break,
+                                    Err(_) => return,
                                 }
-                                let _ = send.finish();
                             }
+                            if len <= ECHO_LIMIT {
+                                let _ = send.write_all_chunks(&mut kept).await;
+                            }
+                            let _ = send.finish();
                         });
                     }
                 });
@@ -295,15 +311,24 @@ impl TcpServer {
                         let Ok(len) = read.read_u32().await else {
                             return;
                         };
-                        let mut body = vec![0u8; len as usize];
-                        if read.read_exact(&mut body).await.is_err() {
-                            return;
-                        }
-                        let answer = if body.len() <= ECHO_LIMIT {
-                            &body[..]
+                        let len = len as usize;
+                        let mut body = vec![0u8; len.min(ECHO_LIMIT)];
+                        if len <= ECHO_LIMIT {
+                            if read.read_exact(&mut body).await.is_err() {
+                                return;
+                            }
                         } else {
-                            &[]
-                        };
+                            // A larger body is read through one buffer and dropped.
+                            let mut left = len;
+                            while left > 0 {
+                                let want = left.min(body.len());
+                                match read.read(&mut body[..want]).await {
+                                    Ok(0) | Err(_) => return,
+                                    Ok(n) => left -= n,
+                                }
+                            }
+                        }
+                        let answer = if len <= ECHO_LIMIT { &body[..] } else { &[] };
                         if write.write_u32(answer.len() as u32).await.is_err()
                             || write.write_all(answer).await.is_err()
                             || write.flush().await.is_err()

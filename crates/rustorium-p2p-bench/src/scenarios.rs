@@ -6,7 +6,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rustorium_p2p::{Bytes, Node, NodeBuilder, PeerAddr, PeerId, RequestOptions};
+use rustorium_p2p::{
+    AnswerWriter, BodyReader, Bytes, HandlerError, Node, NodeBuilder, PeerAddr, PeerId,
+    RequestContext, RequestOptions,
+};
 
 use rustorium_p2p_link::{Link, LinkConfig};
 
@@ -19,6 +22,10 @@ use super::bench_config;
 pub const ECHO: &str = "sys/echo";
 /// The route that takes a body and answers nothing (every CLI node has it).
 pub const SINK: &str = "sys/ping";
+
+/// A streaming route that reads a body a chunk at a time and answers nothing: what an
+/// application receiving a large upload runs (only the bench's own server has it).
+pub const STREAM_SINK: &str = "bench/stream-sink";
 
 /// The stacks, in table order.
 pub const STACKS: [&str; 3] = ["rustorium", "quinn", "tcp+tls"];
@@ -35,6 +42,13 @@ pub fn bench_routes(builder: NodeBuilder) -> NodeBuilder {
     builder
         .early_data_route(ECHO, |_ctx, body: Bytes| async move { Ok(body) })
         .early_data_route(SINK, |_ctx, _body| async { Ok(Bytes::new()) })
+        .streaming_route(
+            STREAM_SINK,
+            |_ctx: RequestContext, mut body: BodyReader, _answer: AnswerWriter| async move {
+                while body.chunk().await?.is_some() {}
+                Ok::<_, HandlerError>(())
+            },
+        )
 }
 
 /// The three stacks, each with a server and a connected client; against `--target`, ours
@@ -154,11 +168,17 @@ pub enum Shape {
     EightStreams,
     /// Four connections at once, one message on each.
     FourConnections,
+    /// One stream whose body our node streams ([`Node::open_request`] to
+    /// [`STREAM_SINK`], written in 1 MiB pieces, read by the handler a chunk at a time);
+    /// the baselines do as in [`Shape::OneStream`], their servers reading and dropping a
+    /// large body as it comes.
+    OneStreamStreamed,
 }
 
 impl Shape {
-    pub const ALL: [Shape; 3] = [
+    pub const ALL: [Shape; 4] = [
         Shape::OneStream,
+        Shape::OneStreamStreamed,
         Shape::EightStreams,
         Shape::FourConnections,
     ];
@@ -166,6 +186,7 @@ impl Shape {
     pub fn name(self) -> &'static str {
         match self {
             Shape::OneStream => "one stream",
+            Shape::OneStreamStreamed => "one stream, body streamed",
             Shape::EightStreams => "8 streams, one connection",
             Shape::FourConnections => "4 connections",
         }
@@ -173,7 +194,7 @@ impl Shape {
 
     fn parts(self) -> usize {
         match self {
-            Shape::OneStream => 1,
+            Shape::OneStream | Shape::OneStreamStreamed => 1,
             Shape::EightStreams => 8,
             Shape::FourConnections => 4,
         }
@@ -215,6 +236,24 @@ pub async fn bulk(
             for node in nodes {
                 node.shutdown().await;
             }
+        }
+        (0, Shape::OneStreamStreamed) => {
+            const PIECE: usize = 1 << 20;
+            let body = parts.into_iter().next().unwrap_or_default();
+            start = Instant::now();
+            let (mut writer, answer) = stacks.ours.open_request(stacks.peer(), STREAM_SINK).await?;
+            let send = async {
+                for at in (0..body.len()).step_by(PIECE) {
+                    writer
+                        .write(body.slice(at..(at + PIECE).min(body.len())))
+                        .await?;
+                }
+                writer.finish()
+            };
+            let (sent, answer) = tokio::join!(send, answer.read_to_end(0));
+            sent?;
+            answer?;
+            took = start.elapsed();
         }
         (0, _) => {
             start = Instant::now();
