@@ -5,8 +5,9 @@
 //! kernel drops them, and each drop costs the peer a probe timeout (which grows with the
 //! round-trip time, so under load a drop means a second or more). Linux caps `SO_RCVBUF`
 //! at `net.core.rmem_max` (often 208 KiB). Like quic-go, the node then tries
-//! `SO_RCVBUFFORCE` (allowed with `CAP_NET_ADMIN`), and if that is refused too it says
-//! what it got and how to raise the cap.
+//! `SO_RCVBUFFORCE` (allowed with `CAP_NET_ADMIN`; Linux and Android only), and if that is
+//! refused too it says what it got and how to raise the cap. Sizes are at most 1 GiB
+//! (validated), well inside what the kernel accepts.
 
 use std::io;
 use std::net::SocketAddr;
@@ -57,7 +58,7 @@ impl Direction {
     }
 
     /// Above the kernel's cap: needs `CAP_NET_ADMIN`.
-    #[cfg(target_os = "linux")]
+    #[cfg(any(target_os = "linux", target_os = "android"))]
     fn force(self, socket: &Socket, bytes: usize) -> io::Result<()> {
         use rustix::net::sockopt;
         match self {
@@ -73,7 +74,7 @@ impl Direction {
             Direction::Send => socket.send_buffer_size(),
         }
         .unwrap_or(0);
-        if cfg!(target_os = "linux") {
+        if cfg!(any(target_os = "linux", target_os = "android")) {
             reported / 2
         } else {
             reported
@@ -86,6 +87,17 @@ impl Direction {
             Direction::Send => ("transport.socket_send_buffer", "net.core.wmem_max"),
         }
     }
+
+    /// What a buffer too small does.
+    fn harm(self) -> &'static str {
+        match self {
+            Direction::Receive => {
+                "under load a full receive buffer drops packets, and each drop delays a \
+                 request by a probe timeout"
+            }
+            Direction::Send => "under load a full send buffer makes the node wait to send",
+        }
+    }
 }
 
 /// Sets one buffer to `asked` bytes, as far as the kernel allows; returns what it got.
@@ -93,21 +105,34 @@ fn size(socket: &Socket, direction: Direction, asked: u32) -> usize {
     let asked = asked as usize;
     // Best effort: the node works with any buffer, only worse under load.
     let _ = direction.set(socket, asked);
-    let mut got = direction.get(socket);
-    #[cfg(target_os = "linux")]
-    if got < asked && direction.force(socket, asked).is_ok() {
-        got = direction.get(socket);
-    }
+    let got = direction.get(socket);
+    let (key, cap) = direction.key();
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let got = if got < asked && direction.force(socket, asked).is_ok() {
+        let forced = direction.get(socket);
+        tracing::info!(asked, got = forced, "{key}: set past {cap} (CAP_NET_ADMIN)");
+        forced
+    } else {
+        got
+    };
     if got < asked {
-        let (key, cap) = direction.key();
-        warn!(
-            asked,
-            got,
-            "the UDP socket got a {got}-byte buffer, not the {asked} bytes of {key}: the \
-             kernel caps it at {cap}. Under load a full receive buffer drops packets, and \
-             each drop delays a request by a probe timeout. Raise the cap \
-             (`sysctl -w {cap}={asked}`) or run the node with CAP_NET_ADMIN"
-        );
+        let harm = direction.harm();
+        if cfg!(any(target_os = "linux", target_os = "android")) {
+            warn!(
+                asked,
+                got,
+                "the UDP socket got a {got}-byte buffer, not the {asked} bytes of {key}: the \
+                 kernel caps it at {cap}, and {harm}. Raise the cap (`sysctl -w \
+                 {cap}={asked}`) or run the node with CAP_NET_ADMIN"
+            );
+        } else {
+            warn!(
+                asked,
+                got,
+                "the UDP socket got a {got}-byte buffer, not the {asked} bytes of {key}: the \
+                 operating system capped it, and {harm}"
+            );
+        }
     }
     got
 }

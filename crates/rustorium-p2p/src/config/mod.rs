@@ -297,16 +297,19 @@ pub struct TransportSettings {
     /// is busy. The OS default (about 208 KiB) overflows under load, and every overflow is
     /// a lost packet that the peer resends only after a probe timeout. Linux caps it at
     /// `net.core.rmem_max`; above that the node tries `SO_RCVBUFFORCE` (which needs
-    /// `CAP_NET_ADMIN`) and otherwise logs a warning saying how to raise the cap. At least
-    /// 64 KiB. Default 8 MiB.
+    /// `CAP_NET_ADMIN`; Linux and Android) and otherwise logs a warning saying how to raise
+    /// the cap. At least 64 KiB, at most 1 GiB. Default 8 MiB.
     #[serde(with = "units::size")]
     pub socket_receive_buffer: u32,
     /// The UDP socket's send buffer (SO_SNDBUF), capped at `net.core.wmem_max` as the
-    /// receive buffer is (the same `SO_SNDBUFFORCE` attempt and warning). At least 64 KiB.
-    /// Default 4 MiB.
+    /// receive buffer is (the same `SO_SNDBUFFORCE` attempt and warning). At least 64 KiB,
+    /// at most 1 GiB. Default 4 MiB.
     #[serde(with = "units::size")]
     pub socket_send_buffer: u32,
 }
+
+/// The largest socket buffer a node asks for (1 GiB).
+const SOCKET_BUFFER_MAX: u32 = 1 << 30;
 
 impl Default for TransportSettings {
     fn default() -> Self {
@@ -418,6 +421,23 @@ impl Config {
                             format_size(least)
                         },
                         format_size(value)
+                    ),
+                );
+            }
+        }
+        // The kernel takes at most about 1 GiB (INT_MAX / 2, and older kernels overflow
+        // doubling a larger size into a tiny buffer); more would only mislead.
+        for (key, value) in [
+            ("transport.socket_receive_buffer", t.socket_receive_buffer),
+            ("transport.socket_send_buffer", t.socket_send_buffer),
+        ] {
+            if value > SOCKET_BUFFER_MAX {
+                return fail(
+                    key,
+                    format!(
+                        "{key} must be at most {}, got {}",
+                        format_size(SOCKET_BUFFER_MAX.into()),
+                        format_size(value.into())
                     ),
                 );
             }
@@ -566,6 +586,19 @@ mod tests {
     #[test]
     fn the_defaults_are_valid() {
         assert_eq!(Config::default().validate(), Ok(()));
+    }
+
+    #[test]
+    fn socket_buffers_are_at_most_a_gibibyte() {
+        let mut config = Config::default();
+        config.transport.socket_receive_buffer = 1 << 30;
+        assert_eq!(config.validate(), Ok(()));
+        config.transport.socket_receive_buffer = (1 << 30) + 1;
+        let error = config.validate().unwrap_err().to_string();
+        assert!(
+            error.contains("transport.socket_receive_buffer must be at most 1024MiB"),
+            "{error}"
+        );
     }
 
     #[test]
