@@ -186,6 +186,9 @@ pub(crate) struct Route {
     pub kind: RouteKind,
     /// The handler may run on 0-RTT data, before the handshake completes.
     pub early_data: bool,
+    /// Its served requests' metric handles, resolved on the first one: counting an
+    /// answered request then takes no lookup.
+    pub metrics: Arc<crate::metrics::RouteCache>,
 }
 
 /// How a route's handler takes its request.

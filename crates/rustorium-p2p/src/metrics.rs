@@ -288,6 +288,14 @@ struct RouteHandles {
     duration: Histogram,
 }
 
+/// A served route's metric handles, resolved on its first answered request and kept with
+/// the route ([`Route`](crate::handler::Route)): counting then takes no lookup.
+#[derive(Default)]
+pub(crate) struct RouteCache {
+    #[cfg(feature = "metrics")]
+    handles: std::sync::OnceLock<RouteHandles>,
+}
+
 /// At most this many routes get resolved handles; any others take the slower path.
 #[cfg(feature = "metrics")]
 const MAX_CACHED_ROUTES: usize = 1024;
@@ -510,12 +518,23 @@ impl Metrics {
     }
 
     /// Counts a request by route, status and side, and its duration.
-    fn record_request(&self, side: Side, route: &str, status: Outcome, took: Duration) {
+    fn record_request(
+        &self,
+        side: Side,
+        route: &str,
+        cache: Option<&RouteCache>,
+        status: Outcome,
+        took: Duration,
+    ) {
         if status == Outcome::Ok {
             let record = |handles: &RouteHandles| {
                 handles.ok.inc();
                 handles.duration.observe(took.as_secs_f64());
             };
+            if let Some(cache) = cache {
+                record(cache.handles.get_or_init(|| self.resolve(side, route)));
+                return;
+            }
             if self.with_route_handles(side, route, record) {
                 return;
             }
@@ -554,6 +573,20 @@ impl Metrics {
         if full {
             return false;
         }
+        let handles = self.resolve(side, route);
+        record(&handles);
+        routes
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(route.into(), handles);
+        true
+    }
+}
+
+#[cfg(feature = "metrics")]
+impl Metrics {
+    /// The handles of `route`'s `ok` counter and duration histogram on `side`.
+    fn resolve(&self, side: Side, route: &str) -> RouteHandles {
         let labels = RequestLabels {
             route: route.to_string(),
             status: Outcome::Ok,
@@ -565,13 +598,7 @@ impl Metrics {
             side,
         };
         let duration = self.request_duration.get_or_create(&route_labels).clone();
-        let handles = RouteHandles { ok, duration };
-        record(&handles);
-        routes
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(route.into(), handles);
-        true
+        RouteHandles { ok, duration }
     }
 }
 
@@ -582,7 +609,15 @@ impl Metrics {
         String::new()
     }
 
-    fn record_request(&self, _side: Side, _route: &str, _status: Outcome, _took: Duration) {}
+    fn record_request(
+        &self,
+        _side: Side,
+        _route: &str,
+        _cache: Option<&RouteCache>,
+        _status: Outcome,
+        _took: Duration,
+    ) {
+    }
 }
 
 impl Metrics {
@@ -619,10 +654,22 @@ impl Metrics {
 
     /// Records a finished request (and, unless it ended `ok`, a stream error).
     pub fn request_done(&self, side: Side, route: &str, status: Outcome, took: Duration) {
+        self.request_done_with(side, route, None, status, took);
+    }
+
+    /// As [`Metrics::request_done`], with the route's own handles if it has them.
+    pub fn request_done_with(
+        &self,
+        side: Side,
+        route: &str,
+        cache: Option<&RouteCache>,
+        status: Outcome,
+        took: Duration,
+    ) {
         if status != Outcome::Ok {
             self.stream_errors[status as usize].inc();
         }
-        self.record_request(side, route, status, took);
+        self.record_request(side, route, cache, status, took);
     }
 
     pub fn zero_rtt(&self, outcome: ZeroRtt) {

@@ -17,7 +17,7 @@ use crate::budget::{ByteBudget, Held};
 use crate::framing::{poll_once, read_body, write_framed_within, BodyError, Deadline, Stalled};
 use crate::handler::{call_handler, RequestContext, Route, RouteKind, Router};
 use crate::identity::PeerId;
-use crate::metrics::{Metrics, Outcome, Side};
+use crate::metrics::{Metrics, Outcome, RouteCache, Side};
 use crate::peers::{PeerConnection, PeerShare};
 use crate::transfer::StreamRoute;
 use crate::wire::{self, code, HeaderError, Status};
@@ -63,6 +63,8 @@ pub(crate) struct Serving<'a> {
 pub(crate) struct Served {
     pub route: Arc<str>,
     pub outcome: Outcome,
+    /// The route's metric handles, for an answered request of a registered route.
+    pub cache: Option<Arc<RouteCache>>,
 }
 
 impl Served {
@@ -70,6 +72,16 @@ impl Served {
         Served {
             route: route.clone(),
             outcome,
+            cache: None,
+        }
+    }
+
+    /// An answered request of the registered `route` called `name`.
+    pub fn ok(name: &Arc<str>, route: &Route) -> Self {
+        Served {
+            route: name.clone(),
+            outcome: Outcome::Ok,
+            cache: Some(route.metrics.clone()),
         }
     }
 
@@ -78,7 +90,14 @@ impl Served {
         Served {
             route: Arc::from(label),
             outcome,
+            cache: None,
         }
+    }
+
+    /// Counts it in the metrics.
+    pub fn record(&self, metrics: &Metrics, took: std::time::Duration) {
+        let cache = self.cache.as_deref();
+        metrics.request_done_with(Side::Server, &self.route, cache, self.outcome, took);
     }
 }
 
@@ -139,11 +158,13 @@ impl Refusal {
             Refusal::TimedOut(route) => Served {
                 route: known(route),
                 outcome: Outcome::TimedOut,
+                cache: None,
             },
             Refusal::Unconfirmed(route) => Served::new(route, Outcome::TimedOut),
             Refusal::Broken(route) => Served {
                 route: known(route),
                 outcome: Outcome::StreamError,
+                cache: None,
             },
         }
     }
@@ -185,8 +206,7 @@ impl Serving<'_> {
         span.record("route", &*served.route);
         span.record("status", served.outcome.as_str());
         span.record("duration_us", took.as_micros() as u64);
-        let metrics = self.metrics;
-        metrics.request_done(Side::Server, &served.route, served.outcome, took);
+        served.record(self.metrics, took);
     }
 
     async fn answer_request(
@@ -207,7 +227,10 @@ impl Serving<'_> {
         let read = match self.read_request(&mut recv, deadline).await {
             Ok(Opened::Whole(read)) => read,
             Ok(Opened::Streaming(stream)) => {
-                return self.transfer(stream, Some(send), recv, started).await
+                // Boxed: the streaming path's state machine is about 1.5 KB, and kept
+                // inline it would double every buffered request's (allocated and copied
+                // per stream).
+                return Box::pin(self.transfer(stream, Some(send), recv, started)).await;
             }
             Err(refusal) => {
                 debug!(peer = %self.peer, "request refused: {refusal}");
@@ -230,12 +253,12 @@ impl Serving<'_> {
         };
         let Read {
             name: route,
-            route: handler,
+            route: entry,
             body,
             held,
             early,
         } = read;
-        let RouteKind::Whole(handler) = &handler.kind else {
+        let RouteKind::Whole(handler) = &entry.kind else {
             unreachable!("a streaming route's requests are opened, not read")
         };
         // A slot for the handler is taken only now, with the whole request read: a peer
@@ -279,7 +302,7 @@ impl Serving<'_> {
             Ok(body) => {
                 self.answer_tracked(tracked, &mut send, Status::Ok, body, deadline)
                     .await;
-                Served::new(&route, Outcome::Ok)
+                Served::ok(&route, entry)
             }
             Err(e) => {
                 debug!(peer = %self.peer, "handler failed: {e}");
@@ -302,8 +325,7 @@ impl Serving<'_> {
         let span = tracing::debug_span!("message", peer = %self.peer.short(), stream = %recv.id());
         let served = self.deliver_message(started, recv).instrument(span).await;
         let took = started.elapsed();
-        let metrics = self.metrics;
-        metrics.request_done(Side::Server, &served.route, served.outcome, took);
+        served.record(self.metrics, took);
     }
 
     async fn deliver_message(&self, started: Instant, mut recv: RecvStream) -> Served {
@@ -311,7 +333,8 @@ impl Serving<'_> {
         let read = match self.read_request(&mut recv, deadline).await {
             Ok(Opened::Whole(read)) => read,
             Ok(Opened::Streaming(stream)) => {
-                return self.transfer(stream, None, recv, started).await
+                // Boxed, as for a request.
+                return Box::pin(self.transfer(stream, None, recv, started)).await;
             }
             Err(refusal) => {
                 warn!(peer = %self.peer, "dropped a one-way message: {refusal}");
@@ -323,12 +346,12 @@ impl Serving<'_> {
         };
         let Read {
             name: route,
-            route: handler,
+            route: entry,
             body,
             held,
             early,
         } = read;
-        let RouteKind::Whole(handler) = &handler.kind else {
+        let RouteKind::Whole(handler) = &entry.kind else {
             unreachable!("a streaming route's messages are opened, not read")
         };
         // As for requests, handler slots are taken once the message is read (the peer's
@@ -342,7 +365,7 @@ impl Serving<'_> {
         let result = call_handler(handler.as_ref(), ctx, body).await;
         drop(held);
         match result {
-            Ok(_) => Served::new(&route, Outcome::Ok),
+            Ok(_) => Served::ok(&route, entry),
             Err(e) => {
                 warn!(peer = %self.peer, "one-way handler failed: {e}");
                 let outcome = if e.status == Status::BadRequest {

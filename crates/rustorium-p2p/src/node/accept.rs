@@ -255,7 +255,7 @@ async fn serve_connection(shared: Arc<Shared>, entry: Arc<PeerConnection>, admit
                         // This task runs on the node's I/O runtime: so does each stream's.
                         // Boxed: tokio moves a spawned future by value several times (into
                         // its task, and when it finishes); moving a pointer beats moving the
-                        // whole serving state machine (about 1.7 KB).
+                        // whole serving state machine (about 1.8 KB).
                         tokio::spawn(Box::pin(async move {
                             let _active = shared.metrics.stream_opened(StreamKind::Request, Direction::Inbound);
                             let closing = shared.is_closing();

@@ -162,6 +162,7 @@ impl NodeBuilder {
             Route {
                 kind: RouteKind::Whole(handler),
                 early_data,
+                metrics: Arc::default(),
             },
         ));
         self
@@ -254,6 +255,7 @@ impl NodeBuilder {
             let route_entry = Route {
                 kind,
                 early_data: false,
+                metrics: Arc::default(),
             };
             (route, route_entry)
         });
