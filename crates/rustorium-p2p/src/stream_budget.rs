@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The most streams of each direction a new connection lets the peer open at once.
-pub const INITIAL_STREAM_LIMIT: u32 = 32;
+pub const INITIAL_STREAM_LIMIT: u32 = 16;
 
 /// How long a limit holds before it may shrink.
 pub const SHRINK_HOLD: Duration = Duration::from_secs(1);
@@ -291,12 +291,12 @@ mod tests {
                 raised.push(limit);
             }
         }
-        assert_eq!(raised, vec![64, 128, 256, 512, 1000]);
+        assert_eq!(raised, vec![32, 64, 128, 256, 512, 1000]);
         assert_eq!(budget.limit(StreamType::Bi), 1000);
-        assert_eq!(pool.left(), 10_000 - 968);
+        assert_eq!(pool.left(), 10_000 - u64::from(1000 - INITIAL_STREAM_LIMIT));
         assert_eq!(
             budget.limit(StreamType::Uni),
-            32,
+            INITIAL_STREAM_LIMIT,
             "the other direction is untouched"
         );
         // Each close a second after the last: every limit has held long enough.
@@ -308,7 +308,7 @@ mod tests {
                 lowered.push(limit);
             }
         }
-        assert_eq!(lowered, vec![500, 250, 125, 62, 32]);
+        assert_eq!(lowered, vec![500, 250, 125, 62, 31, 16]);
         assert_eq!(pool.left(), 10_000, "all growth given back");
     }
 
@@ -336,7 +336,10 @@ mod tests {
             .all(|&wait| wait <= SHRINK_HOLD / 2 + Duration::from_millis(1)));
         // Past the hold, settling shrinks it as far as the streams in use allow.
         let late = start + 2 * SHRINK_HOLD.as_micros() as u64;
-        assert_eq!(budget.settle_at(StreamType::Bi, late), Shrink::Now(32));
+        assert_eq!(
+            budget.settle_at(StreamType::Bi, late),
+            Shrink::Now(INITIAL_STREAM_LIMIT)
+        );
         assert_eq!(budget.settle_at(StreamType::Bi, late), Shrink::No);
     }
 
@@ -363,7 +366,8 @@ mod tests {
             a.opened(StreamType::Bi);
             b.opened(StreamType::Uni);
         }
-        let extra = (a.limit(StreamType::Bi) - 32) + (b.limit(StreamType::Uni) - 32);
+        let extra = (a.limit(StreamType::Bi) - INITIAL_STREAM_LIMIT)
+            + (b.limit(StreamType::Uni) - INITIAL_STREAM_LIMIT);
         assert_eq!(extra, 100, "together at most the pool");
         assert_eq!(pool.left(), 0);
         drop(a);

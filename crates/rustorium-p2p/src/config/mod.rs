@@ -136,7 +136,7 @@ pub struct Limits {
     #[serde(with = "units::size")]
     pub max_ticket_cache_bytes: u64,
     /// Streams that all connections together may let their peers open beyond each
-    /// connection's first 32 per direction (the limits grow under use up to
+    /// connection's first 16 per direction (the limits grow under use up to
     /// `transport.max_concurrent_*_streams`, and shrink back). Default 65536.
     pub max_extra_streams: u64,
     /// Incoming handshakes in progress at once (kept apart from established
@@ -251,11 +251,11 @@ pub struct TransportSettings {
     /// Requests a peer may have open at once on one connection. Default 100.
     ///
     /// quinn keeps state for every stream a peer may open, so a connection advertises at
-    /// most 32 at first and doubles that, up to this maximum, whenever the peer has three
+    /// most 16 at first and doubles that, up to this maximum, whenever the peer has three
     /// quarters of it in use.
     pub max_concurrent_bidi_streams: u32,
     /// One-way messages a peer may have open at once on one connection. Default 1000.
-    /// Grows from 32 like `max_concurrent_bidi_streams`.
+    /// Grows from 16 like `max_concurrent_bidi_streams`.
     pub max_concurrent_uni_streams: u32,
     /// A connection silent this long is closed. Default 30 s.
     #[serde(with = "units::duration")]
