@@ -92,7 +92,13 @@ async fn a_hundred_thousand_random_datagrams_change_nothing() {
                     datagram[1..5].copy_from_slice(&1u32.to_be_bytes());
                 }
             }
-            let _ = socket.send_to(&datagram, target).await;
+            // A send the local socket refuses (a full send queue) is tried again: the
+            // test is about what reaches the node.
+            let mut tries = 0;
+            while socket.send_to(&datagram, target).await.is_err() && tries < 3 {
+                tries += 1;
+                tokio::task::yield_now().await;
+            }
         }
     });
     good_traffic(good.clone(), server.peer_id(), 300).await;
@@ -105,11 +111,11 @@ async fn a_hundred_thousand_random_datagrams_change_nothing() {
     // to a socket (this host's count, which only grows), and the node's socket dropped
     // almost none of them for want of reading.
     let delivered = udp_in_datagrams() - delivered_before;
+    let dropped = udp_socket_drops(target.port());
     assert!(
         delivered >= 99_000,
-        "only {delivered} datagrams were delivered"
+        "only {delivered} datagrams were delivered ({dropped} dropped at the node's socket)"
     );
-    let dropped = udp_socket_drops(target.port());
     assert!(
         dropped < 1_000,
         "the node's socket dropped {dropped} datagrams unread"
