@@ -304,6 +304,41 @@ async fn a_reconnect_uses_0rtt_for_idempotent_requests_only() {
     assert_eq!(stats.zero_rtt_rejected, 0);
 }
 
+/// A node keeps a session ticket for as many peers as it may hold connections to (at least
+/// 256), not an eighth of that (rustls counts tickets, eight per server).
+#[tokio::test]
+async fn tickets_are_kept_for_as_many_peers_as_connections() {
+    let mut config = common::config();
+    config.limits.max_connections = 16; // tickets for 256 peers
+    let a = Node::builder().config(config).bind().await.unwrap();
+    let mut events = a.events();
+    let mut peers = Vec::new();
+    // More peers than 256 / 8 = 32, one connection at a time.
+    for _ in 0..40 {
+        let peer = Node::builder()
+            .config(common::config())
+            .route("echo", |_ctx, body| async move { Ok(body) })
+            .bind()
+            .await
+            .unwrap();
+        a.connect(&peer.peer_addr()).await.unwrap();
+        a.request(peer.peer_id(), "echo", "x").await.unwrap(); // the tickets arrive
+        assert_eq!(a.disconnect(&peer.peer_id()), 1);
+        wait_event(&mut events, "disconnect", |e| {
+            matches!(e, PeerEvent::Disconnected { .. })
+        })
+        .await;
+        peers.push(peer);
+    }
+    // The first peer's ticket is still there: the reconnection goes out with 0-RTT.
+    let idempotent = RequestOptions::new().idempotent(true);
+    let first = peers[0].peer_id();
+    let answer = a.request_with(first, "echo", "again", idempotent).await;
+    assert_eq!(answer.unwrap(), "again");
+    let stats = a.stats();
+    assert_eq!(stats.zero_rtt_attempted, 1, "{stats:?}");
+}
+
 /// The server decides what runs on 0-RTT data: a route registered for early data runs
 /// before the handshake completes, any other waits for it (and its handler asserts so).
 #[tokio::test]

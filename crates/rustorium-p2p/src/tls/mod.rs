@@ -18,6 +18,9 @@ use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Signatu
 use crate::certificate::{self as cert, CertError};
 use tickets::TicketCache;
 
+/// Session tickets rustls's client cache keeps per server at most.
+const TICKETS_PER_SERVER: usize = 8;
+
 mod tickets;
 use crate::config::Config;
 use crate::error::{BindError, Refusal};
@@ -97,7 +100,12 @@ impl TlsConfigs {
             .with_custom_certificate_verifier(verifier.clone())
             .with_client_cert_resolver(ours);
         client.alpn_protocols = vec![alpn.to_vec()];
-        client.resumption = rustls::client::Resumption::in_memory_sessions(sessions);
+        // rustls sizes this cache in tickets and keeps up to eight per server (its
+        // `MAX_TLS13_TICKETS_PER_SERVER`), so it holds sessions / 8 servers: ask for eight
+        // per peer to keep a ticket for `sessions` peers. Entries are made only for peers
+        // this node dialed, and the cache keeps the most recent.
+        let tickets = sessions.saturating_mul(TICKETS_PER_SERVER);
+        client.resumption = rustls::client::Resumption::in_memory_sessions(tickets);
         client.enable_early_data = config.node.zero_rtt;
 
         Ok(TlsConfigs {
