@@ -21,6 +21,9 @@ use tickets::TicketCache;
 /// Session tickets rustls's client cache keeps per server at most.
 const TICKETS_PER_SERVER: usize = 8;
 
+/// The most peers whose tickets a dialer keeps (rustls preallocates its cache for them).
+const MAX_TICKET_PEERS: usize = 16_384;
+
 mod tickets;
 use crate::config::Config;
 use crate::error::{BindError, Refusal};
@@ -57,7 +60,7 @@ impl TlsConfigs {
     ) -> Result<Self, BindError> {
         let alpn = config.node.alpn.as_bytes();
         // Session resumption state for as many peers as the node may hold connections to.
-        let sessions = (config.limits.max_connections as usize).max(256);
+        let sessions = (config.limits.max_connections as usize).clamp(256, MAX_TICKET_PEERS);
         let tls_err = BindError::Tls;
         let cert = CertificateDer::from(cert_der);
         let private = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.pkcs8_der().to_vec()));
