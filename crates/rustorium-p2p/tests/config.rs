@@ -178,11 +178,8 @@ async fn stream_limit_grows_to_the_configured_maximum_under_load() {
 /// The buffer size the node reports in its metrics, in bytes.
 #[cfg(target_os = "linux")]
 fn socket_buffer(node: &Node, buffer: &str) -> usize {
-    let key = format!("rustorium_p2p_socket_buffer_bytes{{buffer=\"{buffer}\"}} ");
-    let text = node.metrics_text();
-    let line = text.lines().find(|l| l.starts_with(&key));
-    let line = line.unwrap_or_else(|| panic!("no {key} in\n{text}"));
-    line[key.len()..].trim().parse().unwrap()
+    let label = format!("buffer=\"{buffer}\"");
+    common::metric_sum(node, &["rustorium_p2p_socket_buffer_bytes", &label]) as usize
 }
 
 /// Whether this process may set socket buffers above the kernel's cap (CAP_NET_ADMIN,
@@ -222,12 +219,7 @@ async fn the_receive_buffer_goes_past_the_kernel_cap_where_the_process_may() {
     node.rebind("127.0.0.1:0".parse().unwrap()).unwrap();
     assert_eq!(socket_buffer(&node, "receive"), want, "after rebind");
     // A request still goes through the socket.
-    let peer = Node::builder()
-        .config(common::config())
-        .route("echo", |_ctx, body| async move { Ok(body) })
-        .bind()
-        .await
-        .unwrap();
+    let peer = common::test_node().0.bind().await.unwrap();
     node.connect(&peer.peer_addr()).await.unwrap();
     let answer = node.request(peer.peer_id(), "echo", "hi").await.unwrap();
     assert_eq!(answer, "hi");

@@ -315,12 +315,7 @@ async fn tickets_are_kept_for_as_many_peers_as_connections() {
     let mut peers = Vec::new();
     // More peers than 256 / 8 = 32, one connection at a time.
     for _ in 0..40 {
-        let peer = Node::builder()
-            .config(common::config())
-            .route("echo", |_ctx, body| async move { Ok(body) })
-            .bind()
-            .await
-            .unwrap();
+        let peer = test_node().0.bind().await.unwrap();
         a.connect(&peer.peer_addr()).await.unwrap();
         a.request(peer.peer_id(), "echo", "x").await.unwrap(); // the tickets arrive
         assert_eq!(a.disconnect(&peer.peer_id()), 1);

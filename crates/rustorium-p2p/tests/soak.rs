@@ -102,12 +102,10 @@ async fn a_thousand_connections_ten_in_flight_each_for_a_minute() {
     let rss_end = common::rss_kib();
     // A receive buffer smaller than asked (no CAP_NET_ADMIN, a low net.core.rmem_max)
     // overflows here, and each drop waits out a probe timeout: the slowest requests.
-    let buffer = server
-        .metrics_text()
-        .lines()
-        .find(|l| l.starts_with("rustorium_p2p_socket_buffer_bytes{buffer=\"receive\"}"))
-        .map(|l| l.rsplit(' ').next().unwrap_or_default().to_string())
-        .unwrap_or_default();
+    let buffer = common::metric_sum(
+        &server,
+        &["rustorium_p2p_socket_buffer_bytes", "buffer=\"receive\""],
+    );
     let total = done.load(Ordering::Relaxed);
     // Reported, not judged here (timing belongs to benchmarks): BENCHMARKS.md keeps the
     // figures and the targets.
