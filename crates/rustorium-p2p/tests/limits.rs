@@ -439,3 +439,42 @@ async fn stream_limits_shrink_back_and_their_growth_is_bounded_node_wide() {
     }
     drop(peers);
 }
+
+#[tokio::test]
+async fn a_burst_of_quick_requests_grows_the_stream_limit() {
+    // Sixteen requests (a connection's first limit) that arrive together and are answered
+    // at once must count as sixteen streams in use, so that the limit grows: each stream
+    // the node serves in the connection's task is taken before any is served. Counted one
+    // at a time, the limit would stay at 16 and a peer with 16 requests in flight would
+    // wait for its own delayed acknowledgement of each batch of answers (25 ms) before it
+    // could open more.
+    let (builder, _) = test_node();
+    let server = builder.config(common::config()).bind().await.unwrap();
+    let (_endpoint, conn) = common::raw_connection(server.local_addr()).await;
+    let mut streams = Vec::new();
+    for _ in 0..16 {
+        streams.push(common::within("a stream", conn.open_bi()).await.unwrap());
+    }
+    let mut request = rustorium_p2p::wire::encode_header("echo");
+    request.extend_from_slice(b"hi");
+    for (send, _) in &mut streams {
+        send.write_all(&request).await.unwrap();
+        send.finish().unwrap();
+    }
+    for (_, recv) in &mut streams {
+        let answer = common::within("an answer", recv.read_to_end(64))
+            .await
+            .unwrap();
+        assert_eq!(answer, b"\x00hi");
+    }
+    // The first 16 streams are done (freed once their answers are acknowledged): with the
+    // limit grown to 32, 32 more can be open at once; at 16, only 16.
+    let mut more = Vec::new();
+    for _ in 0..32 {
+        more.push(
+            common::within("32 streams open at once", conn.open_bi())
+                .await
+                .unwrap(),
+        );
+    }
+}

@@ -66,11 +66,14 @@ pub struct NodeSettings {
     pub deny: HashSet<PeerId>,
     /// 0-RTT for idempotent requests on reconnect, and accepting early data. Default on.
     pub zero_rtt: bool,
-    /// Run the node's I/O (quinn's drivers, and the tasks serving peers' streams, handlers
+    /// Run the node's I/O (quinn's drivers, and the serving of peers' streams, handlers
     /// included) on a thread of its own with a single-threaded runtime. Default on: answers
-    /// then share datagrams and no wake-up crosses threads on the serving path. Handlers
-    /// must not block that thread (run heavy work with `tokio::task::spawn_blocking`, or
-    /// on a runtime of your own). Off: everything runs on the runtime that called `bind`.
+    /// then share datagrams, no wake-up crosses threads on the serving path, and each
+    /// connection serves its streams in its own task (no task spawned per request).
+    /// Handlers must not block that thread (run heavy work with
+    /// `tokio::task::spawn_blocking`, or on a runtime of your own). Off: everything runs
+    /// on the runtime that called `bind`, each stream in a task of its own, so one
+    /// connection's handlers can run on several threads.
     pub io_thread: bool,
 }
 

@@ -1,11 +1,18 @@
 //! Incoming connections (admission, handshake, allow/deny) and the task that serves the
 //! peer's streams on every connection, whichever side dialed it.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::task::{Context, Poll};
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+
 use tokio::sync::watch;
-use tracing::{debug, warn, Instrument};
+use tracing::{debug, error, warn, Instrument};
 
 use super::admission::{Admitted, Handshake};
 use super::Shared;
@@ -236,49 +243,68 @@ async fn announce(shared: &Arc<Shared>, entry: &Arc<PeerConnection>) -> bool {
     true
 }
 
-/// Accepts the peer's streams on one connection until it closes, each request in its own
-/// task.
+/// Serving one of the peer's streams, to its end.
+type StreamTask = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Accepts the peer's streams on one connection until it closes, and serves them.
+///
+/// With the node's own I/O thread (the default) every stream is served in this task: on a
+/// single-threaded runtime a task per stream would run on the same thread anyway, and
+/// would cost a spawn (an aligned allocation and a trip through the scheduler) per
+/// request. Without it (`io_thread = false`) each stream gets a task of its own on the
+/// caller's runtime, so one connection's handlers can run on several threads.
+///
+/// Each turn first takes every stream the peer has opened, then serves them. The order
+/// matters: the stream budget counts a peer's streams from when they are taken, and grows
+/// its limit when most of it is in use. Serving each stream as it is taken would count a
+/// burst of requests answered at once as one stream at a time, the limit would stay at its
+/// start, and a peer with that many requests in flight would wait for the delayed
+/// acknowledgement of each batch of answers (25 ms) before it could open more.
 async fn serve_connection(shared: Arc<Shared>, entry: Arc<PeerConnection>, admitted: Admitted) {
     if !announce(&shared, &entry).await {
         return;
     }
     let conn = &entry.conn;
+    let in_this_task = shared.config.node.io_thread;
     let span = tracing::debug_span!("connection", peer = %entry.peer.short(), remote = %conn.remote_address(), direction = %entry.direction);
     async {
-        let reason = loop {
-            tokio::select! {
-                biased;
-                bi = conn.accept_bi() => match bi {
-                    Ok((send, recv)) => {
-                        let guard = entry.peer_stream_guard(StreamType::Bi);
-                        let (shared, entry) = (shared.clone(), entry.clone());
-                        // This task runs on the node's I/O runtime: so does each stream's.
-                        // Boxed: tokio moves a spawned future by value several times (into
-                        // its task, and when it finishes); moving a pointer beats moving the
-                        // whole serving state machine (about 1.8 KB).
-                        tokio::spawn(Box::pin(async move {
-                            let _active = shared.metrics.stream_opened(StreamKind::Request, Direction::Inbound);
-                            let closing = shared.is_closing();
-                            serving(&shared, &entry).request(closing, send, recv).await;
-                            drop(guard);
-                        }));
-                    }
-                    Err(e) => break e,
-                },
-                uni = conn.accept_uni() => match uni {
-                    Ok(recv) => {
-                        let guard = entry.peer_stream_guard(StreamType::Uni);
-                        let (shared, entry) = (shared.clone(), entry.clone());
-                        tokio::spawn(Box::pin(async move {
-                            let _active = shared.metrics.stream_opened(StreamKind::OneWay, Direction::Inbound);
-                            serving(&shared, &entry).message(recv).await;
-                            drop(guard);
-                        }));
-                    }
-                    Err(e) => break e,
-                },
+        let mut streams = FuturesUnordered::<Contained>::new();
+        // Kept from turn to turn: each holds its registration for new streams.
+        let mut accept_bi = std::pin::pin!(conn.accept_bi());
+        let mut accept_uni = std::pin::pin!(conn.accept_uni());
+        let start = |stream: StreamTask, streams: &mut FuturesUnordered<Contained>| {
+            if in_this_task {
+                // Not polled until every stream of this turn is taken.
+                streams.push(Contained(stream));
+            } else {
+                tokio::spawn(stream);
             }
         };
+        let reason = std::future::poll_fn(|cx| {
+            loop {
+                match accept_bi.as_mut().poll(cx) {
+                    Poll::Ready(Ok((send, recv))) => {
+                        accept_bi.set(conn.accept_bi());
+                        start(request_task(&shared, &entry, send, recv), &mut streams);
+                        continue;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(e),
+                    Poll::Pending => {}
+                }
+                match accept_uni.as_mut().poll(cx) {
+                    Poll::Ready(Ok(recv)) => {
+                        accept_uni.set(conn.accept_uni());
+                        start(message_task(&shared, &entry, recv), &mut streams);
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(e),
+                    Poll::Pending => break,
+                }
+            }
+            // Bounded: each call ends once it has polled every stream that was ready.
+            while let Poll::Ready(Some(())) = streams.poll_next_unpin(cx) {}
+            Poll::Pending
+        })
+        .await;
         shared.peers.remove(&entry);
         // Its stream growth goes back now, whoever still holds the entry.
         entry.release_streams();
@@ -286,7 +312,9 @@ async fn serve_connection(shared: Arc<Shared>, entry: Arc<PeerConnection>, admit
         debug!("connection closed: {reason}");
         shared.metrics.connection_closed();
         match reason {
-            DisconnectReason::IdleTimeout => shared.metrics.connection_failed(ConnectionFailure::TimedOut),
+            DisconnectReason::IdleTimeout => shared
+                .metrics
+                .connection_failed(ConnectionFailure::TimedOut),
             DisconnectReason::Lost(_) => shared.metrics.connection_failed(ConnectionFailure::Lost),
             _ => {}
         }
@@ -299,9 +327,71 @@ async fn serve_connection(shared: Arc<Shared>, entry: Arc<PeerConnection>, admit
             direction: entry.direction,
             reason,
         });
+        // Streams already accepted are served to their end, as they would be in tasks of
+        // their own: a message read in full still reaches its handler. Each is bounded by
+        // its own deadlines.
+        while streams.next().await.is_some() {}
     }
     .instrument(span)
     .await
+}
+
+/// A stream served in its connection's task: a panic while serving it (a bug: handlers'
+/// panics are caught where they are called) ends that stream alone, as it would in a task
+/// of its own, and never the connection's task.
+struct Contained(StreamTask);
+
+impl Future for Contained {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let stream = &mut self.0;
+        match catch_unwind(AssertUnwindSafe(|| stream.as_mut().poll(cx))) {
+            Ok(poll) => poll,
+            Err(_) => {
+                error!("serving a stream panicked; the stream is dropped");
+                Poll::Ready(())
+            }
+        }
+    }
+}
+
+/// Serving one of the peer's requests (a bidirectional stream).
+fn request_task(
+    shared: &Arc<Shared>,
+    entry: &Arc<PeerConnection>,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+) -> StreamTask {
+    let guard = entry.peer_stream_guard(StreamType::Bi);
+    let (shared, entry) = (shared.clone(), entry.clone());
+    // Boxed: a pointer is cheaper to keep and move than the serving state machine (about
+    // 1.8 KB).
+    Box::pin(async move {
+        let _active = shared
+            .metrics
+            .stream_opened(StreamKind::Request, Direction::Inbound);
+        let closing = shared.is_closing();
+        serving(&shared, &entry).request(closing, send, recv).await;
+        drop(guard);
+    })
+}
+
+/// Serving one of the peer's one-way messages (a unidirectional stream).
+fn message_task(
+    shared: &Arc<Shared>,
+    entry: &Arc<PeerConnection>,
+    recv: quinn::RecvStream,
+) -> StreamTask {
+    let guard = entry.peer_stream_guard(StreamType::Uni);
+    let (shared, entry) = (shared.clone(), entry.clone());
+    Box::pin(async move {
+        let _active = shared
+            .metrics
+            .stream_opened(StreamKind::OneWay, Direction::Inbound);
+        serving(&shared, &entry).message(recv).await;
+        drop(guard);
+    })
 }
 
 /// What serving one of the peer's streams on `entry` needs.
@@ -319,5 +409,26 @@ fn serving<'a>(shared: &'a Shared, entry: &'a Arc<PeerConnection>) -> Serving<'a
         connection: entry,
         confirmed: entry.confirmed_watch(),
         closing: &shared.closing,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_stream_that_panics_ends_alone() {
+        let panics: StreamTask = Box::pin(async { panic!("a bug while serving") });
+        let mut streams = FuturesUnordered::new();
+        streams.push(Contained(panics));
+        streams.push(Contained(Box::pin(async {})));
+        let mut ended = 0;
+        while streams.next().await.is_some() {
+            ended += 1;
+        }
+        assert_eq!(
+            ended, 2,
+            "both streams end and the task that serves them goes on"
+        );
     }
 }

@@ -1,6 +1,6 @@
 //! Where a node's I/O runs: by default a thread of its own with a single-threaded tokio
-//! runtime, on which quinn's endpoint and connection drivers and every task serving the
-//! peers' streams run together.
+//! runtime, on which quinn's endpoint and connection drivers and the serving of the peers'
+//! streams (in each connection's task) run together.
 //!
 //! Why: on tokio's multi-thread scheduler, a connection driver woken by a written answer
 //! runs right after the writing task (the LIFO slot), before the other ready streams have
