@@ -55,6 +55,7 @@ mod request;
 mod serve;
 mod socket;
 mod stream_budget;
+mod tally;
 mod tls;
 mod transfer;
 mod transport_error;

@@ -24,19 +24,20 @@ use crate::event::{Direction, DisconnectReason};
 use crate::identity::PeerId;
 use crate::policy::old_connection_survives;
 use crate::stream_budget::{Shrink, StreamBudget, StreamType};
+use crate::tally::Tally;
 use crate::wire::code;
 
 /// What one peer may hold of this node at once, shared by all its connections: handler
 /// slots (its share of `max_concurrent_requests`) and answers waiting for it to read them.
 pub(crate) struct PeerShare {
     /// One permit per handler running for the peer.
-    pub slots: Arc<Semaphore>,
-    /// One permit per answer being written to the peer.
-    pub answers: Arc<Semaphore>,
+    pub slots: Arc<Tally>,
+    /// One place per answer being written to the peer.
+    pub answers: Arc<Tally>,
     /// One permit per byte of the peer's requests held in memory.
     pub bytes: Arc<Semaphore>,
     /// One permit per streaming request or message of the peer being served.
-    pub transfers: Arc<Semaphore>,
+    pub transfers: Arc<Tally>,
     /// Answers in a row the peer let time out without reading.
     stalls: AtomicU32,
 }
@@ -44,10 +45,10 @@ pub(crate) struct PeerShare {
 impl PeerShare {
     fn new(limits: &ShareLimits) -> Arc<Self> {
         Arc::new(PeerShare {
-            slots: Arc::new(Semaphore::new(limits.slots as usize)),
-            answers: Arc::new(Semaphore::new(limits.answers as usize)),
+            slots: Tally::new(limits.slots as usize),
+            answers: Tally::new(limits.answers as usize),
             bytes: Arc::new(Semaphore::new(limits.bytes)),
-            transfers: Arc::new(Semaphore::new(limits.transfers as usize)),
+            transfers: Tally::new(limits.transfers as usize),
             stalls: AtomicU32::new(0),
         })
     }

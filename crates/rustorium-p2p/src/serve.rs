@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use quinn::{ReadError, RecvStream, SendStream, VarInt};
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, Semaphore};
 use tokio::time::{timeout_at, Instant};
 use tracing::{debug, warn, Instrument};
 
@@ -19,6 +19,7 @@ use crate::handler::{call_handler, RequestContext, Route, RouteKind, Router};
 use crate::identity::PeerId;
 use crate::metrics::{Metrics, Outcome, RouteCache, Side};
 use crate::peers::{PeerConnection, PeerShare};
+use crate::tally::{Taken, Tally};
 use crate::transfer::StreamRoute;
 use crate::wire::{self, code, HeaderError, Status};
 
@@ -40,11 +41,11 @@ pub(crate) struct Serving<'a> {
     pub metrics: &'a Metrics,
     pub limits: &'a ServeLimits,
     /// One permit per running handler.
-    pub slots: &'a Arc<Semaphore>,
+    pub slots: &'a Arc<Tally>,
     /// One permit per answer being written (shutdown waits for them).
-    pub answers: &'a Arc<Semaphore>,
+    pub answers: &'a Arc<Tally>,
     /// One permit per streaming request or message being served.
-    pub transfers: &'a Arc<Semaphore>,
+    pub transfers: &'a Arc<Tally>,
     /// What the peer may hold of this node.
     pub share: &'a Arc<PeerShare>,
     /// The node's budget of request bytes held in memory.
@@ -292,7 +293,7 @@ impl Serving<'_> {
         // counted until the answer is written: an answer made of them (an echo) holds the
         // same memory, counted once. The answer is tracked (for shutdown, which waits for
         // answers in flight) before the slots go, so that no moment sees neither.
-        let tracked = self.answers.clone().try_acquire_owned().ok();
+        let tracked = self.answers.try_take();
         drop(slots);
         // The answer has `request_timeout` from now; the clock is read only if writing it
         // has to wait.
@@ -557,7 +558,7 @@ async fn read_header<T>(
 }
 
 /// A slot of a peer's share and one of the node's (handler or transfer slots).
-pub(crate) type Pair = (OwnedSemaphorePermit, OwnedSemaphorePermit);
+pub(crate) type Pair = (Taken, Taken);
 
 /// Which of a [`Pair`]'s limits is full.
 pub(crate) enum Full {
@@ -566,22 +567,22 @@ pub(crate) enum Full {
 }
 
 /// Takes a slot of the peer's `share`, then one of the `node`'s, if both are free.
-pub(crate) fn try_pair(share: &Arc<Semaphore>, node: &Arc<Semaphore>) -> Result<Pair, Full> {
-    let share = share.clone().try_acquire_owned().map_err(|_| Full::Share)?;
-    let node = node.clone().try_acquire_owned().map_err(|_| Full::Node)?;
+pub(crate) fn try_pair(share: &Arc<Tally>, node: &Arc<Tally>) -> Result<Pair, Full> {
+    let share = share.try_take().ok_or(Full::Share)?;
+    let node = node.try_take().ok_or(Full::Node)?;
     Ok((share, node))
 }
 
 /// Waits for a slot of the peer's `share`, then one of the `node`'s, until `deadline`;
 /// `None` past it, or once the node closes them (shutting down).
 pub(crate) async fn pair_by(
-    share: &Arc<Semaphore>,
-    node: &Arc<Semaphore>,
+    share: &Arc<Tally>,
+    node: &Arc<Tally>,
     deadline: Instant,
 ) -> Option<Pair> {
     let pair = async {
-        let share = share.clone().acquire_owned().await.ok()?;
-        let node = node.clone().acquire_owned().await.ok()?;
+        let share = share.take().await?;
+        let node = node.take().await?;
         Some((share, node))
     };
     timeout_at(deadline, pair).await.ok().flatten()
@@ -615,14 +616,14 @@ impl Serving<'_> {
     /// `tracked` is given (else counted here).
     async fn answer_tracked(
         &self,
-        tracked: Option<OwnedSemaphorePermit>,
+        tracked: Option<Taken>,
         send: &mut SendStream,
         status: Status,
         body: Bytes,
         deadline: Deadline,
     ) {
-        let _tracked = tracked.or_else(|| self.answers.clone().try_acquire_owned().ok());
-        let Ok(_pending) = self.share.answers.clone().try_acquire_owned() else {
+        let _tracked = tracked.or_else(|| self.answers.try_take());
+        let Some(_pending) = self.share.answers.try_take() else {
             // The peer has its share of answers unread and asks for more: a strike, as
             // an answer left unread is.
             debug!(peer = %self.peer, "too many unread answers; resetting the stream");

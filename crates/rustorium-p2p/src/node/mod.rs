@@ -30,6 +30,7 @@ use crate::policy;
 use crate::request;
 use crate::serve::ServeLimits;
 use crate::stream_budget::StreamPool;
+use crate::tally::Tally;
 use crate::tls::TlsConfigs;
 use crate::transfer::{
     AnswerStream, MessageBody, RequestBody, StreamHandler, StreamLimits, StreamRoute,
@@ -349,13 +350,11 @@ impl NodeBuilder {
         let shared = Arc::new(Shared {
             peer_id: keypair.peer_id(),
             local_addr: Mutex::new(local_addr),
-            requests: Arc::new(Semaphore::new(
-                config.limits.max_concurrent_requests as usize,
-            )),
+            requests: Tally::new(config.limits.max_concurrent_requests as usize),
             serve_limits,
-            answers: Arc::new(Semaphore::new(ANSWERS_TRACKED as usize)),
+            answers: Tally::new(ANSWERS_TRACKED),
             bytes: Arc::new(Semaphore::new(buffered)),
-            transfers: Arc::new(Semaphore::new(l.max_concurrent_transfers as usize)),
+            transfers: Tally::new(l.max_concurrent_transfers as usize),
             streams: StreamPool::new(l.max_extra_streams),
             io,
             admission,
@@ -403,14 +402,14 @@ struct Shared {
     metrics: Metrics,
     /// The reconnect task of each known peer.
     known: Mutex<HashMap<PeerId, JoinHandle<()>>>,
-    /// One permit per running handler.
-    requests: Arc<Semaphore>,
-    /// One permit per answer being written (so that shutdown lets them go out).
-    answers: Arc<Semaphore>,
+    /// One place per running handler.
+    requests: Arc<Tally>,
+    /// One place per answer being written (so that shutdown lets them go out).
+    answers: Arc<Tally>,
     /// One permit per byte of request bodies held in memory.
     bytes: Arc<Semaphore>,
-    /// One permit per streaming request or message being served.
-    transfers: Arc<Semaphore>,
+    /// One place per streaming request or message being served.
+    transfers: Arc<Tally>,
     /// Streams connections may grow into beyond their first ones.
     streams: Arc<StreamPool>,
     /// The runtime the node's tasks and quinn's drivers run on.
@@ -448,7 +447,7 @@ impl Shared {
 }
 
 /// Answers in flight that shutdown waits for, at most (more are not tracked).
-const ANSWERS_TRACKED: u32 = 1 << 20;
+const ANSWERS_TRACKED: usize = 1 << 20;
 
 /// Options for one request.
 #[derive(Debug, Clone, Default)]
@@ -935,21 +934,21 @@ impl Node {
         }
         shared.shutdown.send_replace(true);
         let grace = shared.config.limits.shutdown_grace;
-        let all = shared.config.limits.max_concurrent_requests;
-        let transfers = shared.config.limits.max_concurrent_transfers;
+        // No handler or transfer starts from now on (a request gets BUSY, a message waiting
+        // for a slot is dropped); those running finish, and their answers go out. Answers
+        // are still counted as they start, so that each is waited for.
+        shared.requests.close();
+        shared.transfers.close();
         let drained = tokio::time::timeout(grace, async {
-            let handlers = shared.requests.acquire_many(all).await;
-            let answers = shared.answers.acquire_many(ANSWERS_TRACKED).await;
-            let transfers = shared.transfers.acquire_many(transfers).await;
-            (handlers, answers, transfers)
+            shared.requests.until_idle().await;
+            shared.answers.until_idle().await;
+            shared.transfers.until_idle().await;
         })
         .await;
         if drained.is_err() {
-            let running = all as usize - shared.requests.available_permits();
+            let running = shared.requests.in_use() + shared.transfers.in_use();
             warn!("shutdown: {running} requests still running after {grace:?}; closing anyway");
         }
-        shared.requests.close();
-        shared.transfers.close();
         // Closed from the node's own runtime, after what its drivers have queued: the last
         // answers are on their way before the close frames.
         let endpoint = shared.endpoint.clone();

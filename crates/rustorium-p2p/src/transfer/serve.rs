@@ -173,7 +173,7 @@ impl Serving<'_> {
         };
         // Counted among the answers being written (which shutdown waits for) before its
         // slots go, so that no moment sees neither.
-        let _tracked = self.answers.clone().try_acquire_owned().ok();
+        let _tracked = self.answers.try_take();
         answer.release_slots();
         if answer.strike {
             self.unread();

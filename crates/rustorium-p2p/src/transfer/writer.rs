@@ -5,12 +5,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use quinn::{SendStream, VarInt, WriteError};
-use tokio::sync::{watch, Mutex, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, Mutex};
 use tokio::time::Instant;
 
 use super::{Times, TransferError};
 use crate::framing::{write_chunks_within, Deadline, Stalled};
 use crate::serve::{try_pair, Pair};
+use crate::tally::{Taken, Tally};
 use crate::wire::{self, code, Status};
 
 /// The answer to a request on a streaming route, written a chunk at a time.
@@ -76,11 +77,11 @@ impl AnswerWriter {
 /// What an answer may hold of the node and of its peer's share.
 pub(crate) struct Places {
     /// The peer's share of answers waiting to be read.
-    pub pending: Arc<Semaphore>,
+    pub pending: Arc<Tally>,
     /// Handler slots held until the answer starts (for a body that was all there).
     pub slots: Option<Pair>,
     /// The transfer slots (the peer's share, the node's) that replace them then, if free.
-    pub transfers: [Arc<Semaphore>; 2],
+    pub transfers: [Arc<Tally>; 2],
     /// How long an answer that got no transfer slot (and so keeps its handler slots)
     /// has, with its handler: `request_timeout`, a buffered request's time.
     pub buffered: Duration,
@@ -101,14 +102,14 @@ pub(crate) struct Answer {
     /// `wait`: `answer_timeout`, for each write's progress.
     times: Times,
     /// The peer's share of answers waiting to be read.
-    pending: Arc<Semaphore>,
+    pending: Arc<Tally>,
     /// This answer's place in it, from its first byte.
-    pub place: Option<OwnedSemaphorePermit>,
+    pub place: Option<Taken>,
     /// Handler slots held until the answer starts (for a body that was all there), and
     /// after that if no transfer slot was free.
     slots: Option<Pair>,
     /// The transfer slots (the peer's share, the node's) that replace them then, if free.
-    transfers: [Arc<Semaphore>; 2],
+    transfers: [Arc<Tally>; 2],
     /// Transfer slots taken when the answer started.
     transfer: Option<Pair>,
     buffered: Duration,
@@ -166,7 +167,7 @@ impl Answer {
         let chunks = if self.started {
             &mut chunks[1..]
         } else {
-            let Ok(place) = self.pending.clone().try_acquire_owned() else {
+            let Some(place) = self.pending.try_take() else {
                 let _ = self.send.reset(VarInt::from_u32(code::BUSY));
                 self.strike = true;
                 return Err(self.fail(TransferError::Busy));
