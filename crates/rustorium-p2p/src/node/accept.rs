@@ -243,6 +243,10 @@ async fn announce(shared: &Arc<Shared>, entry: &Arc<PeerConnection>) -> bool {
     true
 }
 
+/// Streams a connection's task finishes in one turn at most before it lets the I/O thread
+/// serve other connections (their drivers send what was written meanwhile).
+const STREAMS_PER_TURN: usize = 128;
+
 /// Serving one of the peer's streams, to its end.
 type StreamTask = Pin<Box<dyn Future<Output = ()> + Send>>;
 
@@ -300,8 +304,16 @@ async fn serve_connection(shared: Arc<Shared>, entry: Arc<PeerConnection>, admit
                     Poll::Pending => break,
                 }
             }
-            // Bounded: each call ends once it has polled every stream that was ready.
-            while let Poll::Ready(Some(())) = streams.poll_next_unpin(cx) {}
+            // Bounded: each call of `poll_next` ends once it has polled every stream that
+            // was ready, and a turn ends after `STREAMS_PER_TURN` streams have finished
+            // (the connection's task then yields, and the I/O thread serves the others).
+            for _ in 0..STREAMS_PER_TURN {
+                match streams.poll_next_unpin(cx) {
+                    Poll::Ready(Some(())) => {}
+                    _ => return Poll::Pending,
+                }
+            }
+            cx.waker().wake_by_ref();
             Poll::Pending
         })
         .await;

@@ -936,18 +936,21 @@ impl Node {
         let grace = shared.config.limits.shutdown_grace;
         // No handler or transfer starts from now on (a request gets BUSY, a message waiting
         // for a slot is dropped); those running finish, and their answers go out. Answers
-        // are still counted as they start, so that each is waited for.
+        // are waited for last: a handler's or transfer's answer is counted before its slot
+        // goes back. (Refusals sent while closing are not counted: a peer that keeps
+        // asking does not hold shutdown up.)
         shared.requests.close();
         shared.transfers.close();
         let drained = tokio::time::timeout(grace, async {
             shared.requests.until_idle().await;
-            shared.answers.until_idle().await;
             shared.transfers.until_idle().await;
+            shared.answers.until_idle().await;
         })
         .await;
         if drained.is_err() {
             let running = shared.requests.in_use() + shared.transfers.in_use();
-            warn!("shutdown: {running} requests still running after {grace:?}; closing anyway");
+            let answers = shared.answers.in_use();
+            warn!("shutdown: {running} requests still running and {answers} answers not yet delivered after {grace:?}; closing anyway");
         }
         // Closed from the node's own runtime, after what its drivers have queued: the last
         // answers are on their way before the close frames.

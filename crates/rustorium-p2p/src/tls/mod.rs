@@ -16,12 +16,9 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
 use crate::certificate::{self as cert, CertError};
-use tickets::TicketCache;
+use tickets::{DialerTickets, TicketCache};
 
-/// Session tickets rustls's client cache keeps per server at most.
-const TICKETS_PER_SERVER: usize = 8;
-
-/// The most peers whose tickets a dialer keeps (rustls preallocates its cache for them).
+/// The most peers whose tickets a dialer keeps.
 const MAX_TICKET_PEERS: usize = 16_384;
 
 mod tickets;
@@ -103,12 +100,10 @@ impl TlsConfigs {
             .with_custom_certificate_verifier(verifier.clone())
             .with_client_cert_resolver(ours);
         client.alpn_protocols = vec![alpn.to_vec()];
-        // rustls sizes this cache in tickets and keeps up to eight per server (its
-        // `MAX_TLS13_TICKETS_PER_SERVER`), so it holds sessions / 8 servers: ask for eight
-        // per peer to keep a ticket for `sessions` peers. Entries are made only for peers
-        // this node dialed, and the cache keeps the most recent.
-        let tickets = sessions.saturating_mul(TICKETS_PER_SERVER);
-        client.resumption = rustls::client::Resumption::in_memory_sessions(tickets);
+        // Tickets for up to `sessions` peers, made only for peers this node dialed; the
+        // cache grows as they are dialed, and keeps the most recent.
+        let tickets = Arc::new(DialerTickets::new(sessions));
+        client.resumption = rustls::client::Resumption::store(tickets);
         client.enable_early_data = config.node.zero_rtt;
 
         Ok(TlsConfigs {

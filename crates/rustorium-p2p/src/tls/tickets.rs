@@ -1,9 +1,18 @@
-//! The acceptor's session cache, bounded in bytes: each resumption ticket is an id into
+//! Session caches, both bounded.
+//!
+//! [`TicketCache`]: the acceptor's, bounded in bytes: each resumption ticket is an id into
 //! it, holding the session's secrets and the peer's certificate, and is taken out when
 //! used (so one 0-RTT flight is accepted once). When full, the oldest sessions go first.
+//!
+//! [`DialerTickets`]: the dialer's, the tickets peers it dialed gave it, bounded in peers
+//! and tickets per peer.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
+
+use rustls::client::{ClientSessionStore, Tls12ClientSessionValue, Tls13ClientSessionValue};
+use rustls::pki_types::ServerName;
+use rustls::NamedGroup;
 
 /// Per-entry overhead counted on top of key and value (map and queue bookkeeping).
 const ENTRY_OVERHEAD: usize = 64;
@@ -89,6 +98,109 @@ impl rustls::server::StoresServerSessions for TicketCache {
     }
 }
 
+/// Tickets kept per peer at most. A handshake brings two; each 0-RTT reconnection uses one
+/// (the newest) and brings two more. Four leave a spare for reconnections whose connection
+/// closed before its tickets came.
+pub(crate) const TICKETS_PER_PEER: usize = 4;
+
+/// The dialer's session cache: up to [`TICKETS_PER_PEER`] tickets for each of at most
+/// `max_peers` peers, the peer first stored going first when full.
+///
+/// Why not rustls's `ClientSessionMemoryCache`: it allocates its map for all its servers
+/// up front, and room for eight tickets with each server: about 4.5 MB for 16,384 peers
+/// before a single dial. This one grows with the peers dialed. (A ticket's size is hidden
+/// by rustls, so the bound is in tickets, not bytes: see docs/SECURITY.md.)
+#[derive(Debug)]
+pub(crate) struct DialerTickets {
+    max_peers: usize,
+    peers: Mutex<Peers>,
+}
+
+#[derive(Debug, Default)]
+struct Peers {
+    map: HashMap<ServerName<'static>, PeerTickets>,
+    /// The map's keys, in the order they were first stored.
+    order: VecDeque<ServerName<'static>>,
+}
+
+#[derive(Debug, Default)]
+struct PeerTickets {
+    kx_hint: Option<NamedGroup>,
+    /// Oldest first.
+    tls13: VecDeque<Tls13ClientSessionValue>,
+}
+
+impl DialerTickets {
+    pub fn new(max_peers: usize) -> Self {
+        DialerTickets {
+            max_peers,
+            peers: Mutex::default(),
+        }
+    }
+
+    fn edit(&self, peer: ServerName<'static>, edit: impl FnOnce(&mut PeerTickets)) {
+        if self.max_peers == 0 {
+            return;
+        }
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let Peers { map, order } = &mut *peers;
+        if !map.contains_key(&peer) {
+            while map.len() >= self.max_peers {
+                let Some(oldest) = order.pop_front() else {
+                    break;
+                };
+                map.remove(&oldest);
+            }
+            order.push_back(peer.clone());
+        }
+        edit(map.entry(peer).or_default());
+    }
+
+    /// Peers with an entry now.
+    #[cfg(test)]
+    fn peers(&self) -> usize {
+        self.peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map
+            .len()
+    }
+}
+
+impl ClientSessionStore for DialerTickets {
+    fn set_kx_hint(&self, peer: ServerName<'static>, group: NamedGroup) {
+        self.edit(peer, |p| p.kx_hint = Some(group));
+    }
+
+    fn kx_hint(&self, peer: &ServerName<'_>) -> Option<NamedGroup> {
+        let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        peers.map.get(peer).and_then(|p| p.kx_hint)
+    }
+
+    // TLS 1.2 is never negotiated (the configurations offer TLS 1.3 only).
+    fn set_tls12_session(&self, _: ServerName<'static>, _: Tls12ClientSessionValue) {}
+
+    fn tls12_session(&self, _: &ServerName<'_>) -> Option<Tls12ClientSessionValue> {
+        None
+    }
+
+    fn remove_tls12_session(&self, _: &ServerName<'static>) {}
+
+    fn insert_tls13_ticket(&self, peer: ServerName<'static>, ticket: Tls13ClientSessionValue) {
+        self.edit(peer, |p| {
+            if p.tls13.len() >= TICKETS_PER_PEER {
+                p.tls13.pop_front();
+            }
+            p.tls13.push_back(ticket);
+        });
+    }
+
+    fn take_tls13_ticket(&self, peer: &ServerName<'static>) -> Option<Tls13ClientSessionValue> {
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        peers.map.get_mut(peer).and_then(|p| p.tls13.pop_back())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,5 +227,27 @@ mod tests {
             !cache.put(vec![0; 8], vec![0; 10_000]),
             "larger than the whole cache"
         );
+    }
+
+    #[test]
+    fn the_dialer_keeps_at_most_its_peers_dropping_the_first_stored() {
+        let tickets = DialerTickets::new(3);
+        let name = |i: u32| ServerName::try_from(format!("p{i}.example")).unwrap();
+        for i in 0..10 {
+            tickets.set_kx_hint(name(i), NamedGroup::X25519);
+            assert!(tickets.peers() <= 3);
+        }
+        assert_eq!(tickets.peers(), 3);
+        assert_eq!(tickets.kx_hint(&name(9)), Some(NamedGroup::X25519));
+        assert_eq!(
+            tickets.kx_hint(&name(6)),
+            None,
+            "first stored, first dropped"
+        );
+        // Touching a peer again does not make room by dropping it.
+        tickets.set_kx_hint(name(9), NamedGroup::X25519);
+        assert_eq!(tickets.peers(), 3);
+        assert_eq!(DialerTickets::new(0).kx_hint(&name(1)), None);
+        DialerTickets::new(0).set_kx_hint(name(1), NamedGroup::X25519);
     }
 }
