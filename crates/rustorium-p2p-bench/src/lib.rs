@@ -254,7 +254,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         Vec::new()
     };
     let pinned_stacks: Vec<usize> = if local && wanted(Scenario::Pinned) {
-        ran.iter().copied().filter(|&s| s < 2).collect()
+        ran.clone()
     } else {
         Vec::new()
     };
@@ -413,6 +413,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 requests: plan.pinned_requests,
                 sequential: plan.sequential,
                 setups: plan.pinned_setups,
+                bulk: plan.bulk_bytes,
             };
             let figures = tokio::task::block_in_place(|| pinned::measure(STACKS[stack], sizes))?;
             for (scenario, unit, value) in figures.figures {

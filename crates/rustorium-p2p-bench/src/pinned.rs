@@ -26,7 +26,7 @@ use bytes::Bytes;
 use futures_util::future::join_all;
 
 use crate::raw_wire;
-use crate::scenarios::ECHO;
+use crate::scenarios::{ECHO, STREAM_SINK};
 
 /// The CPUs this process may use, counted once (before any pinning).
 fn cpus() -> usize {
@@ -50,6 +50,8 @@ enum Variant {
     Raw,
     /// Raw quinn on tokio's multi-thread runtime.
     RawMultiThread,
+    /// TCP + TLS (tokio-rustls) on a single-threaded runtime: the bulk baseline.
+    Tcp,
 }
 
 impl Variant {
@@ -59,6 +61,7 @@ impl Variant {
             Variant::OursWithoutIoThread => &["--stack", "rustorium", "--no-io-thread"],
             Variant::Raw => &["--stack", "raw-wire", "--current-thread"],
             Variant::RawMultiThread => &["--stack", "raw-wire"],
+            Variant::Tcp => &["--stack", "tcp-tls", "--current-thread"],
         }
     }
 }
@@ -152,6 +155,8 @@ pub struct Sizes {
     pub sequential: usize,
     /// Connections of each set-up figure.
     pub setups: usize,
+    /// Bytes of the one-stream upload.
+    pub bulk: usize,
 }
 
 /// What one stack did, pinned: (scenario, unit, value).
@@ -159,10 +164,12 @@ pub struct Pinned {
     pub figures: Vec<(String, &'static str, f64)>,
 }
 
-/// Runs the pinned scenarios against `stack`'s servers (`rustorium` or `quinn`).
+/// Runs the pinned scenarios against `stack`'s servers (`rustorium`, `quinn` or
+/// `tcp+tls`, which has the bulk upload only).
 pub fn measure(stack: &str, sizes: Sizes) -> anyhow::Result<Pinned> {
     let (main, other) = match stack {
         "rustorium" => (Variant::Ours, Variant::OursWithoutIoThread),
+        "tcp+tls" => (Variant::Tcp, Variant::Tcp),
         _ => (Variant::Raw, Variant::RawMultiThread),
     };
     let pin = can_pin();
@@ -179,6 +186,10 @@ pub fn measure(stack: &str, sizes: Sizes) -> anyhow::Result<Pinned> {
                 let result = runtime.block_on(async {
                     let mut figures = Vec::new();
                     let server = Server::start(main, pin)?;
+                    figures.push(bulk(&server, main, sizes.bulk).await?);
+                    if main == Variant::Tcp {
+                        return Ok(figures);
+                    }
                     figures.extend(latency_and_rate(&server, sizes, "").await?);
                     figures.extend(setup(&server, sizes).await?);
                     figures.extend(many_connections(&server, sizes).await?);
@@ -211,6 +222,51 @@ pub fn measure(stack: &str, sizes: Sizes) -> anyhow::Result<Pinned> {
         }
     }
     Ok(Pinned { figures })
+}
+
+/// One stream (one TCP connection) carrying `bytes` to a server that reads and drops it:
+/// the client sends shared 1 MiB chunks (no copy on its side for QUIC), and the figure is
+/// from the first byte to the server's answer.
+async fn bulk(
+    server: &Server,
+    variant: Variant,
+    bytes: usize,
+) -> anyhow::Result<(String, &'static str, f64)> {
+    const CHUNK: usize = 1 << 20;
+    let took = if variant == Variant::Tcp {
+        let client = crate::baselines::TcpClient::connect(server.addr).await?;
+        let body = Bytes::from(vec![7u8; bytes]);
+        let start = Instant::now();
+        client.call(body).await?;
+        start.elapsed()
+    } else {
+        let client = raw_wire::Client::new()?;
+        let conn = client.connect(server.addr, false).await?;
+        let chunk = Bytes::from(vec![7u8; CHUNK.min(bytes)]);
+        let start = Instant::now();
+        let (mut send, mut recv) = conn.open_bi().await?;
+        send.write_all(&rustorium_p2p::wire::encode_header(STREAM_SINK))
+            .await?;
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            send.write_chunk(chunk.slice(..n)).await?;
+            left -= n;
+        }
+        send.finish()?;
+        let answer = recv.read_to_end(1 << 16).await?;
+        anyhow::ensure!(answer.first() == Some(&0), "the sink did not answer OK");
+        let took = start.elapsed();
+        conn.close(0u32.into(), b"done");
+        took
+    };
+    let gbits = bytes as f64 * 8.0 / took.as_secs_f64() / 1e9;
+    let mib = bytes >> 20;
+    Ok((
+        format!("pinned: {mib} MiB, one stream (one TCP connection), body dropped as it comes"),
+        "Gbit/s",
+        gbits,
+    ))
 }
 
 /// Datagrams the client has received on `conn`: what the server sent it.

@@ -20,6 +20,7 @@ use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use rustorium_p2p::wire::{self, Status};
 
 use crate::baselines::{certificate, udp_socket};
+use crate::scenarios::STREAM_SINK;
 
 /// The largest request the raw server reads (the pinned scenarios send 1 KiB at most).
 const MAX_BODY: usize = 1 << 20;
@@ -161,16 +162,43 @@ pub fn server(listen: SocketAddr, streams: u32) -> anyhow::Result<quinn::Endpoin
     Ok(endpoint)
 }
 
-/// Answers one request: the body back after an OK status byte.
+/// Answers one request: the body back after an OK status byte; for the streaming sink
+/// route (the pinned bulk scenario), nothing, once the body is read and dropped.
 async fn answer(mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
-    let Ok(request) = recv.read_to_end(MAX_BODY).await else {
-        return;
+    // The header (and, for an echo, the whole request) comes in the first chunk: taken as
+    // it is, without a copy.
+    let mut request = Bytes::new();
+    let (sink, len) = loop {
+        match wire::decode_header(&request) {
+            Ok(Some((route, len))) => break (route == STREAM_SINK, len),
+            Ok(None) => {}
+            Err(_) => {
+                let _ = send.reset(wire::code::BAD_REQUEST.into());
+                return;
+            }
+        }
+        match recv.read_chunk(MAX_BODY, true).await {
+            Ok(Some(chunk)) if request.is_empty() => request = chunk.bytes,
+            Ok(Some(chunk)) => request = [request, chunk.bytes].concat().into(),
+            _ => return,
+        }
     };
-    let Ok(Some((_route, len))) = wire::decode_header(&request) else {
-        let _ = send.reset(wire::code::BAD_REQUEST.into());
-        return;
+    let body = if sink {
+        while let Ok(Some(_)) = recv.read_chunk(usize::MAX, false).await {}
+        Bytes::new()
+    } else {
+        let mut body = request.slice(len..);
+        loop {
+            match recv.read_chunk(MAX_BODY, true).await {
+                Ok(Some(chunk)) if body.is_empty() => body = chunk.bytes,
+                Ok(Some(chunk)) if body.len() + chunk.bytes.len() <= MAX_BODY => {
+                    body = [body, chunk.bytes].concat().into();
+                }
+                Ok(None) => break body,
+                _ => return,
+            }
+        }
     };
-    let body = Bytes::from(request).slice(len..);
     let status = Bytes::from_static(&[Status::Ok as u8]);
     let _ = send.write_all_chunks(&mut [status, body]).await;
     let _ = send.finish();

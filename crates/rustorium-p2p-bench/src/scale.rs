@@ -84,6 +84,11 @@ pub async fn serve(args: ServerArgs) -> anyhow::Result<std::process::ExitCode> {
             println!("{}", server.addr());
             Box::new(server)
         }
+        "tcp-tls" => {
+            let server = crate::baselines::TcpServer::start_on(args.listen).await?;
+            println!("{}", server.addr);
+            Box::new(server)
+        }
         "raw-wire" => {
             let server = crate::raw_wire::server(args.listen, 1000)?;
             println!("{}", server.local_addr()?);
