@@ -103,7 +103,10 @@ pub(crate) async fn write_chunks_within(
     let deadline = at;
     while done < count {
         let by = deadline.min(Instant::now() + stall);
-        match timeout_at(by, send.write_chunks(&mut chunks[done..count])).await {
+        // Boxed: a tokio timer is large and 128-byte aligned; inline it would make every
+        // answer's state machine so, though only a write that waits gets here.
+        let write = send.write_chunks(&mut chunks[done..count]);
+        match Box::pin(timeout_at(by, write)).await {
             Ok(Ok(written)) => {
                 done += written.chunks;
                 progress();

@@ -221,8 +221,9 @@ impl Serving<'_> {
         if closing {
             let _ = recv.stop(VarInt::from_u32(code::SHUTTING_DOWN));
             let msg = Bytes::from_static(b"the node is shutting down");
-            self.answer(&mut send, Status::Busy, msg, Deadline::At(deadline))
-                .await;
+            // Refusals are boxed (here and below): their state machines, inline, would
+            // add to every request's (allocated per stream).
+            Box::pin(self.answer(&mut send, Status::Busy, msg, Deadline::At(deadline))).await;
             return Served::unregistered("unknown", Outcome::Busy);
         }
         let read = match self.read_request(&mut recv, deadline).await {
@@ -241,7 +242,7 @@ impl Serving<'_> {
                 match refusal.answer() {
                     Some((status, message)) => {
                         let message = Bytes::from(message);
-                        self.answer(&mut send, status, message, Deadline::At(deadline))
+                        Box::pin(self.answer(&mut send, status, message, Deadline::At(deadline)))
                             .await
                     }
                     None if matches!(refusal, Refusal::TimedOut(_) | Refusal::Unconfirmed(_)) => {
@@ -269,8 +270,7 @@ impl Serving<'_> {
             Ok(slots) => slots,
             Err(why) => {
                 let msg = Bytes::from_static(why.as_bytes());
-                self.answer(&mut send, Status::Busy, msg, Deadline::At(deadline))
-                    .await;
+                Box::pin(self.answer(&mut send, Status::Busy, msg, Deadline::At(deadline))).await;
                 return Served::new(&route, Outcome::Busy);
             }
         };
@@ -313,7 +313,7 @@ impl Serving<'_> {
                     _ => Outcome::HandlerError,
                 };
                 let message = Bytes::from(e.message);
-                self.answer_tracked(tracked, &mut send, e.status, message, deadline)
+                Box::pin(self.answer_tracked(tracked, &mut send, e.status, message, deadline))
                     .await;
                 Served::new(&route, outcome)
             }
@@ -461,7 +461,10 @@ impl Serving<'_> {
             let mut work = std::pin::pin!(work);
             match poll_once(work.as_mut()).await {
                 Some(done) => Ok(done),
-                None => timeout_at(deadline, work).await,
+                // Boxed: a tokio timer is large and 128-byte aligned, and held inline it
+                // would make every request's serving state machine so (allocated per
+                // stream, with an aligned allocation).
+                None => Box::pin(timeout_at(deadline, work)).await,
             }
         };
         match result {
@@ -657,7 +660,8 @@ impl Serving<'_> {
     /// clock is read only then.
     pub(crate) async fn delivered(&self, send: &mut SendStream, by: Deadline) {
         if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
-            let _ = timeout_at(by.at(), send.stopped()).await;
+            // Boxed, as in `read_request`: only shutdown takes this path.
+            let _ = Box::pin(timeout_at(by.at(), send.stopped())).await;
         }
     }
 
