@@ -172,7 +172,9 @@ pub(crate) async fn read_body(
         // one whose FIN is all that is left, go through without waiting; what a waiting
         // stream holds beyond the budget is the one chunk it read, a packet's worth.)
         if let Some(budget) = budget {
-            let counted = budget.reserve(chunk.len()).await;
+            // Boxed: only a body of more than one chunk gets here, and the two semaphore
+            // waits inline would add to every request's state machine.
+            let counted = Box::pin(budget.reserve(chunk.len())).await;
             held.merge(counted.map_err(|_| BodyError::Closing)?);
         }
         total += chunk.len();

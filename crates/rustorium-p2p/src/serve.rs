@@ -450,7 +450,9 @@ impl Serving<'_> {
             }?;
             // Early data runs only on routes that take it; any other waits for the
             // handshake (under the same deadline), and is dropped if it never completes.
-            if !read.0.early_data && !self.confirmed().await {
+            // (Boxed: only 0-RTT data waits here.)
+            if !read.0.early_data && !*self.confirmed.borrow() && !Box::pin(self.confirmed()).await
+            {
                 return Err(Refusal::Unconfirmed(route().unwrap_or_default()));
             }
             Ok(Got::Whole(read.0, read.1, read.2))

@@ -9,6 +9,7 @@ use std::time::Duration;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::task::{Context, Poll};
 
+use futures_util::future::Either;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 
 use tokio::sync::watch;
@@ -247,9 +248,6 @@ async fn announce(shared: &Arc<Shared>, entry: &Arc<PeerConnection>) -> bool {
 /// serve other connections (their drivers send what was written meanwhile).
 const STREAMS_PER_TURN: usize = 128;
 
-/// Serving one of the peer's streams, to its end.
-type StreamTask = Pin<Box<dyn Future<Output = ()> + Send>>;
-
 /// Accepts the peer's streams on one connection until it closes, and serves them.
 ///
 /// With the node's own I/O thread (the default) every stream is served in this task: on a
@@ -272,14 +270,16 @@ async fn serve_connection(shared: Arc<Shared>, entry: Arc<PeerConnection>, admit
     let in_this_task = shared.config.node.io_thread;
     let span = tracing::debug_span!("connection", peer = %entry.peer.short(), remote = %conn.remote_address(), direction = %entry.direction);
     async {
-        let mut streams = FuturesUnordered::<Contained>::new();
+        // Each stream's state machine is held in the set's own allocation for it (no box
+        // of its own).
+        let mut streams = FuturesUnordered::new();
         // Kept from turn to turn: each holds its registration for new streams.
         let mut accept_bi = std::pin::pin!(conn.accept_bi());
         let mut accept_uni = std::pin::pin!(conn.accept_uni());
-        let start = |stream: StreamTask, streams: &mut FuturesUnordered<Contained>| {
+        let start = |stream, streams: &mut FuturesUnordered<_>| {
             if in_this_task {
                 // Not polled until every stream of this turn is taken.
-                streams.push(Contained(stream));
+                streams.push(Contained { stream });
             } else {
                 tokio::spawn(stream);
             }
@@ -289,7 +289,10 @@ async fn serve_connection(shared: Arc<Shared>, entry: Arc<PeerConnection>, admit
                 match accept_bi.as_mut().poll(cx) {
                     Poll::Ready(Ok((send, recv))) => {
                         accept_bi.set(conn.accept_bi());
-                        start(request_task(&shared, &entry, send, recv), &mut streams);
+                        start(
+                            Either::Left(request_task(&shared, &entry, send, recv)),
+                            &mut streams,
+                        );
                         continue;
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(e),
@@ -298,7 +301,10 @@ async fn serve_connection(shared: Arc<Shared>, entry: Arc<PeerConnection>, admit
                 match accept_uni.as_mut().poll(cx) {
                     Poll::Ready(Ok(recv)) => {
                         accept_uni.set(conn.accept_uni());
-                        start(message_task(&shared, &entry, recv), &mut streams);
+                        start(
+                            Either::Right(message_task(&shared, &entry, recv)),
+                            &mut streams,
+                        );
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(e),
                     Poll::Pending => break,
@@ -348,17 +354,22 @@ async fn serve_connection(shared: Arc<Shared>, entry: Arc<PeerConnection>, admit
     .await
 }
 
-/// A stream served in its connection's task: a panic while serving it (a bug: handlers'
-/// panics are caught where they are called) ends that stream alone, as it would in a task
-/// of its own, and never the connection's task.
-struct Contained(StreamTask);
+pin_project_lite::pin_project! {
+    /// A stream served in its connection's task: a panic while serving it (a bug:
+    /// handlers' panics are caught where they are called) ends that stream alone, as it
+    /// would in a task of its own, and never the connection's task.
+    struct Contained<F> {
+        #[pin]
+        stream: F,
+    }
+}
 
-impl Future for Contained {
+impl<F: Future<Output = ()>> Future for Contained<F> {
     type Output = ();
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let stream = &mut self.0;
-        match catch_unwind(AssertUnwindSafe(|| stream.as_mut().poll(cx))) {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let stream = self.project().stream;
+        match catch_unwind(AssertUnwindSafe(|| stream.poll(cx))) {
             Ok(poll) => poll,
             Err(_) => {
                 error!("serving a stream panicked; the stream is dropped");
@@ -374,19 +385,17 @@ fn request_task(
     entry: &Arc<PeerConnection>,
     send: quinn::SendStream,
     recv: quinn::RecvStream,
-) -> StreamTask {
+) -> impl Future<Output = ()> + Send + 'static {
     let guard = entry.peer_stream_guard(StreamType::Bi);
     let (shared, entry) = (shared.clone(), entry.clone());
-    // Boxed: a pointer is cheaper to keep and move than the serving state machine (about
-    // 1.8 KB).
-    Box::pin(async move {
+    async move {
         let _active = shared
             .metrics
             .stream_opened(StreamKind::Request, Direction::Inbound);
         let closing = shared.is_closing();
         serving(&shared, &entry).request(closing, send, recv).await;
         drop(guard);
-    })
+    }
 }
 
 /// Serving one of the peer's one-way messages (a unidirectional stream).
@@ -394,16 +403,16 @@ fn message_task(
     shared: &Arc<Shared>,
     entry: &Arc<PeerConnection>,
     recv: quinn::RecvStream,
-) -> StreamTask {
+) -> impl Future<Output = ()> + Send + 'static {
     let guard = entry.peer_stream_guard(StreamType::Uni);
     let (shared, entry) = (shared.clone(), entry.clone());
-    Box::pin(async move {
+    async move {
         let _active = shared
             .metrics
             .stream_opened(StreamKind::OneWay, Direction::Inbound);
         serving(&shared, &entry).message(recv).await;
         drop(guard);
-    })
+    }
 }
 
 /// What serving one of the peer's streams on `entry` needs.
@@ -430,10 +439,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_stream_that_panics_ends_alone() {
-        let panics: StreamTask = Box::pin(async { panic!("a bug while serving") });
+        type Stream = Pin<Box<dyn Future<Output = ()> + Send>>;
+        let panics: Stream = Box::pin(async { panic!("a bug while serving") });
+        let fine: Stream = Box::pin(async {});
         let mut streams = FuturesUnordered::new();
-        streams.push(Contained(panics));
-        streams.push(Contained(Box::pin(async {})));
+        streams.push(Contained { stream: panics });
+        streams.push(Contained { stream: fine });
         let mut ended = 0;
         while streams.next().await.is_some() {
             ended += 1;
