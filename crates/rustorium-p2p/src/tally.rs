@@ -8,11 +8,12 @@
 //! only while someone waits (a one-way message waiting for a handler slot, shutdown
 //! waiting for the node to go idle).
 //!
-//! As with the semaphore, a place given back while callers wait goes to a waiter: each
-//! release wakes one of them, and [`Tally::try_take`] refuses while any waits, so a stream
-//! of requests cannot starve a waiting message. Waiters are not served in order among
-//! themselves; each wait is bounded by its caller's deadline, as every wait here is. (The
-//! byte budget, where a large body must not be starved by small ones, stays a
+//! As with the semaphore, a place given back while callers wait is handed to a waiter: it
+//! is not freed but passed on (counted in `handoff`), and only a waiter woken for it can
+//! claim it; [`Tally::try_take`] refuses while any waits. So neither a stream of requests
+//! nor newer waiters can take a place from an older waiter (tokio's `Notify` wakes its
+//! waiters oldest first). Each wait is bounded by its caller's deadline, as every wait here
+//! is. (The byte budget, where a large body must not be starved by small ones, stays a
 //! `Semaphore`.)
 
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
@@ -32,6 +33,9 @@ pub(crate) struct Tally {
     max: usize,
     /// Callers waiting in [`take`](Self::take); each release wakes one.
     takers: AtomicUsize,
+    /// Places given back while callers waited: still counted in `used`, each for a woken
+    /// waiter to claim (or freed when the last waiter leaves).
+    handoff: AtomicUsize,
     freed: Notify,
     /// Callers waiting in [`until_idle`](Self::until_idle); woken when the count reaches 0.
     idlers: AtomicUsize,
@@ -45,31 +49,52 @@ pub(crate) struct Taken(Arc<Tally>);
 impl Drop for Taken {
     fn drop(&mut self) {
         let tally = &self.0;
-        let before = tally.used.fetch_sub(1, SeqCst);
-        // Each paired with a waiter's count, then its second look at `used`: either the
-        // waiter sees this release, or this sees the waiter and wakes it.
         if tally.takers.load(SeqCst) != 0 {
+            // Handed to a waiter rather than freed; then, in case the last waiter left
+            // meanwhile (and so found nothing to free), freed after all.
+            tally.handoff.fetch_add(1, SeqCst);
             tally.freed.notify_one();
-        }
-        if before & !CLOSED == 1 && tally.idlers.load(SeqCst) != 0 {
-            tally.idle.notify_waiters();
+            if tally.takers.load(SeqCst) == 0 {
+                tally.free_handoffs();
+            }
+        } else {
+            tally.free(1);
         }
     }
 }
 
-/// Counts a waiter while alive.
-struct Waiting<'a>(&'a AtomicUsize);
+/// Counts a waiter for an idle tally while alive.
+struct Idler<'a>(&'a AtomicUsize);
 
-impl<'a> Waiting<'a> {
+impl<'a> Idler<'a> {
     fn new(count: &'a AtomicUsize) -> Self {
         count.fetch_add(1, SeqCst);
-        Waiting(count)
+        Idler(count)
     }
 }
 
-impl Drop for Waiting<'_> {
+impl Drop for Idler<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, SeqCst);
+    }
+}
+
+/// Counts a waiter for a place while alive; the last to leave frees the places handed
+/// over that nobody claimed.
+struct Taker<'a>(&'a Tally);
+
+impl<'a> Taker<'a> {
+    fn new(tally: &'a Tally) -> Self {
+        tally.takers.fetch_add(1, SeqCst);
+        Taker(tally)
+    }
+}
+
+impl Drop for Taker<'_> {
+    fn drop(&mut self) {
+        if self.0.takers.fetch_sub(1, SeqCst) == 1 {
+            self.0.free_handoffs();
+        }
     }
 }
 
@@ -79,6 +104,7 @@ impl Tally {
             used: AtomicUsize::new(0),
             max: max.min(CLOSED - 1),
             takers: AtomicUsize::new(0),
+            handoff: AtomicUsize::new(0),
             freed: Notify::new(),
             idlers: AtomicUsize::new(0),
             idle: Notify::new(),
@@ -115,7 +141,7 @@ impl Tally {
         if let Some(taken) = self.try_take() {
             return Some(taken);
         }
-        let _waiting = Waiting::new(&self.takers);
+        let _waiting = Taker::new(self);
         loop {
             let freed = self.freed.notified();
             let mut freed = std::pin::pin!(freed);
@@ -125,10 +151,51 @@ impl Tally {
             if self.is_closed() {
                 return None;
             }
+            // A place freed before this caller was counted as a waiter (a release that
+            // saw none): nobody else waits for it.
             if let Some(taken) = self.take_free() {
                 return Some(taken);
             }
             freed.await;
+            // Woken: a place handed over is this waiter's to claim, unless the tally has
+            // closed (the last waiter to leave then frees it).
+            if self.is_closed() {
+                return None;
+            }
+            if self.claim_handoff() {
+                return Some(Taken(self.clone()));
+            }
+        }
+    }
+
+    /// Takes one place handed over, if any.
+    fn claim_handoff(&self) -> bool {
+        let mut handoff = self.handoff.load(SeqCst);
+        while handoff != 0 {
+            match self
+                .handoff
+                .compare_exchange_weak(handoff, handoff - 1, SeqCst, SeqCst)
+            {
+                Ok(_) => return true,
+                Err(now) => handoff = now,
+            }
+        }
+        false
+    }
+
+    /// Frees the places handed over that no waiter claimed (no waiter is left).
+    fn free_handoffs(&self) {
+        let unclaimed = self.handoff.swap(0, SeqCst);
+        if unclaimed != 0 {
+            self.free(unclaimed);
+        }
+    }
+
+    /// Gives `n` places back to the count, waking those waiting for idleness at 0.
+    fn free(&self, n: usize) {
+        let before = self.used.fetch_sub(n, SeqCst);
+        if before & !CLOSED == n && self.idlers.load(SeqCst) != 0 {
+            self.idle.notify_waiters();
         }
     }
 
@@ -145,7 +212,7 @@ impl Tally {
 
     /// Waits until no place is taken. Callers bound the wait.
     pub async fn until_idle(&self) {
-        let _waiting = Waiting::new(&self.idlers);
+        let _waiting = Idler::new(&self.idlers);
         loop {
             let idle = self.idle.notified();
             let mut idle = std::pin::pin!(idle);
@@ -172,6 +239,8 @@ impl Tally {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::future::Future;
+    use std::task::Poll;
     use std::time::Duration;
 
     const WAIT: Duration = Duration::from_secs(10);
@@ -220,6 +289,51 @@ mod tests {
         );
         assert!(tokio::time::timeout(WAIT, waiter).await.unwrap().unwrap());
         assert_eq!((tally.takers(), tally.in_use()), (0, 0));
+        assert!(tally.try_take().is_some());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_newer_waiter_cannot_take_the_place_handed_to_an_older_one() {
+        let tally = Tally::new(1);
+        let held = tally.try_take().unwrap();
+        let older = {
+            let tally = tally.clone();
+            tokio::spawn(async move { tally.take().await.map(drop).is_some() })
+        };
+        until("the older waiter waits", || tally.takers() == 1).await;
+        // Given back: handed to the older waiter, which has not run yet. A newer caller
+        // that comes first finds no free place and waits.
+        drop(held);
+        let mut newer = Box::pin(tally.take());
+        let waits = std::future::poll_fn(|cx| Poll::Ready(newer.as_mut().poll(cx).is_pending()));
+        assert!(
+            waits.await,
+            "the newer caller took the older waiter's place"
+        );
+        assert!(tokio::time::timeout(WAIT, older).await.unwrap().unwrap());
+        // The older one is done with it: the newer one gets it now.
+        assert!(tokio::time::timeout(WAIT, newer).await.unwrap().is_some());
+        assert_eq!((tally.takers(), tally.in_use()), (0, 0));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_place_handed_to_a_waiter_that_gives_up_is_freed() {
+        let tally = Tally::new(1);
+        let held = tally.try_take().unwrap();
+        let waiter = {
+            let tally = tally.clone();
+            tokio::spawn(async move { tally.take().await.map(drop) })
+        };
+        until("the waiter waits", || tally.takers() == 1).await;
+        drop(held);
+        // Handed over, then the waiter is cancelled before it runs.
+        waiter.abort();
+        let _ = waiter.await;
+        assert_eq!(
+            (tally.takers(), tally.in_use()),
+            (0, 0),
+            "the place came back"
+        );
         assert!(tally.try_take().is_some());
     }
 
