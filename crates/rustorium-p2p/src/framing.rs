@@ -9,32 +9,37 @@ use tokio::time::{timeout_at, Instant};
 
 use crate::budget::{ByteBudget, Held, CHUNK};
 
-/// Bodies up to this size are copied behind their prefix (header or status byte) and
-/// written as one chunk: one STREAM frame, and one read on the other side. Larger ones go
-/// as a second chunk, uncopied.
-const COALESCE_LIMIT: usize = 256;
-
 /// Writes `prefix` then `body` on `send` (without finishing it).
 pub(crate) async fn write_framed(
     send: &mut SendStream,
-    prefix: &[u8],
+    prefix: Bytes,
     body: Bytes,
 ) -> Result<(), WriteError> {
     let (mut chunks, count) = framed(prefix, body);
     send.write_all_chunks(&mut chunks[..count]).await
 }
 
-/// `prefix` and `body` as the chunks to write, and how many there are: one, copied, for a
-/// small body; two for a larger one (the body uncopied).
-fn framed(prefix: &[u8], body: Bytes) -> ([Bytes; 2], usize) {
-    if body.len() <= COALESCE_LIMIT {
-        let mut joined = BytesMut::with_capacity(prefix.len() + body.len());
-        joined.extend_from_slice(prefix);
-        joined.extend_from_slice(&body);
-        ([joined.freeze(), Bytes::new()], 1)
-    } else {
-        ([Bytes::copy_from_slice(prefix), body], 2)
-    }
+/// `prefix` and `body` as the chunks to write, and how many there are, neither copied.
+/// (They still leave in one STREAM frame: quinn builds a frame from the stream's bytes,
+/// whatever chunks they were written in, so the other side reads them in one piece.)
+fn framed(prefix: Bytes, body: Bytes) -> ([Bytes; 2], usize) {
+    let count = if body.is_empty() { 1 } else { 2 };
+    ([prefix, body], count)
+}
+
+/// A status byte as a chunk to write, with no allocation.
+pub(crate) fn status_chunk(status: crate::wire::Status) -> Bytes {
+    static BYTES: [u8; 256] = {
+        let mut all = [0u8; 256];
+        let mut i = 0;
+        while i < 256 {
+            all[i] = i as u8;
+            i += 1;
+        }
+        all
+    };
+    let byte = usize::from(crate::wire::encode_status(status));
+    Bytes::from_static(&BYTES[byte..=byte])
 }
 
 /// No byte of an answer could be written for the stall timeout (or the deadline passed).
@@ -67,7 +72,7 @@ impl Deadline {
 /// clock read; only a write that has to wait arms the timers.
 pub(crate) async fn write_framed_within(
     send: &mut SendStream,
-    prefix: &[u8],
+    prefix: Bytes,
     body: Bytes,
     stall: Duration,
     deadline: &mut Deadline,
@@ -103,8 +108,8 @@ pub(crate) async fn write_chunks_within(
     let deadline = at;
     while done < count {
         let by = deadline.min(Instant::now() + stall);
-        // Boxed: a tokio timer is large and 128-byte aligned; inline it would make every
-        // answer's state machine so, though only a write that waits gets here.
+        // Boxed: a tokio timer is large, and inline it would add to every answer's state
+        // machine, though only a write that waits gets here.
         let write = send.write_chunks(&mut chunks[done..count]);
         match Box::pin(timeout_at(by, write)).await {
             Ok(Ok(written)) => {

@@ -221,8 +221,8 @@ async fn exchange(
     body: Bytes,
     max_response_size: u64,
 ) -> Result<Bytes, Failure> {
-    let header = wire::encode_header(target.route);
-    let stopped = match write_framed(&mut streams.send, &header, body).await {
+    let header = Bytes::from(wire::encode_header(target.route));
+    let stopped = match write_framed(&mut streams.send, header, body).await {
         Ok(()) => {
             let _ = streams.send.finish();
             None
@@ -305,8 +305,8 @@ pub(crate) async fn send(
     let target = Target::new(conn, route);
     let work = async {
         let mut stream = conn.conn.open_uni().await.map_err(|e| target.lost(&e))?;
-        let header = wire::encode_header(route);
-        let stop = match write_framed(&mut stream, &header, body).await {
+        let header = Bytes::from(wire::encode_header(route));
+        let stop = match write_framed(&mut stream, header, body).await {
             Ok(()) => {
                 let _ = stream.finish();
                 match stream.stopped().await {

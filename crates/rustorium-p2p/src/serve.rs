@@ -14,7 +14,9 @@ use tokio::time::{timeout_at, Instant};
 use tracing::{debug, warn, Instrument};
 
 use crate::budget::{ByteBudget, Held};
-use crate::framing::{poll_once, read_body, write_framed_within, BodyError, Deadline, Stalled};
+use crate::framing::{
+    poll_once, read_body, status_chunk, write_framed_within, BodyError, Deadline, Stalled,
+};
 use crate::handler::{call_handler, RequestContext, Route, RouteKind, Router};
 use crate::identity::PeerId;
 use crate::metrics::{Metrics, Outcome, RouteCache, Side};
@@ -463,9 +465,8 @@ impl Serving<'_> {
             let mut work = std::pin::pin!(work);
             match poll_once(work.as_mut()).await {
                 Some(done) => Ok(done),
-                // Boxed: a tokio timer is large and 128-byte aligned, and held inline it
-                // would make every request's serving state machine so (allocated per
-                // stream, with an aligned allocation).
+                // Boxed: a tokio timer is large, and held inline it would add to every
+                // request's serving state machine (allocated per stream).
                 None => Box::pin(timeout_at(deadline, work)).await,
             }
         };
@@ -639,10 +640,10 @@ impl Serving<'_> {
             self.unread();
             return;
         };
-        let status_byte = [wire::encode_status(status)];
+        let status_byte = status_chunk(status);
         let stall = self.limits.answer_timeout;
         let mut deadline = deadline;
-        match write_framed_within(send, &status_byte, body, stall, &mut deadline).await {
+        match write_framed_within(send, status_byte, body, stall, &mut deadline).await {
             Ok(Ok(())) => {
                 self.share.read();
                 let _ = send.finish();

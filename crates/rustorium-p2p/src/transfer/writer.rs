@@ -12,7 +12,7 @@ use super::{Times, TransferError};
 use crate::framing::{write_chunks_within, Deadline, Stalled};
 use crate::serve::{try_pair, Pair};
 use crate::tally::{Taken, Tally};
-use crate::wire::{self, code, Status};
+use crate::wire::{code, Status};
 
 /// The answer to a request on a streaming route, written a chunk at a time.
 ///
@@ -194,7 +194,7 @@ impl Answer {
                     }
                 }
             }
-            chunks[0] = Bytes::copy_from_slice(&[wire::encode_status(Status::Ok)]);
+            chunks[0] = crate::framing::status_chunk(Status::Ok);
             &mut chunks[..]
         };
         let mut deadline = Deadline::At(self.times.ends);
