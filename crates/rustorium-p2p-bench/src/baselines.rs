@@ -387,6 +387,30 @@ impl TcpClient {
         })
     }
 
+    /// Sends a body of `len` bytes made of `chunk` over and over (the bulk scenario: the
+    /// same hot buffer that the QUIC clients send), and waits for the answer.
+    pub async fn upload(&self, chunk: &[u8], len: usize) -> anyhow::Result<Bytes> {
+        anyhow::ensure!(!chunk.is_empty(), "an empty chunk");
+        let frame_len = u32::try_from(len).context("a body over 4 GiB")?;
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut write = self.write.lock().await;
+            self.pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push_back(tx);
+            write.write_u32(frame_len).await?;
+            let mut left = len;
+            while left > 0 {
+                let n = left.min(chunk.len());
+                write.write_all(&chunk[..n]).await?;
+                left -= n;
+            }
+            write.flush().await?;
+        }
+        rx.await.context("connection closed")
+    }
+
     pub async fn call(&self, body: Bytes) -> anyhow::Result<Bytes> {
         let (tx, rx) = oneshot::channel();
         {

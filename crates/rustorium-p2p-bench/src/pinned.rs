@@ -186,7 +186,7 @@ pub fn measure(stack: &str, sizes: Sizes) -> anyhow::Result<Pinned> {
                 let result = runtime.block_on(async {
                     let mut figures = Vec::new();
                     let server = Server::start(main, pin)?;
-                    figures.push(bulk(&server, main, sizes.bulk).await?);
+                    figures.extend(bulk(&server, main, sizes.bulk).await?);
                     if main == Variant::Tcp {
                         return Ok(figures);
                     }
@@ -225,19 +225,22 @@ pub fn measure(stack: &str, sizes: Sizes) -> anyhow::Result<Pinned> {
 }
 
 /// One stream (one TCP connection) carrying `bytes` to a server that reads and drops it:
-/// the client sends shared 1 MiB chunks (no copy on its side for QUIC), and the figure is
-/// from the first byte to the server's answer.
+/// the client sends the same 1 MiB chunk over and over (for QUIC, shared, with no copy on
+/// its side), and the figure is from the first byte to the server's answer. Also the
+/// client's and the server's CPU busy over the transfer: which side limits it.
 async fn bulk(
     server: &Server,
     variant: Variant,
     bytes: usize,
-) -> anyhow::Result<(String, &'static str, f64)> {
+) -> anyhow::Result<Vec<(String, &'static str, f64)>> {
     const CHUNK: usize = 1 << 20;
+    let client_before = own_cpu_time();
+    let server_before = server.cpu();
     let took = if variant == Variant::Tcp {
         let client = crate::baselines::TcpClient::connect(server.addr).await?;
-        let body = Bytes::from(vec![7u8; bytes]);
+        let chunk = vec![7u8; CHUNK.min(bytes)];
         let start = Instant::now();
-        client.call(body).await?;
+        client.upload(&chunk, bytes).await?;
         start.elapsed()
     } else {
         let client = raw_wire::Client::new()?;
@@ -261,12 +264,19 @@ async fn bulk(
         took
     };
     let gbits = bytes as f64 * 8.0 / took.as_secs_f64() / 1e9;
-    let mib = bytes >> 20;
-    Ok((
-        format!("pinned: {mib} MiB, one stream (one TCP connection), body dropped as it comes"),
-        "Gbit/s",
-        gbits,
-    ))
+    let busy = |cpu: Duration| cpu.as_secs_f64() / took.as_secs_f64() * 100.0;
+    // Both include the connection's set-up, a few milliseconds against a second or more.
+    let client = busy(own_cpu_time().saturating_sub(client_before));
+    let server = busy(server.cpu().saturating_sub(server_before));
+    let name = format!(
+        "pinned: {} MiB, one stream (one TCP connection), body dropped as it comes",
+        bytes >> 20
+    );
+    Ok(vec![
+        (name.clone(), "Gbit/s", gbits),
+        (format!("{name}, client CPU busy"), "%", client),
+        (format!("{name}, server CPU busy"), "%", server),
+    ])
 }
 
 /// Datagrams the client has received on `conn`: what the server sent it.

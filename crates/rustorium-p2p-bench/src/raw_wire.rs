@@ -184,8 +184,15 @@ async fn answer(mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
         }
     };
     let body = if sink {
-        while let Ok(Some(_)) = recv.read_chunk(usize::MAX, false).await {}
-        Bytes::new()
+        // Answered only once the whole body is in: a broken transfer gets no answer (and
+        // its client an error), never a fast success.
+        loop {
+            match recv.read_chunk(usize::MAX, false).await {
+                Ok(Some(_)) => {}
+                Ok(None) => break Bytes::new(),
+                Err(_) => return,
+            }
+        }
     } else {
         let mut body = request.slice(len..);
         loop {
