@@ -107,8 +107,9 @@ pub(crate) const TICKETS_PER_PEER: usize = 4;
 /// `max_peers` peers, the peer first stored going first when full.
 ///
 /// Why not rustls's `ClientSessionMemoryCache`: it allocates its map for all its servers
-/// up front, and room for eight tickets with each server: about 4.5 MB for 16,384 peers
-/// before a single dial. This one grows with the peers dialed. (A ticket's size is hidden
+/// up front (about 4.5 MB for 16,384 peers before a single dial), and room for eight
+/// tickets with each server when the server is first stored. This one grows with the peers
+/// dialed and their tickets. (A ticket's size is hidden
 /// by rustls, so the bound is in tickets, not bytes: see docs/SECURITY.md.)
 #[derive(Debug)]
 pub(crate) struct DialerTickets {
