@@ -390,7 +390,7 @@ impl TcpClient {
     /// Sends a body of `len` bytes made of `chunk` over and over (the bulk scenario: the
     /// same hot buffer that the QUIC clients send), and waits for the answer.
     pub async fn upload(&self, chunk: &[u8], len: usize) -> anyhow::Result<Bytes> {
-        anyhow::ensure!(!chunk.is_empty(), "an empty chunk");
+        anyhow::ensure!(len == 0 || !chunk.is_empty(), "an empty chunk");
         let frame_len = u32::try_from(len).context("a body over 4 GiB")?;
         let (tx, rx) = oneshot::channel();
         {
@@ -411,18 +411,8 @@ impl TcpClient {
         rx.await.context("connection closed")
     }
 
+    /// Sends `body` and waits for the answer.
     pub async fn call(&self, body: Bytes) -> anyhow::Result<Bytes> {
-        let (tx, rx) = oneshot::channel();
-        {
-            let mut write = self.write.lock().await;
-            self.pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push_back(tx);
-            write.write_u32(body.len() as u32).await?;
-            write.write_all(&body).await?;
-            write.flush().await?;
-        }
-        rx.await.context("connection closed")
+        self.upload(&body, body.len()).await
     }
 }

@@ -257,6 +257,12 @@ mod tests {
         panic!("{what}: not after 1000 turns");
     }
 
+    /// A task waiting for a place: `true` if it got one (given back at once).
+    fn waiter(tally: &Arc<Tally>) -> tokio::task::JoinHandle<bool> {
+        let tally = tally.clone();
+        tokio::spawn(async move { tally.take().await.map(drop).is_some() })
+    }
+
     #[test]
     fn places_are_limited_and_come_back_when_dropped() {
         let tally = Tally::new(2);
@@ -277,10 +283,7 @@ mod tests {
     async fn a_place_given_back_goes_to_the_waiter_not_to_a_later_try() {
         let tally = Tally::new(1);
         let held = tally.try_take().unwrap();
-        let waiter = {
-            let tally = tally.clone();
-            tokio::spawn(async move { tally.take().await.map(drop).is_some() })
-        };
+        let waiter = waiter(&tally);
         until("the waiter waits", || tally.takers() == 1).await;
         drop(held);
         assert!(
@@ -296,10 +299,7 @@ mod tests {
     async fn a_newer_waiter_cannot_take_the_place_handed_to_an_older_one() {
         let tally = Tally::new(1);
         let held = tally.try_take().unwrap();
-        let older = {
-            let tally = tally.clone();
-            tokio::spawn(async move { tally.take().await.map(drop).is_some() })
-        };
+        let older = waiter(&tally);
         until("the older waiter waits", || tally.takers() == 1).await;
         // Given back: handed to the older waiter, which has not run yet. A newer caller
         // that comes first finds no free place and waits.
