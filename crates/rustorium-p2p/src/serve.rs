@@ -630,8 +630,10 @@ impl Serving<'_> {
     ) {
         // Shutdown waits for the answers it counts; a refusal sent while closing is not
         // counted, so a peer that keeps asking cannot hold shutdown up.
-        let closing = self.closing.load(std::sync::atomic::Ordering::SeqCst);
-        let _tracked = tracked.or_else(|| (!closing).then(|| self.answers.try_take()).flatten());
+        let _tracked = tracked.or_else(|| {
+            let closing = self.closing.load(std::sync::atomic::Ordering::SeqCst);
+            (!closing).then(|| self.answers.try_take()).flatten()
+        });
         let Some(_pending) = self.share.answers.try_take() else {
             // The peer has its share of answers unread and asks for more: a strike, as
             // an answer left unread is.

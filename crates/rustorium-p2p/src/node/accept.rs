@@ -2,16 +2,14 @@
 //! peer's streams on every connection, whichever side dialed it.
 
 use std::future::Future;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
-
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures_util::future::Either;
 use futures_util::stream::{FuturesUnordered, StreamExt};
-
 use tokio::sync::watch;
 use tracing::{debug, error, warn, Instrument};
 

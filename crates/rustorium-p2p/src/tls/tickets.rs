@@ -101,7 +101,7 @@ impl rustls::server::StoresServerSessions for TicketCache {
 /// Tickets kept per peer at most. A handshake brings two; each 0-RTT reconnection uses one
 /// (the newest) and brings two more. Four leave a spare for reconnections whose connection
 /// closed before its tickets came.
-pub(crate) const TICKETS_PER_PEER: usize = 4;
+const TICKETS_PER_PEER: usize = 4;
 
 /// The dialer's session cache: up to [`TICKETS_PER_PEER`] tickets for each of at most
 /// `max_peers` peers, the peer first stored going first when full.
@@ -109,8 +109,8 @@ pub(crate) const TICKETS_PER_PEER: usize = 4;
 /// Why not rustls's `ClientSessionMemoryCache`: it allocates its map for all its servers
 /// up front (about 4.5 MB for 16,384 peers before a single dial), and room for eight
 /// tickets with each server when the server is first stored. This one grows with the peers
-/// dialed and their tickets. (A ticket's size is hidden
-/// by rustls, so the bound is in tickets, not bytes: see docs/SECURITY.md.)
+/// dialed and their tickets. (A ticket's size is hidden by rustls, so the bound is in
+/// tickets, not bytes: see docs/SECURITY.md.)
 #[derive(Debug)]
 pub(crate) struct DialerTickets {
     max_peers: usize,
