@@ -237,6 +237,7 @@ async fn early_data_node_with_log() -> (
             log.lock().unwrap().push(ctx.is_early_data());
             async move { Ok(body) }
         })
+        .route("sync", |_ctx, body: Bytes| async move { Ok(body) })
         .early_data_route("early", move |ctx: RequestContext, body: Bytes| {
             early_log
                 .lock()
@@ -359,12 +360,40 @@ async fn only_early_data_routes_run_before_the_handshake_completes() {
             matches!(e, PeerEvent::Connected { .. })
         })
         .await;
+        // A node sends one ticket per handshake, once the dialer's Finished has reached
+        // it: a round trip after the handshake brings it, for the next reconnection.
+        a.request(b.peer_id(), "sync", "").await.unwrap();
     }
     // Early route: 0-RTT data, run before the handshake completed (one RTT of 20 ms).
     assert_eq!(*early.lock().unwrap(), vec![(true, false)]);
     // Other route: 0-RTT data too, but its handler ran only once the handshake completed
     // (it asserts `is_handshake_complete`).
     assert_eq!(*seen.lock().unwrap(), vec![false, true]);
+}
+
+/// A handshake gives the dialer one ticket (rustls's default is two): after a 0-RTT
+/// reconnection that ends before its own ticket arrives (a round trip after the
+/// handshake), the next reconnection has none and makes a full handshake.
+#[tokio::test]
+async fn a_handshake_gives_the_dialer_one_ticket() {
+    let (b, _seen, _early, link) = early_data_node_with_log().await;
+    let b_addr = rustorium_p2p::PeerAddr::new(b.peer_id(), link.local_addr());
+    let a = Node::builder().bind().await.unwrap();
+    let mut events = a.events();
+    a.connect(&b_addr).await.unwrap();
+    a.request(b.peer_id(), "sync", "").await.unwrap(); // the ticket arrives
+    for round in 0..2u64 {
+        a.disconnect(&b.peer_id());
+        wait_event(&mut events, "disconnect", |e| {
+            matches!(e, PeerEvent::Disconnected { .. })
+        })
+        .await;
+        // Answered from 0-RTT data, a round trip before the new connection's ticket.
+        let idempotent = RequestOptions::new().idempotent(true);
+        let answer = a.request_with(b.peer_id(), "early", "x", idempotent).await;
+        assert_eq!(answer.unwrap(), "x");
+        assert_eq!(a.stats().zero_rtt_attempted, 1, "round {round}");
+    }
 }
 
 /// A 0-RTT request whose connection closes before the handshake completes (what a

@@ -88,6 +88,10 @@ impl TlsConfigs {
         let ticket_bytes =
             usize::try_from(config.limits.max_ticket_cache_bytes).unwrap_or(usize::MAX);
         server.session_storage = Arc::new(TicketCache::new(ticket_bytes));
+        // One ticket per handshake (rustls sends two by default). There is one connection
+        // per peer, and each connection, resumed or not, brings the dialer a fresh ticket,
+        // so a second one would only be held, by this cache and the dialer's, unused.
+        server.send_tls13_tickets = 1;
         if config.node.zero_rtt {
             server.max_early_data_size = u32::MAX; // QUIC allows only 0 or u32::MAX
         }
