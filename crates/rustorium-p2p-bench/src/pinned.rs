@@ -2,12 +2,13 @@
 //! the per-core comparison.
 //!
 //! The baseline is raw quinn at its strongest: its server on a single-threaded runtime,
-//! speaking our wire protocol with mutual TLS ([`raw_wire`](crate::raw_wire)). Ours is a
+//! serving each connection's streams in the connection's task, speaking our wire protocol
+//! with mutual TLS ([`raw_wire`](crate::raw_wire)). Ours is a
 //! node as the CLI and a library user run it: a default multi-thread tokio runtime, the
 //! node's I/O on a thread of its own. One raw quinn client, on a single-threaded runtime
 //! of its own, drives both, so the two figures differ only by the server. A second row
-//! each shows the weaker variants: raw quinn on the multi-thread runtime, and our node
-//! with `io_thread = false`.
+//! each shows the weaker variants: raw quinn on the multi-thread runtime with a task per
+//! stream (as quinn's examples run it), and our node with `io_thread = false`.
 //!
 //! Besides requests per second and latency: the server's CPU time per request and per
 //! connection set-up (from `/proc/<pid>/task/*/schedstat`, in nanoseconds), and the

@@ -7,11 +7,14 @@
 //! in, status byte and body until FIN out. The same client (a raw quinn one) drives both
 //! this server and our node, so what differs between the two figures is the server.
 
+use std::future::Future as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
 
 use anyhow::Context as _;
 use bytes::Bytes;
+use futures_util::stream::{FuturesUnordered, StreamExt as _};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -115,9 +118,23 @@ impl ClientCertVerifier for Mutual {
     }
 }
 
+/// How the raw server serves a connection's streams.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Serving {
+    /// A tokio task per stream, as quinn's examples do (raw quinn as usually run).
+    TaskPerStream,
+    /// Every stream in the connection's own task, as our node does with its I/O thread:
+    /// no spawn per request (the strongest raw server on one thread).
+    InConnectionTask,
+}
+
 /// Starts the raw server on `listen` (on the current runtime), with `streams` concurrent
 /// streams of each kind per connection, as our bench node allows.
-pub fn server(listen: SocketAddr, streams: u32) -> anyhow::Result<quinn::Endpoint> {
+pub fn server(
+    listen: SocketAddr,
+    streams: u32,
+    serving: Serving,
+) -> anyhow::Result<quinn::Endpoint> {
     let provider = provider();
     let (cert, key) = certificate()?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider.clone())
@@ -153,13 +170,46 @@ pub fn server(listen: SocketAddr, streams: u32) -> anyhow::Result<quinn::Endpoin
                         Err(_) => return,
                     },
                 };
-                while let Ok((send, recv)) = conn.accept_bi().await {
-                    tokio::spawn(answer(send, recv));
+                match serving {
+                    Serving::TaskPerStream => {
+                        while let Ok((send, recv)) = conn.accept_bi().await {
+                            tokio::spawn(answer(send, recv));
+                        }
+                    }
+                    Serving::InConnectionTask => serve_in_task(&conn).await,
                 }
             });
         }
     });
     Ok(endpoint)
+}
+
+/// Serves `conn`'s streams in the calling task: each turn takes every stream the peer has
+/// opened, then polls the streams being served, until the connection ends and its last
+/// stream is answered.
+async fn serve_in_task(conn: &quinn::Connection) {
+    let mut streams = FuturesUnordered::new();
+    let mut accept = Box::pin(conn.accept_bi());
+    let mut open = true;
+    std::future::poll_fn(|cx| {
+        while open {
+            match accept.as_mut().poll(cx) {
+                Poll::Ready(Ok((send, recv))) => {
+                    streams.push(answer(send, recv));
+                    accept.set(conn.accept_bi());
+                }
+                Poll::Ready(Err(_)) => open = false,
+                Poll::Pending => break,
+            }
+        }
+        while let Poll::Ready(Some(())) = streams.poll_next_unpin(cx) {}
+        if open || !streams.is_empty() {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await
 }
 
 /// Answers one request: the body back after an OK status byte; for the streaming sink

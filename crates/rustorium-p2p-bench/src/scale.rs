@@ -90,7 +90,14 @@ pub async fn serve(args: ServerArgs) -> anyhow::Result<std::process::ExitCode> {
             Box::new(server)
         }
         "raw-wire" => {
-            let server = crate::raw_wire::server(args.listen, 1000)?;
+            // On one thread, raw quinn at its strongest; on the multi-thread runtime, as
+            // quinn's examples run it.
+            let serving = if args.current_thread() {
+                crate::raw_wire::Serving::InConnectionTask
+            } else {
+                crate::raw_wire::Serving::TaskPerStream
+            };
+            let server = crate::raw_wire::server(args.listen, 1000, serving)?;
             println!("{}", server.local_addr()?);
             Box::new(server)
         }
