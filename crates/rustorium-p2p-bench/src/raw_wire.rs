@@ -143,6 +143,8 @@ pub fn server(
         .with_single_cert(vec![cert], key)?;
     tls.alpn_protocols = vec![b"rustorium".to_vec()];
     tls.max_early_data_size = u32::MAX;
+    // One ticket per handshake, as our nodes send: no ticket work ours does not do.
+    tls.send_tls13_tickets = 1;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();

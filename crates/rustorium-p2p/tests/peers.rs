@@ -227,6 +227,18 @@ async fn early_data_node_with_log() -> (
     EarlyLog,
     rustorium_p2p_link::Link,
 ) {
+    early_data_node_with_log_and_delay(Duration::from_millis(10)).await
+}
+
+/// As [`early_data_node_with_log`], behind a link that delays each datagram by `delay`.
+async fn early_data_node_with_log_and_delay(
+    delay: Duration,
+) -> (
+    Node,
+    Arc<Mutex<Vec<bool>>>,
+    EarlyLog,
+    rustorium_p2p_link::Link,
+) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let early = Arc::new(Mutex::new(Vec::new()));
     let (log, early_log) = (seen.clone(), early.clone());
@@ -249,7 +261,7 @@ async fn early_data_node_with_log() -> (
         .await
         .unwrap();
     let mut config = rustorium_p2p_link::LinkConfig::default();
-    config.delay = Duration::from_millis(10);
+    config.delay = delay;
     let link =
         rustorium_p2p_link::Link::start("127.0.0.1:0".parse().unwrap(), node.local_addr(), config)
             .await
@@ -376,7 +388,10 @@ async fn only_early_data_routes_run_before_the_handshake_completes() {
 /// handshake), the next reconnection has none and makes a full handshake.
 #[tokio::test]
 async fn a_handshake_gives_the_dialer_one_ticket() {
-    let (b, _seen, _early, link) = early_data_node_with_log().await;
+    // 50 ms each way: the resumed connection's ticket comes 100 ms after its early answer,
+    // so the disconnect right after that answer comes first on a busy machine too.
+    let (b, _seen, _early, link) =
+        early_data_node_with_log_and_delay(Duration::from_millis(50)).await;
     let b_addr = rustorium_p2p::PeerAddr::new(b.peer_id(), link.local_addr());
     let a = Node::builder().bind().await.unwrap();
     let mut events = a.events();

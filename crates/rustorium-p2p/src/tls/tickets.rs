@@ -98,9 +98,9 @@ impl rustls::server::StoresServerSessions for TicketCache {
     }
 }
 
-/// Tickets kept per peer at most. A handshake brings two; each 0-RTT reconnection uses one
-/// (the newest) and brings two more. Four leave a spare for reconnections whose connection
-/// closed before its tickets came.
+/// Tickets kept per peer at most. Our nodes send one per handshake, which the next dial
+/// takes (0-RTT or not, it is spent once the first flight is built); a peer may send more
+/// (rustls's default is two), and four bound what one peer can make this store hold.
 const TICKETS_PER_PEER: usize = 4;
 
 /// The dialer's session cache: up to [`TICKETS_PER_PEER`] tickets for each of at most
