@@ -48,18 +48,18 @@ pub(crate) struct Taken(Arc<Tally>);
 
 impl Drop for Taken {
     fn drop(&mut self) {
-        let tally = &self.0;
-        if tally.takers.load(SeqCst) != 0 {
-            // Handed to a waiter rather than freed; then, in case the last waiter left
-            // meanwhile (and so found nothing to free), freed after all.
-            tally.handoff.fetch_add(1, SeqCst);
-            tally.freed.notify_one();
-            if tally.takers.load(SeqCst) == 0 {
-                tally.free_handoffs();
-            }
-        } else {
-            tally.free(1);
-        }
+        self.0.give_back();
+    }
+}
+
+/// One place of a [`Tally`] held by a borrower of the tally (no count on the `Arc`), given
+/// back when dropped: what serving a request holds, within its own borrow of the node.
+#[derive(Debug)]
+pub(crate) struct Lent<'a>(&'a Tally);
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        self.0.give_back();
     }
 }
 
@@ -121,18 +121,48 @@ impl Tally {
 
     /// A place, if one is free and the tally is not closed (waiters or not).
     fn take_free(self: &Arc<Self>) -> Option<Taken> {
+        self.claim_free().then(|| Taken(self.clone()))
+    }
+
+    /// [`try_take`](Self::try_take), for a borrower.
+    pub fn try_lend(&self) -> Option<Lent<'_>> {
+        if self.takers.load(SeqCst) != 0 {
+            return None;
+        }
+        // Made only once claimed (`then_some` would make one, and so give a place back,
+        // even when none was claimed).
+        self.claim_free().then(|| Lent(self))
+    }
+
+    /// Counts a place as used, if one is free and the tally is not closed.
+    fn claim_free(&self) -> bool {
         let mut used = self.used.load(SeqCst);
         loop {
             if used & CLOSED != 0 || used >= self.max {
-                return None;
+                return false;
             }
             match self
                 .used
                 .compare_exchange_weak(used, used + 1, SeqCst, SeqCst)
             {
-                Ok(_) => return Some(Taken(self.clone())),
+                Ok(_) => return true,
                 Err(now) => used = now,
             }
+        }
+    }
+
+    /// A place comes back: handed to a waiter if there is one, else freed.
+    fn give_back(&self) {
+        if self.takers.load(SeqCst) != 0 {
+            // Handed to a waiter rather than freed; then, in case the last waiter left
+            // meanwhile (and so found nothing to free), freed after all.
+            self.handoff.fetch_add(1, SeqCst);
+            self.freed.notify_one();
+            if self.takers.load(SeqCst) == 0 {
+                self.free_handoffs();
+            }
+        } else {
+            self.free(1);
         }
     }
 
@@ -293,6 +323,24 @@ mod tests {
         assert!(tokio::time::timeout(WAIT, waiter).await.unwrap().unwrap());
         assert_eq!((tally.takers(), tally.in_use()), (0, 0));
         assert!(tally.try_take().is_some());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_lent_place_counts_and_goes_back_as_a_taken_one() {
+        let tally = Tally::new(2);
+        let lent = tally.try_lend().unwrap();
+        let taken = tally.try_take().unwrap();
+        assert_eq!(tally.in_use(), 2);
+        assert!(tally.try_lend().is_none(), "a full tally lends nothing");
+        let waiter = waiter(&tally);
+        until("the waiter waits", || tally.takers() == 1).await;
+        assert!(tally.try_lend().is_none(), "no place is lent past a waiter");
+        drop(lent);
+        assert!(tokio::time::timeout(WAIT, waiter).await.unwrap().unwrap());
+        drop(taken);
+        assert_eq!((tally.takers(), tally.in_use()), (0, 0));
+        tally.close();
+        assert!(tally.try_lend().is_none(), "a closed tally lends nothing");
     }
 
     #[tokio::test(flavor = "current_thread")]
