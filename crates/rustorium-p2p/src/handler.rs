@@ -1,7 +1,6 @@
 //! Handlers, registered per route with [`NodeBuilder::route`](crate::NodeBuilder::route),
 //! and the context they are called with.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -177,7 +176,10 @@ where
 /// Route name to handler.
 #[derive(Clone, Default)]
 pub(crate) struct Router {
-    routes: HashMap<Arc<str>, Route>,
+    /// Hashed with FxHash, not SipHash: the table holds only the node's own routes and is
+    /// never grown by a peer, so a peer's chosen names cannot flood a bucket beyond what the
+    /// table's few entries allow; a lookup costs a fraction of SipHash's.
+    routes: rustc_hash::FxHashMap<Arc<str>, Route>,
 }
 
 /// A registered route.
@@ -218,35 +220,50 @@ impl Router {
 
 /// Runs a handler, turning a panic (while making or polling its future) into a
 /// HANDLER_ERROR so that one bad handler cannot take the node down.
-pub(crate) async fn call_handler(
+///
+/// A plain function returning a small future (the handler's boxed one): an `async fn`
+/// here would hold `ctx` and `body` twice in every request's state machine.
+pub(crate) fn call_handler(
     handler: &dyn Handler,
     ctx: RequestContext,
     body: Bytes,
-) -> Result<Bytes, HandlerError> {
-    catch_panics(|| handler.call(ctx, body)).await
+) -> CatchUnwind<Bytes> {
+    catch_panics(|| handler.call(ctx, body))
 }
 
-/// Makes a handler's future with `make` and runs it, a panic in either becoming a
+/// Makes a handler's future with `make`, a panic in making or running it becoming a
 /// HANDLER_ERROR.
-pub(crate) async fn catch_panics<T>(
+pub(crate) fn catch_panics<T>(
     make: impl FnOnce() -> Pin<Box<dyn Future<Output = Result<T, HandlerError>> + Send>>,
-) -> Result<T, HandlerError> {
+) -> CatchUnwind<T> {
     match catch_unwind(AssertUnwindSafe(make)) {
-        Ok(future) => CatchUnwind(future).await,
-        Err(payload) => Err(panicked(payload)),
+        Ok(future) => CatchUnwind::Running(future),
+        Err(payload) => CatchUnwind::Failed(Some(panicked(payload))),
     }
 }
 
-struct CatchUnwind<T>(Pin<Box<dyn Future<Output = Result<T, HandlerError>> + Send>>);
+/// A handler's future, with its panics caught.
+pub(crate) enum CatchUnwind<T> {
+    Running(Pin<Box<dyn Future<Output = Result<T, HandlerError>> + Send>>),
+    /// Making the future panicked (taken when polled).
+    Failed(Option<HandlerError>),
+}
 
 impl<T> Future for CatchUnwind<T> {
     type Output = Result<T, HandlerError>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let future = &mut self.0;
-        match catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx))) {
-            Ok(poll) => poll,
-            Err(payload) => Poll::Ready(Err(panicked(payload))),
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // Unpin: the handler's future is boxed.
+        match self.get_mut() {
+            CatchUnwind::Running(future) => {
+                match catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx))) {
+                    Ok(poll) => poll,
+                    Err(payload) => Poll::Ready(Err(panicked(payload))),
+                }
+            }
+            CatchUnwind::Failed(error) => Poll::Ready(Err(error
+                .take()
+                .unwrap_or_else(|| HandlerError::new("handler polled after it failed")))),
         }
     }
 }
