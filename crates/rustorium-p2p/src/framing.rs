@@ -70,15 +70,36 @@ impl Deadline {
 ///
 /// An answer that fits the stream's window goes out in one step with no timer and no
 /// clock read; only a write that has to wait arms the timers.
-pub(crate) async fn write_framed_within(
-    send: &mut SendStream,
+///
+/// Not an `async fn` (which would hold `prefix` and `body` twice); the wait, when there is
+/// one, is boxed: only a write that has to wait pays for its state machine.
+pub(crate) fn write_framed_within<'a>(
+    send: &'a mut SendStream,
     prefix: Bytes,
     body: Bytes,
     stall: Duration,
-    deadline: &mut Deadline,
-) -> Result<Result<(), WriteError>, Stalled> {
+    deadline: &'a mut Deadline,
+) -> impl std::future::Future<Output = Result<Result<(), WriteError>, Stalled>> + Send + 'a {
     let (mut chunks, count) = framed(prefix, body);
-    write_chunks_within(send, &mut chunks[..count], stall, deadline, || {}).await
+    async move {
+        // `write_chunks` is cancel-safe: dropped while pending, it has written nothing.
+        let done = match poll_once(send.write_chunks(&mut chunks[..count])).await {
+            Some(Ok(written)) => written.chunks,
+            Some(Err(e)) => return Ok(Err(e)),
+            None => 0,
+        };
+        if done == count {
+            return Ok(Ok(()));
+        }
+        Box::pin(write_rest_within(
+            send,
+            &mut chunks[done..count],
+            stall,
+            deadline,
+            || {},
+        ))
+        .await
+    }
 }
 
 /// Writes `chunks` on `send` (without finishing it), giving up with [`Stalled`] when no
@@ -89,11 +110,11 @@ pub(crate) async fn write_chunks_within(
     chunks: &mut [Bytes],
     stall: Duration,
     deadline: &mut Deadline,
-    mut progress: impl FnMut(),
+    progress: impl FnMut(),
 ) -> Result<Result<(), WriteError>, Stalled> {
     let count = chunks.len();
     // `write_chunks` is cancel-safe: dropped while pending, it has written nothing.
-    let mut done = match poll_once(send.write_chunks(chunks)).await {
+    let done = match poll_once(send.write_chunks(chunks)).await {
         Some(Ok(written)) => written.chunks,
         Some(Err(e)) => return Ok(Err(e)),
         None => 0,
@@ -101,6 +122,20 @@ pub(crate) async fn write_chunks_within(
     if done == count {
         return Ok(Ok(()));
     }
+    write_rest_within(send, &mut chunks[done..count], stall, deadline, progress).await
+}
+
+/// The rest of a write that could not go out at once: the clock is read and the timers
+/// armed only here.
+async fn write_rest_within(
+    send: &mut SendStream,
+    chunks: &mut [Bytes],
+    stall: Duration,
+    deadline: &mut Deadline,
+    mut progress: impl FnMut(),
+) -> Result<Result<(), WriteError>, Stalled> {
+    let count = chunks.len();
+    let mut done = 0;
     // Resolved once: whatever waits after this write (shutdown's wait for the peer to
     // have the answer) shares the same instant.
     let at = deadline.at();
@@ -108,8 +143,8 @@ pub(crate) async fn write_chunks_within(
     let deadline = at;
     while done < count {
         let by = deadline.min(Instant::now() + stall);
-        // Boxed: a tokio timer is large, and inline it would add to every answer's state
-        // machine, though only a write that waits gets here.
+        // Boxed: a tokio timer is large, and inline it would add to every write's state
+        // machine.
         let write = send.write_chunks(&mut chunks[done..count]);
         match Box::pin(timeout_at(by, write)).await {
             Ok(Ok(written)) => {

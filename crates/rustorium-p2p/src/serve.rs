@@ -4,24 +4,26 @@
 //! Bytes come off the stream, through [`wire`](crate::wire), to a handler, and back.
 //! Every wait on the peer is bounded by a deadline, and every body by a size limit.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use futures_util::future::Either;
 use quinn::{ReadError, RecvStream, SendStream, VarInt};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::time::{timeout_at, Instant};
-use tracing::{debug, warn, Instrument};
+use tracing::{debug, warn};
 
 use crate::budget::{ByteBudget, Held};
 use crate::framing::{
     poll_once, read_body, status_chunk, write_framed_within, BodyError, Deadline, Stalled,
 };
 use crate::handler::{call_handler, RequestContext, Route, RouteKind, Router};
-use crate::identity::PeerId;
 use crate::metrics::{Metrics, Outcome, RouteCache, Side};
-use crate::peers::{PeerConnection, PeerShare};
-use crate::tally::{Taken, Tally};
+use crate::peers::PeerConnection;
+use crate::tally::{Lent, Taken, Tally};
 use crate::transfer::StreamRoute;
 use crate::wire::{self, code, HeaderError, Status};
 
@@ -48,15 +50,11 @@ pub(crate) struct Serving<'a> {
     pub answers: &'a Arc<Tally>,
     /// One permit per streaming request or message being served.
     pub transfers: &'a Arc<Tally>,
-    /// What the peer may hold of this node.
-    pub share: &'a Arc<PeerShare>,
     /// The node's budget of request bytes held in memory.
     pub bytes: &'a Arc<Semaphore>,
-    pub peer: PeerId,
-    /// The connection, as the pool knows it.
+    /// The connection, as the pool knows it: who is on the other end, what that peer
+    /// may hold of this node, and whether the handshake is complete.
     pub connection: &'a Arc<PeerConnection>,
-    /// `true` once the connection's handshake is complete.
-    pub confirmed: &'a watch::Receiver<bool>,
     /// Set when the node starts shutting down.
     pub closing: &'a std::sync::atomic::AtomicBool,
 }
@@ -187,74 +185,99 @@ impl std::fmt::Display for Refusal {
 }
 
 impl Serving<'_> {
-    /// Answers one request stream (BUSY, with the reason, when `closing`), and records
-    /// it in the metrics and a `request` span.
-    pub async fn request(&self, closing: bool, send: SendStream, recv: RecvStream) {
+    /// Answers one request stream (BUSY, with the reason, when `closing`), and records it
+    /// in the metrics: how it ended, and how long it took.
+    ///
+    /// `streams` (the request's, lent) are taken only for a streaming route. The request
+    /// is read, then handled ([`handle`](Self::handle)), each phase a state machine of its
+    /// own, and every path but the common one boxed: what one phase keeps never sits
+    /// beside what another does in the state machine allocated per stream.
+    pub async fn request(
+        &self,
+        closing: bool,
+        streams: &mut Option<(SendStream, RecvStream)>,
+    ) -> (Served, Duration) {
+        let Some((send, recv)) = streams else {
+            unreachable!("the streams are taken only here, for a streaming route")
+        };
         // The one clock read at the start of a request: its deadline and its duration
         // both come from it.
         let started = Instant::now();
-        let span = tracing::debug_span!(
-            "request",
-            peer = %self.peer.short(),
-            stream = %send.id(),
-            route = tracing::field::Empty,
-            status = tracing::field::Empty,
-            duration_us = tracing::field::Empty,
-        );
-        let served = self
-            .answer_request(started, closing, send, recv)
-            .instrument(span.clone())
-            .await;
-        let took = started.elapsed();
-        span.record("route", &*served.route);
-        span.record("status", served.outcome.as_str());
-        span.record("duration_us", took.as_micros() as u64);
-        served.record(self.metrics, took);
-    }
-
-    async fn answer_request(
-        &self,
-        started: Instant,
-        closing: bool,
-        mut send: SendStream,
-        mut recv: RecvStream,
-    ) -> Served {
         let deadline = started + self.limits.request_timeout;
-        if closing {
-            let _ = recv.stop(VarInt::from_u32(code::SHUTTING_DOWN));
-            let msg = Bytes::from_static(b"the node is shutting down");
-            // Refusals are boxed (here and below): their state machines, inline, would
-            // add to every request's (allocated per stream).
-            Box::pin(self.answer(&mut send, Status::Busy, msg, Deadline::At(deadline))).await;
-            return Served::unregistered("unknown", Outcome::Busy);
-        }
-        let read = match self.read_request(&mut recv, deadline).await {
-            Ok(Opened::Whole(read)) => read,
-            Ok(Opened::Streaming(stream)) => {
-                // Boxed: the streaming path's state machine is about 1.5 KB, and kept
-                // inline it would double every buffered request's (allocated and copied
-                // per stream).
-                return Box::pin(self.transfer(stream, Some(send), recv, started)).await;
-            }
-            Err(refusal) => {
-                debug!(peer = %self.peer, "request refused: {refusal}");
-                if let Some(stop) = refusal.stop_code() {
-                    let _ = recv.stop(VarInt::from_u32(stop));
+        // What comes next is chosen before it is awaited: the read's result is gone by
+        // then, and takes no room beside the next phase.
+        let next: Either<_, Pin<Box<dyn Future<Output = Served> + Send + '_>>> = if closing {
+            Either::Right(Box::pin(self.refuse_closing(send, recv, deadline)))
+        } else {
+            match self.read_request(recv, deadline).await {
+                Ok(Opened::Whole(read)) => Either::Left(self.handle(read, send, deadline)),
+                Ok(Opened::Streaming(stream)) => {
+                    let Some((send, recv)) = streams.take() else {
+                        unreachable!("the streams were lent")
+                    };
+                    Either::Right(Box::pin(self.transfer(stream, Some(send), recv, started)))
                 }
-                match refusal.answer() {
-                    Some((status, message)) => {
-                        let message = Bytes::from(message);
-                        Box::pin(self.answer(&mut send, status, message, Deadline::At(deadline)))
-                            .await
-                    }
-                    None if matches!(refusal, Refusal::TimedOut(_) | Refusal::Unconfirmed(_)) => {
-                        let _ = send.reset(VarInt::from_u32(code::TIMED_OUT));
-                    }
-                    None => {}
+                Err(refusal) => {
+                    Either::Right(Box::pin(self.refuse_request(refusal, send, recv, deadline)))
                 }
-                return refusal.served();
             }
         };
+        let served = next.await;
+        let took = started.elapsed();
+        served.record(self.metrics, took);
+        (served, took)
+    }
+
+    /// BUSY, with the reason: the node is shutting down.
+    async fn refuse_closing(
+        &self,
+        send: &mut SendStream,
+        recv: &mut RecvStream,
+        deadline: Instant,
+    ) -> Served {
+        let _ = recv.stop(VarInt::from_u32(code::SHUTTING_DOWN));
+        let msg = Bytes::from_static(b"the node is shutting down");
+        self.answer(send, Status::Busy, msg, Deadline::At(deadline))
+            .await;
+        Served::unregistered("unknown", Outcome::Busy)
+    }
+
+    /// Refuses a request that was not read in full, with an answer saying why where one
+    /// can be sent.
+    async fn refuse_request(
+        &self,
+        refusal: Refusal,
+        send: &mut SendStream,
+        recv: &mut RecvStream,
+        deadline: Instant,
+    ) -> Served {
+        debug!(peer = %self.connection.peer, "request refused: {refusal}");
+        if let Some(stop) = refusal.stop_code() {
+            let _ = recv.stop(VarInt::from_u32(stop));
+        }
+        match refusal.answer() {
+            Some((status, message)) => {
+                let message = Bytes::from(message);
+                self.answer(send, status, message, Deadline::At(deadline))
+                    .await
+            }
+            None if matches!(refusal, Refusal::TimedOut(_) | Refusal::Unconfirmed(_)) => {
+                let _ = send.reset(VarInt::from_u32(code::TIMED_OUT));
+            }
+            None => {}
+        }
+        refusal.served()
+    }
+
+    /// Runs the handler of a request read in full, and writes its answer.
+    ///
+    /// Not an `async fn`: that would hold `read` twice (as taken, and as taken apart).
+    fn handle<'s>(
+        &'s self,
+        read: Read<'s>,
+        send: &'s mut SendStream,
+        deadline: Instant,
+    ) -> impl Future<Output = Served> + Send + 's {
         let Read {
             name: route,
             route: entry,
@@ -262,91 +285,120 @@ impl Serving<'_> {
             held,
             early,
         } = read;
-        let RouteKind::Whole(handler) = &entry.kind else {
-            unreachable!("a streaming route's requests are opened, not read")
-        };
-        // A slot for the handler is taken only now, with the whole request read: a peer
-        // that stalls while sending holds its own stream, never a slot others need. The
-        // peer's own share is taken first, so a peer at its share takes none of the node's.
-        let slots = match self.take_slots() {
-            Ok(slots) => slots,
-            Err(why) => {
-                let msg = Bytes::from_static(why.as_bytes());
-                Box::pin(self.answer(&mut send, Status::Busy, msg, Deadline::At(deadline))).await;
-                return Served::new(&route, Outcome::Busy);
-            }
-        };
-        let ctx = self.context(&route, false, early);
-        // The handler runs until it answers or the requester gives up (stops our send side).
-        let cancelled = send.stopped();
-        // Biased: a handler that answers at once never registers for the stop (a lock on
-        // the connection).
-        let result = tokio::select! {
-            biased;
-            result = call_handler(handler.as_ref(), ctx, body) => result,
-            _ = cancelled => {
-                debug!("requester cancelled; handler dropped");
-                return Served::new(&route, Outcome::Cancelled);
-            }
-        };
-        // The slots go back as soon as the handler returns: writing the answer waits on
-        // the peer, and that wait is bounded by `answer_timeout` and the peer's share of
-        // pending answers, never by the node's handler slots. The request's bytes stay
-        // counted until the answer is written: an answer made of them (an echo) holds the
-        // same memory, counted once. The answer is tracked (for shutdown, which waits for
-        // answers in flight) before the slots go, so that no moment sees neither.
-        let tracked = self.answers.try_take();
-        drop(slots);
-        // The answer has `request_timeout` from now; the clock is read only if writing it
-        // has to wait.
-        let deadline = Deadline::After(self.limits.request_timeout);
-        let _held = held;
-        match result {
-            Ok(body) => {
-                self.answer_tracked(tracked, &mut send, Status::Ok, body, deadline)
-                    .await;
-                Served::ok(&route, entry)
-            }
-            Err(e) => {
-                debug!(peer = %self.peer, "handler failed: {e}");
-                let outcome = match e.status {
-                    Status::Busy => Outcome::Busy,
-                    Status::BadRequest => Outcome::BadRequest,
-                    _ => Outcome::HandlerError,
-                };
-                let message = Bytes::from(e.message);
-                Box::pin(self.answer_tracked(tracked, &mut send, e.status, message, deadline))
-                    .await;
-                Served::new(&route, outcome)
+        async move {
+            let RouteKind::Whole(handler) = &entry.kind else {
+                unreachable!("a streaming route's requests are opened, not read")
+            };
+            // A slot for the handler is taken only now, with the whole request read: a peer
+            // that stalls while sending holds its own stream, never a slot others need. The
+            // peer's own share is taken first, so a peer at its share takes none of the node's.
+            let slots = match self.lend_slots() {
+                Ok(slots) => slots,
+                Err(why) => {
+                    let msg = Bytes::from_static(why.as_bytes());
+                    // Boxed, as every refusal is.
+                    Box::pin(self.answer(send, Status::Busy, msg, Deadline::At(deadline))).await;
+                    return Served::new(&route, Outcome::Busy);
+                }
+            };
+            let ctx = self.context(&route, false, early);
+            // The handler runs until it answers or the requester gives up (stops our send
+            // side). A handler that answers at once never watches for the stop: making that
+            // watch takes a count on the connection (atomics) and, once polled, its lock.
+            let mut call = call_handler(handler.as_ref(), ctx, body);
+            let result = match poll_once(&mut call).await {
+                Some(result) => result,
+                None => {
+                    // Boxed: only a handler that waits gets here.
+                    let cancelled = Box::pin(send.stopped());
+                    tokio::select! {
+                        biased;
+                        result = &mut call => result,
+                        _ = cancelled => {
+                            debug!("requester cancelled; handler dropped");
+                            return Served::new(&route, Outcome::Cancelled);
+                        }
+                    }
+                }
+            };
+            // The slots go back as soon as the handler returns: writing the answer waits on
+            // the peer, and that wait is bounded by `answer_timeout` and the peer's share of
+            // pending answers, never by the node's handler slots. The request's bytes stay
+            // counted until the answer is written: an answer made of them (an echo) holds the
+            // same memory, counted once. The answer is tracked (for shutdown, which waits for
+            // answers in flight) before the slots go, so that no moment sees neither.
+            let tracked = self.answers.try_lend();
+            drop(slots);
+            // The answer has `request_timeout` from now; the clock is read only if writing it
+            // has to wait.
+            let deadline = Deadline::After(self.limits.request_timeout);
+            let _held = held;
+            match result {
+                Ok(body) => {
+                    self.answer_tracked(tracked, send, Status::Ok, body, deadline)
+                        .await;
+                    Served::ok(&route, entry)
+                }
+                Err(e) => {
+                    debug!(peer = %self.connection.peer, "handler failed: {e}");
+                    let outcome = match e.status {
+                        Status::Busy => Outcome::Busy,
+                        Status::BadRequest => Outcome::BadRequest,
+                        _ => Outcome::HandlerError,
+                    };
+                    let message = Bytes::from(e.message);
+                    Box::pin(self.answer_tracked(tracked, send, e.status, message, deadline)).await;
+                    Served::new(&route, outcome)
+                }
             }
         }
     }
 
     /// Delivers one one-way message to its handler, and records it.
-    pub async fn message(&self, recv: RecvStream) {
+    ///
+    /// `recv` (lent) is taken only for a streaming route.
+    pub async fn message(&self, recv: &mut Option<RecvStream>) {
         let started = Instant::now();
-        let span = tracing::debug_span!("message", peer = %self.peer.short(), stream = %recv.id());
-        let served = self.deliver_message(started, recv).instrument(span).await;
+        let served = self.deliver_message(started, recv).await;
         let took = started.elapsed();
         served.record(self.metrics, took);
     }
 
-    async fn deliver_message(&self, started: Instant, mut recv: RecvStream) -> Served {
-        let deadline = started + self.limits.request_timeout;
-        let read = match self.read_request(&mut recv, deadline).await {
-            Ok(Opened::Whole(read)) => read,
-            Ok(Opened::Streaming(stream)) => {
-                // Boxed, as for a request.
-                return Box::pin(self.transfer(stream, None, recv, started)).await;
-            }
-            Err(refusal) => {
-                warn!(peer = %self.peer, "dropped a one-way message: {refusal}");
-                if let Some(stop) = refusal.stop_code() {
-                    let _ = recv.stop(VarInt::from_u32(stop));
-                }
-                return refusal.served();
-            }
+    /// Reads the message, then has it delivered ([`deliver`](Self::deliver)), phases
+    /// apart as for a request.
+    async fn deliver_message(&self, started: Instant, lent: &mut Option<RecvStream>) -> Served {
+        let Some(recv) = lent else {
+            unreachable!("the stream is taken only here, for a streaming route")
         };
+        let deadline = started + self.limits.request_timeout;
+        let next: Either<_, Pin<Box<dyn Future<Output = Served> + Send + '_>>> =
+            match self.read_request(recv, deadline).await {
+                Ok(Opened::Whole(read)) => Either::Left(self.deliver(read, deadline)),
+                Ok(Opened::Streaming(stream)) => {
+                    let Some(recv) = lent.take() else {
+                        unreachable!("the stream was lent")
+                    };
+                    // Boxed, as for a request.
+                    Either::Right(Box::pin(self.transfer(stream, None, recv, started)))
+                }
+                Err(refusal) => {
+                    warn!(peer = %self.connection.peer, "dropped a one-way message: {refusal}");
+                    if let Some(stop) = refusal.stop_code() {
+                        let _ = recv.stop(VarInt::from_u32(stop));
+                    }
+                    return refusal.served();
+                }
+            };
+        next.await
+    }
+
+    /// Runs the handler of a one-way message read in full (not an `async fn`, as for
+    /// [`handle`](Self::handle)).
+    fn deliver<'s>(
+        &'s self,
+        read: Read<'s>,
+        deadline: Instant,
+    ) -> impl Future<Output = Served> + Send + 's {
         let Read {
             name: route,
             route: entry,
@@ -354,36 +406,39 @@ impl Serving<'_> {
             held,
             early,
         } = read;
-        let RouteKind::Whole(handler) = &entry.kind else {
-            unreachable!("a streaming route's messages are opened, not read")
-        };
-        // As for requests, handler slots are taken once the message is read (the peer's
-        // share first). With no answer to say BUSY in, the message waits for them until
-        // its deadline.
-        let Some(_slots) = pair_by(&self.share.slots, self.slots, deadline).await else {
-            warn!(peer = %self.peer, "dropped a one-way message on {route:?}: node at max_concurrent_requests or shutting down");
-            return Served::new(&route, Outcome::Busy);
-        };
-        let ctx = self.context(&route, true, early);
-        let result = call_handler(handler.as_ref(), ctx, body).await;
-        drop(held);
-        match result {
-            Ok(_) => Served::ok(&route, entry),
-            Err(e) => {
-                warn!(peer = %self.peer, "one-way handler failed: {e}");
-                let outcome = if e.status == Status::BadRequest {
-                    Outcome::BadRequest
-                } else {
-                    Outcome::HandlerError
-                };
-                Served::new(&route, outcome)
+        async move {
+            let RouteKind::Whole(handler) = &entry.kind else {
+                unreachable!("a streaming route's messages are opened, not read")
+            };
+            // As for requests, handler slots are taken once the message is read (the
+            // peer's share first). With no answer to say BUSY in, the message waits for
+            // them until its deadline.
+            let Some(_slots) = pair_by(&self.connection.share.slots, self.slots, deadline).await
+            else {
+                warn!(peer = %self.connection.peer, "dropped a one-way message on {route:?}: node at max_concurrent_requests or shutting down");
+                return Served::new(&route, Outcome::Busy);
+            };
+            let ctx = self.context(&route, true, early);
+            let result = call_handler(handler.as_ref(), ctx, body).await;
+            drop(held);
+            match result {
+                Ok(_) => Served::ok(&route, entry),
+                Err(e) => {
+                    warn!(peer = %self.connection.peer, "one-way handler failed: {e}");
+                    let outcome = if e.status == Status::BadRequest {
+                        Outcome::BadRequest
+                    } else {
+                        Outcome::HandlerError
+                    };
+                    Served::new(&route, outcome)
+                }
             }
         }
     }
 
     /// Waits for the connection's handshake to complete; `false` if it never will.
     pub(crate) async fn confirmed(&self) -> bool {
-        let mut confirmed = self.confirmed.clone();
+        let mut confirmed = self.connection.confirmed_watch().clone();
         let done = confirmed.wait_for(|done| *done).await.is_ok();
         done
     }
@@ -395,7 +450,7 @@ impl Serving<'_> {
         early_data: bool,
     ) -> RequestContext {
         RequestContext {
-            peer: self.peer,
+            peer: self.connection.peer,
             connection: self.connection.clone(),
             route: route.clone(),
             one_way,
@@ -419,7 +474,7 @@ impl Serving<'_> {
                 Ok((Ok((route, handler)), first)) => {
                     route_read = Some(route.clone());
                     // Bytes read before the handshake completed can only be 0-RTT data.
-                    early |= !*self.confirmed.borrow();
+                    early |= !*self.connection.confirmed_watch().borrow();
                     (handler, first)
                 }
                 Ok((Err(unknown), _)) => return Err(Refusal::UnknownRoute(unknown)),
@@ -436,7 +491,7 @@ impl Serving<'_> {
             let limit = usize::try_from(self.limits.max_request_size).unwrap_or(usize::MAX);
             let route = || route_read.clone();
             let budget = ByteBudget {
-                peer: &self.share.bytes,
+                peer: &self.connection.share.bytes,
                 node: self.bytes,
             };
             let read = match read_body(recv, first, limit, Some(budget)).await {
@@ -453,7 +508,9 @@ impl Serving<'_> {
             // Early data runs only on routes that take it; any other waits for the
             // handshake (under the same deadline), and is dropped if it never completes.
             // (Boxed: only 0-RTT data waits here.)
-            if !read.0.early_data && !*self.confirmed.borrow() && !Box::pin(self.confirmed()).await
+            if !read.0.early_data
+                && !*self.connection.confirmed_watch().borrow()
+                && !Box::pin(self.confirmed()).await
             {
                 return Err(Refusal::Unconfirmed(route().unwrap_or_default()));
             }
@@ -594,13 +651,31 @@ pub(crate) async fn pair_by(
     timeout_at(deadline, pair).await.ok().flatten()
 }
 
-impl Serving<'_> {
+/// Why no handler slot was taken, as said in the BUSY answer.
+fn slots_full(full: Full) -> &'static str {
+    match full {
+        Full::Share => "this peer is at its limit of concurrent requests on the node (max_concurrent_requests_per_peer); retry later",
+        Full::Node => "the node is at its limit of concurrent requests (max_concurrent_requests); retry later",
+    }
+}
+
+impl<'a> Serving<'a> {
     /// Takes a handler slot from the peer's share, then one of the node's.
     pub(crate) fn take_slots(&self) -> Result<Pair, &'static str> {
-        try_pair(&self.share.slots, self.slots).map_err(|full| match full {
-            Full::Share => "this peer is at its limit of concurrent requests on the node (max_concurrent_requests_per_peer); retry later",
-            Full::Node => "the node is at its limit of concurrent requests (max_concurrent_requests); retry later",
-        })
+        try_pair(&self.connection.share.slots, self.slots).map_err(slots_full)
+    }
+
+    /// [`take_slots`](Self::take_slots) for a request served within this borrow of the
+    /// node: the places are lent, with no count on the tallies' `Arc`s.
+    fn lend_slots(&self) -> Result<(Lent<'a>, Lent<'a>), &'static str> {
+        let share = self.connection.share.slots.try_lend();
+        let share = share.ok_or(Full::Share).map_err(slots_full)?;
+        let node = self
+            .slots
+            .try_lend()
+            .ok_or(Full::Node)
+            .map_err(slots_full)?;
+        Ok((share, node))
     }
 
     /// Writes an answer (status byte, body, FIN) by `deadline`, resetting the stream if
@@ -620,42 +695,48 @@ impl Serving<'_> {
 
     /// [`answer`](Self::answer), already counted among the answers in flight when
     /// `tracked` is given (else counted here).
-    async fn answer_tracked(
-        &self,
-        tracked: Option<Taken>,
-        send: &mut SendStream,
+    ///
+    /// Not an `async fn`, which would hold its arguments twice in every request's state
+    /// machine: what needs no waiting is done before the future is made.
+    fn answer_tracked<'s>(
+        &'s self,
+        tracked: Option<Lent<'s>>,
+        send: &'s mut SendStream,
         status: Status,
         body: Bytes,
-        deadline: Deadline,
-    ) {
+        mut deadline: Deadline,
+    ) -> impl Future<Output = ()> + Send + 's {
         // Shutdown waits for the answers it counts; a refusal sent while closing is not
         // counted, so a peer that keeps asking cannot hold shutdown up.
-        let _tracked = tracked.or_else(|| {
+        let tracked = tracked.or_else(|| {
             let closing = self.closing.load(std::sync::atomic::Ordering::SeqCst);
-            (!closing).then(|| self.answers.try_take()).flatten()
+            (!closing).then(|| self.answers.try_lend()).flatten()
         });
-        let Some(_pending) = self.share.answers.try_take() else {
-            // The peer has its share of answers unread and asks for more: a strike, as
-            // an answer left unread is.
-            debug!(peer = %self.peer, "too many unread answers; resetting the stream");
-            let _ = send.reset(VarInt::from_u32(code::BUSY));
-            self.unread();
-            return;
-        };
-        let status_byte = status_chunk(status);
-        let stall = self.limits.answer_timeout;
-        let mut deadline = deadline;
-        match write_framed_within(send, status_byte, body, stall, &mut deadline).await {
-            Ok(Ok(())) => {
-                self.share.read();
-                let _ = send.finish();
-                self.delivered(send, deadline).await;
-            }
-            Ok(Err(e)) => debug!("answer not delivered: {e}"),
-            Err(Stalled) => {
-                debug!(peer = %self.peer, "peer did not read its answer in time; resetting the stream");
-                let _ = send.reset(VarInt::from_u32(code::TIMED_OUT));
+        let pending = self.connection.share.answers.try_lend();
+        async move {
+            let _tracked = tracked;
+            let Some(_pending) = pending else {
+                // The peer has its share of answers unread and asks for more: a strike,
+                // as an answer left unread is.
+                debug!(peer = %self.connection.peer, "too many unread answers; resetting the stream");
+                let _ = send.reset(VarInt::from_u32(code::BUSY));
                 self.unread();
+                return;
+            };
+            let status_byte = status_chunk(status);
+            let stall = self.limits.answer_timeout;
+            match write_framed_within(send, status_byte, body, stall, &mut deadline).await {
+                Ok(Ok(())) => {
+                    self.connection.share.read();
+                    let _ = send.finish();
+                    self.delivered(send, deadline).await;
+                }
+                Ok(Err(e)) => debug!("answer not delivered: {e}"),
+                Err(Stalled) => {
+                    debug!(peer = %self.connection.peer, "peer did not read its answer in time; resetting the stream");
+                    let _ = send.reset(VarInt::from_u32(code::TIMED_OUT));
+                    self.unread();
+                }
             }
         }
     }
@@ -674,8 +755,8 @@ impl Serving<'_> {
     /// its connection.
     pub(crate) fn unread(&self) {
         self.metrics.answer_abandoned();
-        if self.share.stalled() >= self.limits.max_stalls {
-            warn!(peer = %self.peer, "closing the connection: the peer does not read its answers");
+        if self.connection.share.stalled() >= self.limits.max_stalls {
+            warn!(peer = %self.connection.peer, "closing the connection: the peer does not read its answers");
             self.connection.conn.close(
                 code::CLOSE_LIMIT.into(),
                 b"too many answers left unread (max_pending_answers_per_peer)",

@@ -377,7 +377,11 @@ impl<F: Future<Output = ()>> Future for Contained<F> {
     }
 }
 
-/// Serving one of the peer's requests (a bidirectional stream).
+/// Serving one of the peer's requests (a bidirectional stream), in a `request` span.
+///
+/// One state machine for the request, allocated once per stream: each `async fn` layer
+/// between here and the handler would be another copy of it to make, so the span wraps it
+/// from the outside, and the streams are lent to what serves them.
 fn request_task(
     shared: &Arc<Shared>,
     entry: &Arc<PeerConnection>,
@@ -385,32 +389,54 @@ fn request_task(
     recv: quinn::RecvStream,
 ) -> impl Future<Output = ()> + Send + 'static {
     let guard = entry.peer_stream_guard(StreamType::Bi);
+    let span = tracing::debug_span!(
+        "request",
+        peer = %entry.peer.short(),
+        stream = %send.id(),
+        route = tracing::field::Empty,
+        status = tracing::field::Empty,
+        duration_us = tracing::field::Empty,
+    );
+    let record = span.clone();
     let (shared, entry) = (shared.clone(), entry.clone());
+    // Taken only for a streaming route.
+    let mut streams = Some((send, recv));
     async move {
         let _active = shared
             .metrics
             .stream_opened(StreamKind::Request, Direction::Inbound);
         let closing = shared.is_closing();
-        serving(&shared, &entry).request(closing, send, recv).await;
+        let (served, took) = serving(&shared, &entry)
+            .request(closing, &mut streams)
+            .await;
+        record.record("route", &*served.route);
+        record.record("status", served.outcome.as_str());
+        record.record("duration_us", took.as_micros() as u64);
         drop(guard);
     }
+    .instrument(span)
 }
 
-/// Serving one of the peer's one-way messages (a unidirectional stream).
+/// Serving one of the peer's one-way messages (a unidirectional stream), in a `message`
+/// span; built as [`request_task`] is.
 fn message_task(
     shared: &Arc<Shared>,
     entry: &Arc<PeerConnection>,
     recv: quinn::RecvStream,
 ) -> impl Future<Output = ()> + Send + 'static {
     let guard = entry.peer_stream_guard(StreamType::Uni);
+    let span = tracing::debug_span!("message", peer = %entry.peer.short(), stream = %recv.id());
     let (shared, entry) = (shared.clone(), entry.clone());
+    // Taken only for a streaming route.
+    let mut recv = Some(recv);
     async move {
         let _active = shared
             .metrics
             .stream_opened(StreamKind::OneWay, Direction::Inbound);
-        serving(&shared, &entry).message(recv).await;
+        serving(&shared, &entry).message(&mut recv).await;
         drop(guard);
     }
+    .instrument(span)
 }
 
 /// What serving one of the peer's streams on `entry` needs.
@@ -422,11 +448,8 @@ fn serving<'a>(shared: &'a Shared, entry: &'a Arc<PeerConnection>) -> Serving<'a
         slots: &shared.requests,
         answers: &shared.answers,
         transfers: &shared.transfers,
-        share: &entry.share,
         bytes: &shared.bytes,
-        peer: entry.peer,
         connection: entry,
-        confirmed: entry.confirmed_watch(),
         closing: &shared.closing,
     }
 }

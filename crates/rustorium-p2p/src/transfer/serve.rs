@@ -125,9 +125,12 @@ impl Serving<'_> {
         let (ends_tx, mut ends_rx) = watch::channel(ends);
         let answer = send.map(|send| {
             let places = Places {
-                pending: self.share.answers.clone(),
+                pending: self.connection.share.answers.clone(),
                 slots: until_answer,
-                transfers: [self.share.transfers.clone(), self.transfers.clone()],
+                transfers: [
+                    self.connection.share.transfers.clone(),
+                    self.transfers.clone(),
+                ],
                 buffered: self.limits.request_timeout,
                 ends: ends_tx,
             };
@@ -155,7 +158,7 @@ impl Serving<'_> {
             let outcome = match result {
                 Ok(Ok(())) => Outcome::Ok,
                 Ok(Err(e)) => {
-                    warn!(peer = %self.peer, "one-way handler failed: {e}");
+                    warn!(peer = %self.connection.peer, "one-way handler failed: {e}");
                     error_outcome(&e)
                 }
                 Err(_) => Outcome::TimedOut,
@@ -184,14 +187,14 @@ impl Serving<'_> {
         };
         let outcome = match result {
             Err(_) => {
-                debug!(peer = %self.peer, "transfer on {name:?} ran past its max_duration");
+                debug!(peer = %self.connection.peer, "transfer on {name:?} ran past its max_duration");
                 reset(&mut answer, code::TIMED_OUT);
                 Outcome::TimedOut
             }
             // A write was cancelled (or panicked) midway, or the writer outlived its
             // handler: what went out may be cut anywhere.
             Ok(_) if (answer.writing || escaped) && answer.failed.is_none() => {
-                debug!(peer = %self.peer, "answer on {name:?} left incomplete by its handler");
+                debug!(peer = %self.connection.peer, "answer on {name:?} left incomplete by its handler");
                 reset(&mut answer, code::HANDLER_ERROR);
                 Outcome::HandlerError
             }
@@ -199,7 +202,7 @@ impl Serving<'_> {
                 Some(e) => transfer_outcome(e),
                 None if answer.started => {
                     let _ = answer.send.finish();
-                    self.share.read();
+                    self.connection.share.read();
                     // The request's own deadline is long gone after a long answer.
                     let by = Deadline::After(self.limits.answer_timeout);
                     self.delivered(&mut answer.send, by).await;
@@ -214,7 +217,7 @@ impl Serving<'_> {
                 }
             },
             Ok(Err(e)) => {
-                debug!(peer = %self.peer, "streaming handler failed: {e}");
+                debug!(peer = %self.connection.peer, "streaming handler failed: {e}");
                 match (&answer.failed, e.cause) {
                     // The answer's own failure says what happened (the stream is reset).
                     (Some(failed), _) => transfer_outcome(failed),
@@ -266,7 +269,7 @@ impl Serving<'_> {
         route: &StreamRoute,
     ) -> Result<Admitted, Refused> {
         let budget = ByteBudget {
-            peer: &self.share.bytes,
+            peer: &self.connection.share.bytes,
             node: self.bytes,
         };
         let count = |n: usize| async move {
@@ -293,7 +296,7 @@ impl Serving<'_> {
                 }
                 Some(Ok(None)) => break true,
                 Some(Err(e)) => {
-                    debug!(peer = %self.peer, "stream failed: {e}");
+                    debug!(peer = %self.connection.peer, "stream failed: {e}");
                     return Err(Refused::Failed(Outcome::StreamError));
                 }
                 None => break false,
@@ -311,9 +314,9 @@ impl Serving<'_> {
             // With no answer to say BUSY in, a message waits for its slots until its
             // deadline, and holds them until its handler returns.
             let (share, node) = if fin {
-                (&self.share.slots, self.slots)
+                (&self.connection.share.slots, self.slots)
             } else {
-                (&self.share.transfers, self.transfers)
+                (&self.connection.share.transfers, self.transfers)
             };
             return match pair_by(share, node, deadline).await {
                 Some(slots) => Ok(admitted(None, Some(slots), held, ready, fin)),
@@ -360,7 +363,7 @@ impl Serving<'_> {
         let limit = self.limits.max_request_size.min(route.max_body);
         let limit = usize::try_from(limit).unwrap_or(usize::MAX);
         let budget = ByteBudget {
-            peer: &self.share.bytes,
+            peer: &self.connection.share.bytes,
             node: self.bytes,
         };
         let read = read_body(recv, first.freeze(), limit, Some(budget));
@@ -377,7 +380,7 @@ impl Serving<'_> {
             Ok(Err(BodyError::TooLarge)) if over_route => Err(Refused::TooLarge(route.max_body)),
             Ok(Err(BodyError::TooLarge)) => Err(Refused::Busy(busy)),
             Ok(Err(BodyError::Read(e))) => {
-                debug!(peer = %self.peer, "stream failed: {e}");
+                debug!(peer = %self.connection.peer, "stream failed: {e}");
                 Err(Refused::Failed(Outcome::StreamError))
             }
             Ok(Err(BodyError::Closing)) => Err(Refused::Busy("the node is shutting down")),
@@ -426,14 +429,16 @@ impl Serving<'_> {
                 self.answer(&mut send, status, message, Deadline::At(deadline))
                     .await
             }
-            None => warn!(peer = %self.peer, "dropped a one-way message on {name:?}: {message}"),
+            None => {
+                warn!(peer = %self.connection.peer, "dropped a one-way message on {name:?}: {message}")
+            }
         }
         Served::new(name, outcome)
     }
 
     /// Takes a transfer slot from the peer's share, then one of the node's.
     fn take_transfer_slots(&self) -> Result<Pair, &'static str> {
-        try_pair(&self.share.transfers, self.transfers).map_err(|full| match full {
+        try_pair(&self.connection.share.transfers, self.transfers).map_err(|full| match full {
             Full::Share => "this peer is at its limit of streaming requests on the node (max_concurrent_transfers_per_peer); retry later",
             Full::Node => "the node is at its limit of streaming requests (max_concurrent_transfers); retry later",
         })
