@@ -18,7 +18,7 @@ use super::Shared;
 use crate::event::{Direction, DisconnectReason, PeerEvent};
 use crate::metrics::{ConnectionFailure, StreamKind};
 use crate::peers::PeerConnection;
-use crate::serve::Serving;
+use crate::serve::{Served, Serving};
 use crate::stream_budget::StreamType;
 use crate::tls;
 use crate::transport_error;
@@ -397,24 +397,48 @@ fn request_task(
         status = tracing::field::Empty,
         duration_us = tracing::field::Empty,
     );
-    let record = span.clone();
     let (shared, entry) = (shared.clone(), entry.clone());
     // Taken only for a streaming route.
     let mut streams = Some((send, recv));
-    async move {
+    let serve = async move {
         let _active = shared
             .metrics
             .stream_opened(StreamKind::Request, Direction::Inbound);
         let closing = shared.is_closing();
-        let (served, took) = serving(&shared, &entry)
+        let served = serving(&shared, &entry)
             .request(closing, &mut streams)
             .await;
-        record.record("route", &*served.route);
-        record.record("status", served.outcome.as_str());
-        record.record("duration_us", took.as_micros() as u64);
         drop(guard);
+        served
+    };
+    Traced { span, serve }
+}
+
+pin_project_lite::pin_project! {
+    /// A request's serving, run in its `request` span, which is given the route, the
+    /// status and the duration when it ends (held once: a clone inside the state machine,
+    /// to record them from there, would be 40 bytes more per stream).
+    struct Traced<F> {
+        span: tracing::Span,
+        #[pin]
+        serve: F,
     }
-    .instrument(span)
+}
+
+impl<F: Future<Output = (Served, Duration)>> Future for Traced<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        let _entered = this.span.enter();
+        let Poll::Ready((served, took)) = this.serve.poll(cx) else {
+            return Poll::Pending;
+        };
+        this.span.record("route", &*served.route);
+        this.span.record("status", served.outcome.as_str());
+        this.span.record("duration_us", took.as_micros() as u64);
+        Poll::Ready(())
+    }
 }
 
 /// Serving one of the peer's one-way messages (a unidirectional stream), in a `message`
@@ -457,6 +481,113 @@ fn serving<'a>(shared: &'a Shared, entry: &'a Arc<PeerConnection>) -> Serving<'a
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
+    use tracing::field::{Field, Visit};
+    use tracing::span::{Attributes, Id, Record};
+
+    /// A subscriber that keeps every span's name and fields, as given when it was made and
+    /// as recorded later.
+    #[derive(Clone, Default)]
+    struct Spans(Arc<Mutex<Vec<(&'static str, Pairs)>>>);
+
+    /// A span's fields, by name.
+    type Pairs = Vec<(String, String)>;
+
+    struct Fields<'a>(&'a mut Pairs);
+
+    impl Visit for Fields<'_> {
+        fn record_str(&mut self, field: &Field, value: &str) {
+            self.0.push((field.name().to_string(), value.to_string()));
+        }
+
+        fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+            self.0
+                .push((field.name().to_string(), format!("{value:?}")));
+        }
+    }
+
+    impl tracing::Subscriber for Spans {
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            true
+        }
+
+        fn new_span(&self, attrs: &Attributes<'_>) -> Id {
+            let mut spans = self.0.lock().unwrap();
+            let mut fields = Vec::new();
+            attrs.record(&mut Fields(&mut fields));
+            spans.push((attrs.metadata().name(), fields));
+            Id::from_u64(spans.len() as u64)
+        }
+
+        fn record(&self, span: &Id, values: &Record<'_>) {
+            let mut spans = self.0.lock().unwrap();
+            let index = usize::try_from(span.into_u64()).unwrap() - 1;
+            values.record(&mut Fields(&mut spans[index].1));
+        }
+
+        fn record_follows_from(&self, _: &Id, _: &Id) {}
+        fn event(&self, _: &tracing::Event<'_>) {}
+        fn enter(&self, _: &Id) {}
+        fn exit(&self, _: &Id) {}
+    }
+
+    /// README: each request's span has the peer, the stream, and, once it is served, the
+    /// route, the status and the duration. (The node serves its streams on the test's
+    /// thread, `io_thread = false`, where the subscriber is set.)
+    #[test]
+    fn a_served_request_has_its_route_status_and_duration_in_its_span() {
+        let spans = Spans::default();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        tracing::subscriber::with_default(spans.clone(), || {
+            runtime.block_on(async {
+                let mut config = crate::Config::default();
+                config.node.listen = "127.0.0.1:0".parse().unwrap();
+                config.node.io_thread = false;
+                let server = crate::Node::builder()
+                    .config(config.clone())
+                    .route("echo", |_ctx, body| async move { Ok(body) })
+                    .bind()
+                    .await
+                    .unwrap();
+                let client = crate::Node::builder().config(config).bind().await.unwrap();
+                client.connect(&server.peer_addr()).await.unwrap();
+                let answer = client.request(server.peer_id(), "echo", "x").await.unwrap();
+                assert_eq!(&answer[..], b"x");
+                // The request's span is given its last fields when its serving ends, which
+                // may be just after the answer left: bounded wait for it.
+                let recorded = || {
+                    let spans = spans.0.lock().unwrap();
+                    spans
+                        .iter()
+                        .filter(|(name, _)| *name == "request")
+                        .map(|(_, fields)| fields.clone())
+                        .find(|fields| fields.iter().any(|(k, _)| k == "duration_us"))
+                };
+                let mut fields = None;
+                for _ in 0..500 {
+                    fields = recorded();
+                    if fields.is_some() {
+                        break;
+                    }
+                    tokio::task::yield_now().await;
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                let fields = fields.expect("the request span was given its duration");
+                let get = |key: &str| {
+                    let found = fields.iter().find(|(k, _)| k == key);
+                    found.map(|(_, v)| v.clone()).unwrap_or_default()
+                };
+                assert_eq!(get("route"), "echo", "{fields:?}");
+                assert_eq!(get("status"), "ok", "{fields:?}");
+                assert!(get("duration_us").parse::<u64>().is_ok(), "{fields:?}");
+                assert_eq!(get("peer"), client.peer_id().short().to_string());
+                assert!(!get("stream").is_empty(), "{fields:?}");
+            })
+        });
+    }
 
     #[tokio::test]
     async fn a_stream_that_panics_ends_alone() {
