@@ -192,6 +192,11 @@ impl ClientSessionStore for DialerTickets {
             if p.tls13.len() >= TICKETS_PER_PEER {
                 p.tls13.pop_front();
             }
+            // Room for one at first: our nodes send one per handshake, and a first push
+            // would make room for four (3 x 128 bytes per peer held for nothing).
+            if p.tls13.capacity() == 0 {
+                p.tls13.reserve_exact(1);
+            }
             p.tls13.push_back(ticket);
         });
     }
