@@ -104,7 +104,25 @@ impl Server {
     fn cpu(&self) -> Duration {
         cpu_time(self.child.id())
     }
+
+    /// The server's user and system CPU time so far, in clock ticks (`utime` and `stime`
+    /// of `/proc/<pid>/stat`, all threads): what splits [`cpu`](Self::cpu) between our
+    /// code and the kernel's.
+    fn user_and_system(&self) -> (u64, u64) {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())) else {
+            return (0, 0);
+        };
+        // After the command name (in parentheses, which may hold spaces): state is field
+        // 3, utime and stime fields 14 and 15.
+        let rest = stat.rsplit(')').next().unwrap_or_default();
+        let mut fields = rest.split_whitespace().skip(11);
+        let mut next = || fields.next().and_then(|f| f.parse().ok()).unwrap_or(0);
+        (next(), next())
+    }
 }
+
+/// Clock ticks per second of `/proc/<pid>/stat` (USER_HZ, 100 on Linux).
+const TICKS_PER_SECOND: f64 = 100.0;
 
 impl Drop for Server {
     fn drop(&mut self) {
@@ -320,9 +338,11 @@ async fn latency_and_rate(
         let in_flight = 64;
         let per_worker = sizes.requests.div_ceil(in_flight);
         let cpu_before = server.cpu();
+        let ticks_before = server.user_and_system();
         let client_before = own_cpu_time();
         let datagrams_before = received(&conn);
         let bytes_before = conn.stats().udp_rx.bytes;
+        let max_streams_before = conn.stats().frame_rx.max_streams_bidi;
         let start = Instant::now();
         let workers = (0..in_flight).map(|_| {
             let (conn, body) = (&conn, body.clone());
@@ -339,6 +359,7 @@ async fn latency_and_rate(
         }
         let took = start.elapsed();
         let cpu = server.cpu().saturating_sub(cpu_before);
+        let ticks = server.user_and_system();
         let client_cpu = own_cpu_time().saturating_sub(client_before);
         let datagrams = received(&conn) - datagrams_before;
         let bytes = conn.stats().udp_rx.bytes - bytes_before;
@@ -347,6 +368,17 @@ async fn latency_and_rate(
         figures.push((name.clone(), "req/s", total / took.as_secs_f64()));
         let per_request = cpu.as_secs_f64() * 1e6 / total;
         figures.push((format!("{name}, server CPU per request"), "µs", per_request));
+        // The same CPU split between user space (our code, quinn's) and the kernel (the
+        // socket, wake-ups), at the resolution of a clock tick (10 ms).
+        let micros = |ticks: u64| ticks as f64 / TICKS_PER_SECOND * 1e6 / total;
+        let user = micros(ticks.0.saturating_sub(ticks_before.0));
+        let system = micros(ticks.1.saturating_sub(ticks_before.1));
+        figures.push((format!("{name}, server user CPU per request"), "µs", user));
+        figures.push((
+            format!("{name}, server system CPU per request"),
+            "µs",
+            system,
+        ));
         // The one client thread is near its limit at these rates: its CPU per request
         // (which depends on how the server packs its answers) bounds the rate as well.
         let busy = client_cpu.as_secs_f64() / took.as_secs_f64();
@@ -359,6 +391,14 @@ async fn latency_and_rate(
         ));
         let bytes = bytes as f64 / total;
         figures.push((format!("{name}, server UDP bytes per request"), "B", bytes));
+        // Stream credit the server announced (MAX_STREAMS), which explains most of a
+        // difference in datagrams: quinn announces it after each eighth of the limit.
+        let max_streams = conn.stats().frame_rx.max_streams_bidi - max_streams_before;
+        figures.push((
+            format!("{name}, server MAX_STREAMS frames per 1,000 requests"),
+            "frames",
+            max_streams as f64 * 1000.0 / total,
+        ));
     }
     conn.close(0u32.into(), b"done");
     Ok(figures)
