@@ -72,7 +72,10 @@ impl Deadline {
 /// clock read; only a write that has to wait arms the timers.
 ///
 /// Not an `async fn` (which would hold `prefix` and `body` twice); the wait, when there is
-/// one, is boxed: only a write that has to wait pays for its state machine.
+/// one, is boxed: only a write that has to wait pays for its state machine. Its first step
+/// repeats [`write_chunks_within`]'s rather than calling it: nested, the two state
+/// machines took 112 bytes more in every request's (measured with `-Zprint-type-sizes`),
+/// past the size glibc serves from its per-thread cache.
 pub(crate) fn write_framed_within<'a>(
     send: &'a mut SendStream,
     prefix: Bytes,

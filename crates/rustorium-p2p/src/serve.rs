@@ -702,12 +702,11 @@ impl<'a> Serving<'a> {
     /// node: the places are lent, with no count on the tallies' `Arc`s.
     fn lend_slots(&self) -> Result<(Lent<'a>, Lent<'a>), &'static str> {
         let share = self.connection.share.slots.try_lend();
-        let share = share.ok_or(Full::Share).map_err(slots_full)?;
+        let share = share.ok_or_else(|| slots_full(Full::Share))?;
         let node = self
             .slots
             .try_lend()
-            .ok_or(Full::Node)
-            .map_err(slots_full)?;
+            .ok_or_else(|| slots_full(Full::Node))?;
         Ok((share, node))
     }
 

@@ -113,10 +113,7 @@ impl Tally {
 
     /// A place, if one is free, nobody waits for one, and the tally is not closed.
     pub fn try_take(self: &Arc<Self>) -> Option<Taken> {
-        if self.takers.load(SeqCst) != 0 {
-            return None;
-        }
-        self.take_free()
+        self.try_claim().then(|| Taken(self.clone()))
     }
 
     /// A place, if one is free and the tally is not closed (waiters or not).
@@ -126,12 +123,15 @@ impl Tally {
 
     /// [`try_take`](Self::try_take), for a borrower.
     pub fn try_lend(&self) -> Option<Lent<'_>> {
-        if self.takers.load(SeqCst) != 0 {
-            return None;
-        }
         // Made only once claimed (`then_some` would make one, and so give a place back,
         // even when none was claimed).
-        self.claim_free().then(|| Lent(self))
+        self.try_claim().then(|| Lent(self))
+    }
+
+    /// Counts a place as used, if one is free, nobody waits for one, and the tally is not
+    /// closed.
+    fn try_claim(&self) -> bool {
+        self.takers.load(SeqCst) == 0 && self.claim_free()
     }
 
     /// Counts a place as used, if one is free and the tally is not closed.
