@@ -829,7 +829,10 @@ pub struct NodeStats {
     pub zero_rtt_rejected: u64,
     /// Duplicate connections (from simultaneous dials) this node retired.
     pub duplicates_closed: u64,
-    /// Successful redials of known peers after their connection dropped.
+    /// Successful redials of known peers after their connection dropped. Counted by the
+    /// peer's reconnecting task when it sees the new handshake complete, so it may trail
+    /// the [`PeerEvent::Connected`](crate::PeerEvent::Connected) of that connection by a
+    /// moment.
     pub reconnects: u64,
     /// Incoming handshakes asked to prove their address with a QUIC Retry (see
     /// `limits.retry_threshold`).
