@@ -216,7 +216,7 @@ async fn a_known_peer_that_crashes_and_restarts_is_reconnected() {
     // trail the event (CI once read 0 here), so it is waited for, bounded.
     let deadline = tokio::time::Instant::now() + WAIT;
     while a.stats().reconnects == 0 && tokio::time::Instant::now() < deadline {
-        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
     assert!(a.stats().reconnects >= 1, "{:?}", a.stats());
 
