@@ -20,7 +20,8 @@ use quinn::{AsyncTimer, AsyncUdpSocket, Runtime, TokioRuntime};
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 
-/// quinn's tokio runtime, bound to one runtime's handle rather than the caller's.
+/// quinn's tokio runtime, bound to one runtime's handle rather than the caller's, with
+/// its UDP socket's batches cut to fit one send each ([`FitBatches`](super::udp::FitBatches)).
 pub(crate) struct IoRuntime(pub Handle);
 
 impl fmt::Debug for IoRuntime {
@@ -41,7 +42,8 @@ impl Runtime for IoRuntime {
 
     fn wrap_udp_socket(&self, t: std::net::UdpSocket) -> std::io::Result<Arc<dyn AsyncUdpSocket>> {
         let _in = self.0.enter();
-        TokioRuntime.wrap_udp_socket(t)
+        let socket = TokioRuntime.wrap_udp_socket(t)?;
+        Ok(Arc::new(super::udp::FitBatches(socket)))
     }
 
     fn now(&self) -> Instant {

@@ -6,6 +6,7 @@ mod accept;
 mod admission;
 mod dial;
 mod io;
+mod udp;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
