@@ -255,15 +255,16 @@ async fn bulk(
     const CHUNK: usize = 1 << 20;
     let client_before = own_cpu_time();
     let server_before = server.cpu();
-    let took = if variant == Variant::Tcp {
+    // For QUIC, the largest datagram the client's connection reached (path MTU).
+    let (took, mtu) = if variant == Variant::Tcp {
         let client = crate::baselines::TcpClient::connect(server.addr).await?;
         let chunk = vec![7u8; CHUNK.min(bytes)];
         let start = Instant::now();
         client.upload(&chunk, bytes).await?;
-        start.elapsed()
+        (start.elapsed(), None)
     } else {
         let client = raw_wire::Client::new()?;
-        let conn = client.connect(server.addr, false).await?;
+        let conn = client.connect_bulk(server.addr).await?;
         let chunk = Bytes::from(vec![7u8; CHUNK.min(bytes)]);
         let start = Instant::now();
         let (mut send, mut recv) = conn.open_bi().await?;
@@ -279,8 +280,9 @@ async fn bulk(
         let answer = recv.read_to_end(1 << 16).await?;
         anyhow::ensure!(answer.first() == Some(&0), "the sink did not answer OK");
         let took = start.elapsed();
+        let mtu = conn.stats().path.current_mtu;
         conn.close(0u32.into(), b"done");
-        took
+        (took, Some(mtu))
     };
     let gbits = bytes as f64 * 8.0 / took.as_secs_f64() / 1e9;
     let busy = |cpu: Duration| cpu.as_secs_f64() / took.as_secs_f64() * 100.0;
@@ -291,11 +293,15 @@ async fn bulk(
         "pinned: {} MiB, one stream (one TCP connection), body dropped as it comes",
         bytes >> 20
     );
-    Ok(vec![
+    let mut figures = vec![
         (name.clone(), "Gbit/s", gbits),
         (format!("{name}, client CPU busy"), "%", client),
         (format!("{name}, server CPU busy"), "%", server),
-    ])
+    ];
+    if let Some(mtu) = mtu {
+        figures.push((format!("{name}, path MTU reached"), "B", f64::from(mtu)));
+    }
+    Ok(figures)
 }
 
 /// Datagrams the client has received on `conn`: what the server sent it.

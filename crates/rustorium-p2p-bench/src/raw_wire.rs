@@ -269,13 +269,22 @@ pub struct Client {
     endpoint: quinn::Endpoint,
     resumed: quinn::ClientConfig,
     full: quinn::ClientConfig,
+    /// A full handshake, and MTU discovery up to [`BULK_MTU`].
+    bulk: quinn::ClientConfig,
 }
+
+/// The largest UDP payload a raw quinn sender can discover and use: quinn sends up to 10
+/// datagrams in one `sendmsg` (GSO), the kernel takes at most 65,507 bytes in one, and
+/// quinn-udp drops a larger batch as if it were a lost MTU probe (then black-hole
+/// detection takes the path down to 1,200 bytes). Our node cuts such batches itself
+/// (`node/udp.rs`); a raw quinn user stays at or under this.
+pub const BULK_MTU: u16 = 6550;
 
 impl Client {
     pub fn new() -> anyhow::Result<Client> {
         let provider = provider();
         let (cert, key) = certificate()?;
-        let tls = |resume: bool| -> anyhow::Result<quinn::ClientConfig> {
+        let tls = |resume: bool, mtu: Option<u16>| -> anyhow::Result<quinn::ClientConfig> {
             let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
                 .with_protocol_versions(&[&rustls::version::TLS13])?
                 .dangerous()
@@ -290,6 +299,11 @@ impl Client {
             let mut config = quinn::ClientConfig::new(Arc::new(quic));
             let mut transport = quinn::TransportConfig::default();
             transport.max_concurrent_bidi_streams(1000u32.into());
+            if let Some(mtu) = mtu {
+                let mut discovery = quinn::MtuDiscoveryConfig::default();
+                discovery.upper_bound(mtu);
+                transport.mtu_discovery_config(Some(discovery));
+            }
             config.transport_config(Arc::new(transport));
             Ok(config)
         };
@@ -301,8 +315,9 @@ impl Client {
         )?;
         Ok(Client {
             endpoint,
-            resumed: tls(true)?,
-            full: tls(false)?,
+            resumed: tls(true, None)?,
+            full: tls(false, None)?,
+            bulk: tls(false, Some(BULK_MTU))?,
         })
     }
 
@@ -314,6 +329,15 @@ impl Client {
         zero_rtt: bool,
     ) -> anyhow::Result<quinn::Connection> {
         Ok(self.connect_early(to, zero_rtt).await?.0)
+    }
+
+    /// A full handshake for a bulk transfer: MTU discovery goes up to [`BULK_MTU`]
+    /// (quinn's default stops at 1,452 bytes), the strongest a raw quinn sender can use.
+    pub async fn connect_bulk(&self, to: SocketAddr) -> anyhow::Result<quinn::Connection> {
+        let connecting = self
+            .endpoint
+            .connect_with(self.bulk.clone(), to, "rustorium")?;
+        Ok(connecting.await?)
     }
 
     /// [`connect`](Self::connect), and when 0-RTT was attempted, what resolves to
