@@ -153,7 +153,13 @@ impl Tally {
 
     /// A place comes back: handed to a waiter if there is one, else freed.
     fn give_back(&self) {
-        if self.takers.load(SeqCst) != 0 {
+        self.give_back_seeing(self.takers.load(SeqCst) != 0);
+    }
+
+    /// [`give_back`](Self::give_back), once it has looked for waiters (`waiters`): its two
+    /// steps apart, so that a test can start a wait between them.
+    fn give_back_seeing(&self, waiters: bool) {
+        if waiters {
             // Handed to a waiter rather than freed; then, in case the last waiter left
             // meanwhile (and so found nothing to free), freed after all.
             self.handoff.fetch_add(1, SeqCst);
@@ -163,6 +169,12 @@ impl Tally {
             }
         } else {
             self.free(1);
+            // A caller may have begun to wait between the look at `takers` and the free
+            // (it found no free place then, and `try_take` now refuses because it waits):
+            // woken, it finds this one.
+            if self.takers.load(SeqCst) != 0 {
+                self.freed.notify_one();
+            }
         }
     }
 
@@ -452,6 +464,24 @@ mod tests {
         tokio::time::timeout(WAIT, tally.until_idle())
             .await
             .unwrap();
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_place_freed_as_a_caller_begins_to_wait_wakes_it() {
+        // A release looks for waiters and finds none; a caller then begins to wait (no
+        // place is free yet); then the release frees its place. Before the fix nothing woke
+        // the caller, and `try_take` refused everyone else because it waited: the place
+        // stayed free, unused, until the caller's deadline.
+        let tally = Tally::new(1);
+        assert!(tally.claim_free(), "the place, held");
+        let waiter = waiter(&tally);
+        until("the waiter waits", || tally.takers() == 1).await;
+        tally.give_back_seeing(false); // as if it had looked before the waiter came
+        assert!(
+            tokio::time::timeout(WAIT, waiter).await.unwrap().unwrap(),
+            "the waiter got the freed place"
+        );
+        assert_eq!((tally.takers(), tally.in_use()), (0, 0));
     }
 
     #[tokio::test(flavor = "current_thread")]
