@@ -49,6 +49,7 @@ pub mod wire;
 
 mod budget;
 mod framing;
+mod log_limit;
 mod peers;
 mod policy;
 mod request;

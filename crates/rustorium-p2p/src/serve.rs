@@ -14,13 +14,14 @@ use futures_util::future::Either;
 use quinn::{ReadError, RecvStream, SendStream, VarInt};
 use tokio::sync::Semaphore;
 use tokio::time::{timeout_at, Instant};
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::budget::{ByteBudget, Held};
 use crate::framing::{
     poll_once, read_body, status_chunk, write_framed_within, BodyError, Deadline, Stalled,
 };
 use crate::handler::{call_handler, CatchUnwind, RequestContext, Route, RouteKind, Router};
+use crate::log_limit::{peer_warn, Rarely};
 use crate::metrics::{Metrics, Outcome, RouteCache, Side};
 use crate::peers::PeerConnection;
 use crate::tally::{Lent, Taken, Tally};
@@ -57,6 +58,8 @@ pub(crate) struct Serving<'a> {
     pub connection: &'a Arc<PeerConnection>,
     /// Set when the node starts shutting down.
     pub closing: &'a std::sync::atomic::AtomicBool,
+    /// Warnings the peer's doing causes: one a second at WARN, the rest at DEBUG.
+    pub warnings: &'a Rarely,
 }
 
 /// How serving a stream ended, for metrics and logs: the route label (a registered
@@ -391,24 +394,26 @@ impl Serving<'_> {
             unreachable!("the stream is taken only here, for a streaming route")
         };
         let deadline = started + self.limits.request_timeout;
-        let next: Either<_, Pin<Box<dyn Future<Output = Served> + Send + '_>>> =
-            match self.read_request(recv, deadline).await {
-                Ok(Opened::Whole(read)) => Either::Left(self.deliver(read, deadline)),
-                Ok(Opened::Streaming(stream)) => {
-                    let Some(recv) = lent.take() else {
-                        unreachable!("the stream was lent")
-                    };
-                    // Boxed, as for a request.
-                    Either::Right(Box::pin(self.transfer(stream, None, recv, started)))
+        let next: Either<_, Pin<Box<dyn Future<Output = Served> + Send + '_>>> = match self
+            .read_request(recv, deadline)
+            .await
+        {
+            Ok(Opened::Whole(read)) => Either::Left(self.deliver(read, deadline)),
+            Ok(Opened::Streaming(stream)) => {
+                let Some(recv) = lent.take() else {
+                    unreachable!("the stream was lent")
+                };
+                // Boxed, as for a request.
+                Either::Right(Box::pin(self.transfer(stream, None, recv, started)))
+            }
+            Err(refusal) => {
+                peer_warn!(self.warnings, peer = %self.connection.peer, "dropped a one-way message: {refusal}");
+                if let Some(stop) = refusal.stop_code() {
+                    let _ = recv.stop(VarInt::from_u32(stop));
                 }
-                Err(refusal) => {
-                    warn!(peer = %self.connection.peer, "dropped a one-way message: {refusal}");
-                    if let Some(stop) = refusal.stop_code() {
-                        let _ = recv.stop(VarInt::from_u32(stop));
-                    }
-                    return refusal.served();
-                }
-            };
+                return refusal.served();
+            }
+        };
         next.await
     }
 
@@ -435,7 +440,7 @@ impl Serving<'_> {
             // them until its deadline.
             let Some(_slots) = pair_by(&self.connection.share.slots, self.slots, deadline).await
             else {
-                warn!(peer = %self.connection.peer, "dropped a one-way message on {route:?}: node at max_concurrent_requests or shutting down");
+                peer_warn!(self.warnings, peer = %self.connection.peer, "dropped a one-way message on {route:?}: node at max_concurrent_requests or shutting down");
                 return Served::new(&route, Outcome::Busy);
             };
             let ctx = self.context(&route, true, early);
@@ -444,7 +449,7 @@ impl Serving<'_> {
             match result {
                 Ok(_) => Served::ok(&route, entry),
                 Err(e) => {
-                    warn!(peer = %self.connection.peer, "one-way handler failed: {e}");
+                    peer_warn!(self.warnings, peer = %self.connection.peer, "one-way handler failed: {e}");
                     let outcome = if e.status == Status::BadRequest {
                         Outcome::BadRequest
                     } else {
@@ -799,7 +804,7 @@ impl<'a> Serving<'a> {
     pub(crate) fn unread(&self) {
         self.metrics.answer_abandoned();
         if self.connection.share.stalled() >= self.limits.max_stalls {
-            warn!(peer = %self.connection.peer, "closing the connection: the peer does not read its answers");
+            peer_warn!(self.warnings, peer = %self.connection.peer, "closing the connection: the peer does not read its answers");
             self.connection.conn.close(
                 code::CLOSE_LIMIT.into(),
                 b"too many answers left unread (max_pending_answers_per_peer)",

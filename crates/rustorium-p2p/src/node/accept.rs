@@ -11,7 +11,9 @@ use std::time::Duration;
 use futures_util::future::Either;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::watch;
-use tracing::{debug, error, warn, Instrument};
+use tracing::{debug, error, Instrument};
+
+use crate::log_limit::peer_warn;
 
 use super::admission::{Admitted, Handshake};
 use super::Shared;
@@ -50,7 +52,7 @@ pub(super) async fn accept_loop(shared: Arc<Shared>) {
                     .spawn(accept_one(shared.clone(), incoming, handshake));
             }
             Err(why) => {
-                warn!(%remote, "refused a connection: {why}");
+                peer_warn!(shared.peer_warnings, %remote, "refused a connection: {why}");
                 shared.metrics.connection_failed(ConnectionFailure::Refused);
                 incoming.refuse();
             }
@@ -110,7 +112,7 @@ async fn accept_one(shared: Arc<Shared>, incoming: quinn::Incoming, handshake: H
     let admitted = match handshake.established() {
         Ok(admitted) => admitted,
         Err(why) => {
-            warn!(remote = %addr, "refused a connection: {why}");
+            peer_warn!(shared.peer_warnings, remote = %addr, "refused a connection: {why}");
             shared.metrics.connection_failed(ConnectionFailure::Refused);
             conn.close(code::CLOSE_REFUSED.into(), why.to_string().as_bytes());
             return;
@@ -125,7 +127,7 @@ async fn accept_one(shared: Arc<Shared>, incoming: quinn::Incoming, handshake: H
         return debug!(remote = %addr, "closed a connection without our ALPN");
     }
     if let Err(why) = shared.config.admits(&peer) {
-        warn!(peer = %peer, remote = %addr, "refused a connection: {why}");
+        peer_warn!(shared.peer_warnings, peer = %peer, remote = %addr, "refused a connection: {why}");
         shared.metrics.connection_failed(ConnectionFailure::Refused);
         let reason = format!("peer {peer} refused by node {}: {why}", shared.peer_id);
         conn.close(code::CLOSE_REFUSED.into(), reason.as_bytes());
@@ -475,6 +477,7 @@ fn serving<'a>(shared: &'a Shared, entry: &'a Arc<PeerConnection>) -> Serving<'a
         bytes: &shared.bytes,
         connection: entry,
         closing: &shared.closing,
+        warnings: &shared.peer_warnings,
     }
 }
 

@@ -370,6 +370,7 @@ impl NodeBuilder {
             known: Mutex::new(HashMap::new()),
             closing: AtomicBool::new(false),
             shutdown,
+            peer_warnings: Default::default(),
         });
         shared.metrics.socket_buffers(buffers);
         shared.io.spawn(accept::accept_loop(shared.clone()));
@@ -418,6 +419,8 @@ struct Shared {
     closing: AtomicBool,
     /// Flips to `true` when the node starts shutting down.
     shutdown: watch::Sender<bool>,
+    /// Warnings a peer's doing causes (refusals, dropped messages): one a second at WARN.
+    peer_warnings: crate::log_limit::Rarely,
 }
 
 impl Shared {

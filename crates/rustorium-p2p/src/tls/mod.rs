@@ -78,6 +78,7 @@ impl TlsConfigs {
             .with_client_cert_verifier(Arc::new(PeerCertVerifier {
                 config: config.clone(),
                 full,
+                warnings: Default::default(),
             }))
             .with_cert_resolver(ours.clone());
         server.alpn_protocols = vec![alpn.to_vec()];
@@ -229,6 +230,8 @@ pub(crate) type AtCapacity = Arc<dyn Fn() -> bool + Send + Sync>;
 struct PeerCertVerifier {
     config: Config,
     full: AtCapacity,
+    /// Refusals: one a second at WARN (a stranger can present certificates without end).
+    warnings: crate::log_limit::Rarely,
 }
 
 impl std::fmt::Debug for PeerCertVerifier {
@@ -262,7 +265,7 @@ impl ClientCertVerifier for PeerCertVerifier {
             other => other,
         };
         if let Err(why) = admitted {
-            tracing::warn!(peer = %peer, "refused a connection: {why}");
+            crate::log_limit::peer_warn!(self.warnings, peer = %peer, "refused a connection: {why}");
             // TLS alert 49 (access_denied): the peer learns it is not admitted, not why.
             return Err(rustls::Error::InvalidCertificate(
                 CertificateError::ApplicationVerificationFailure,

@@ -10,7 +10,7 @@ use bytes::{Bytes, BytesMut};
 use quinn::{RecvStream, SendStream, VarInt};
 use tokio::sync::{watch, Mutex};
 use tokio::time::{timeout_at, Instant};
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::reader::BodyReader;
 use super::writer::{Answer, AnswerWriter, Places};
@@ -19,6 +19,7 @@ use crate::budget::CHUNK;
 use crate::budget::{ByteBudget, Held};
 use crate::framing::{poll_once, read_body, BodyError, Deadline};
 use crate::handler::{catch_panics, Cause, HandlerError};
+use crate::log_limit::peer_warn;
 use crate::metrics::Outcome;
 use crate::serve::{pair_by, try_pair, Full, Pair, Served, Serving, Stream};
 use crate::transfer::StreamRoute;
@@ -158,7 +159,7 @@ impl Serving<'_> {
             let outcome = match result {
                 Ok(Ok(())) => Outcome::Ok,
                 Ok(Err(e)) => {
-                    warn!(peer = %self.connection.peer, "one-way handler failed: {e}");
+                    peer_warn!(self.warnings, peer = %self.connection.peer, "one-way handler failed: {e}");
                     error_outcome(&e)
                 }
                 Err(_) => Outcome::TimedOut,
@@ -430,7 +431,7 @@ impl Serving<'_> {
                     .await
             }
             None => {
-                warn!(peer = %self.connection.peer, "dropped a one-way message on {name:?}: {message}")
+                peer_warn!(self.warnings, peer = %self.connection.peer, "dropped a one-way message on {name:?}: {message}")
             }
         }
         Served::new(name, outcome)
