@@ -53,6 +53,10 @@ pub struct BenchArgs {
     /// One stack alone is what to profile (`perf record`, `valgrind --tool=callgrind`).
     #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(STACKS))]
     stacks: Vec<String>,
+    /// `transport.max_udp_payload_size` of our pinned server (`--only pinned`), to
+    /// measure what a larger UDP payload gives (BENCHMARKS.md, "Bulk on loopback").
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u16).range(1200..=65527))]
+    max_udp_payload: Option<u16>,
 }
 
 /// The scenario groups of the bench.
@@ -414,6 +418,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 sequential: plan.sequential,
                 setups: plan.pinned_setups,
                 bulk: plan.bulk_bytes,
+                max_udp_payload: args.max_udp_payload,
             };
             let figures = tokio::task::block_in_place(|| pinned::measure(STACKS[stack], sizes))?;
             for (scenario, unit, value) in figures.figures {

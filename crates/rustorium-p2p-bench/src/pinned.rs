@@ -74,7 +74,9 @@ struct Server {
 }
 
 impl Server {
-    fn start(variant: Variant, pin: bool) -> anyhow::Result<Server> {
+    /// Starts `variant`; our node with `max_udp_payload` as its `max_udp_payload_size`
+    /// when given.
+    fn start(variant: Variant, pin: bool, max_udp_payload: Option<u16>) -> anyhow::Result<Server> {
         let exe = std::env::current_exe()?;
         let mut command = if pin {
             let mut c = Command::new("taskset");
@@ -86,6 +88,12 @@ impl Server {
         let mut child = command
             .arg("bench-server")
             .args(variant.args())
+            .args(match (variant, max_udp_payload) {
+                (Variant::Ours | Variant::OursWithoutIoThread, Some(size)) => {
+                    vec!["--max-udp-payload".to_string(), size.to_string()]
+                }
+                _ => Vec::new(),
+            })
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -176,6 +184,8 @@ pub struct Sizes {
     pub setups: usize,
     /// Bytes of the one-stream upload.
     pub bulk: usize,
+    /// Our server's `max_udp_payload_size`, when not the default.
+    pub max_udp_payload: Option<u16>,
 }
 
 /// What one stack did, pinned: (scenario, unit, value).
@@ -192,6 +202,9 @@ pub fn measure(stack: &str, sizes: Sizes) -> anyhow::Result<Pinned> {
         _ => (Variant::Raw, Variant::RawMultiThread),
     };
     let pin = can_pin();
+    if let (Variant::Ours, Some(size)) = (main, sizes.max_udp_payload) {
+        eprintln!("pinned: our server runs with transport.max_udp_payload_size = {size}");
+    }
     // The client on a single-threaded runtime of its own, on a thread of its own.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -204,7 +217,7 @@ pub fn measure(stack: &str, sizes: Sizes) -> anyhow::Result<Pinned> {
                 }
                 let result = runtime.block_on(async {
                     let mut figures = Vec::new();
-                    let server = Server::start(main, pin)?;
+                    let server = Server::start(main, pin, sizes.max_udp_payload)?;
                     figures.extend(bulk(&server, main, sizes.bulk).await?);
                     if main == Variant::Tcp {
                         return Ok(figures);
@@ -214,7 +227,7 @@ pub fn measure(stack: &str, sizes: Sizes) -> anyhow::Result<Pinned> {
                     figures.extend(many_connections(&server, sizes).await?);
                     drop(server);
                     let label = " [ours: io_thread = false; quinn: multi-thread runtime]";
-                    let server = Server::start(other, pin)?;
+                    let server = Server::start(other, pin, sizes.max_udp_payload)?;
                     let rates = latency_and_rate(
                         &server,
                         Sizes {

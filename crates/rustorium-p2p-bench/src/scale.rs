@@ -38,6 +38,9 @@ pub struct ServerArgs {
     /// Our node with `io_thread = false` (its I/O on the process's runtime).
     #[arg(long)]
     no_io_thread: bool,
+    /// Our node's `transport.max_udp_payload_size`, when not the default.
+    #[arg(long)]
+    max_udp_payload: Option<u16>,
 }
 
 impl ServerArgs {
@@ -70,6 +73,9 @@ pub async fn serve(args: ServerArgs) -> anyhow::Result<std::process::ExitCode> {
             let mut config = scale_config();
             config.node.listen = args.listen;
             config.node.io_thread = !args.no_io_thread;
+            if let Some(size) = args.max_udp_payload {
+                config.transport.max_udp_payload_size = size;
+            }
             let mut nodes = Vec::with_capacity(args.nodes);
             for _ in 0..args.nodes.max(1) {
                 let builder = Node::builder().config(config.clone());
