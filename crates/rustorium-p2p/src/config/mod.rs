@@ -271,8 +271,9 @@ pub struct TransportSettings {
     pub initial_rtt: Duration,
     /// Largest UDP payload this node accepts (advertised to peers), and the upper bound
     /// of its path MTU discovery. Default 1472 (an Ethernet path's). A path that carries
-    /// more (loopback, jumbo frames: 8952) moves bulk data faster with a larger value
-    /// (BENCHMARKS.md, "Bulk on loopback"), at some cost per small request.
+    /// more (loopback, jumbo frames: 8952) moves bulk data faster with a larger value, at a
+    /// cost per connection where both ends allow it: memory and handshake work
+    /// (BENCHMARKS.md, "Bulk on loopback").
     #[serde(with = "units::payload")]
     pub max_udp_payload_size: u16,
     /// UDP payload size used before path MTU discovery. Default 1200 (QUIC's minimum).
