@@ -205,6 +205,12 @@ impl Tally {
                 return None;
             }
             if self.claim_handoff() {
+                // More places handed over than waiters woken (a waiter counted but not yet
+                // listening when they were given back: `Notify` keeps one wake-up, not
+                // one per release): pass a wake-up on to the next waiter.
+                if self.handoff.load(SeqCst) != 0 {
+                    self.freed.notify_one();
+                }
                 return Some(Taken(self.clone()));
             }
         }
@@ -482,6 +488,34 @@ mod tests {
             "the waiter got the freed place"
         );
         assert_eq!((tally.takers(), tally.in_use()), (0, 0));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn places_handed_over_before_their_waiters_listen_reach_every_waiter() {
+        // Two places given back while a caller is counted as a waiter but not yet
+        // listening: two hand-overs, but `Notify` keeps one wake-up. Two waiters come; the
+        // first is woken and takes one place, and before the fix the second slept with
+        // the other place handed over and unclaimed (and `try_take` refusing everyone).
+        let tally = Tally::new(2);
+        assert!(
+            tally.claim_free() && tally.claim_free(),
+            "both places, held"
+        );
+        let counted = Taker::new(&tally); // counted, never listening
+        tally.give_back();
+        tally.give_back();
+        // Each keeps its place (given back, it would be handed over again).
+        let keeping = || {
+            let tally = tally.clone();
+            tokio::spawn(async move { tally.take().await })
+        };
+        let (first, second) = (keeping(), keeping());
+        let first = tokio::time::timeout(WAIT, first).await.unwrap().unwrap();
+        let second = tokio::time::timeout(WAIT, second).await;
+        let second = second.expect("the second place did not reach the second waiter");
+        assert!(first.is_some() && second.unwrap().is_some());
+        drop(counted);
+        assert_eq!(tally.takers(), 0);
     }
 
     #[tokio::test(flavor = "current_thread")]
