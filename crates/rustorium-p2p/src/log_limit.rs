@@ -1,5 +1,6 @@
 //! Warnings that a peer's doing can cause (a refused connection, a dropped one-way
-//! message), at most one a second per node.
+//! message), at most one a second from each source: the node's serving and accepting
+//! share one [`Rarely`], its TLS verifier has its own.
 //!
 //! A stranger that opens streams or connections as fast as it can would otherwise make
 //! the node write a WARN line for each one: its log, and the disk under it, are a resource
