@@ -213,7 +213,9 @@ async fn a_known_peer_that_crashes_and_restarts_is_reconnected() {
     assert_eq!(a.request(b_addr.peer_id, "sys/ping", "").await.unwrap(), "");
     // The known-peer task counts the reconnection once it sees the handshake complete,
     // as the `Connected` event's announcer does, in a task of its own: the count may
-    // trail the event (CI once read 0 here), so it is waited for, bounded.
+    // trail the event, so it is waited for, bounded. (CI once read 0 here; with the wait,
+    // a run still saw 0 after 10 s: the task told connections apart by `stable_id`, which
+    // a new connection can inherit from the freed old one.)
     let deadline = tokio::time::Instant::now() + WAIT;
     while a.stats().reconnects == 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(1)).await;

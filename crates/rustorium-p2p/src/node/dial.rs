@@ -233,7 +233,12 @@ pub(super) async fn keep_connected(shared: Arc<Shared>, peer: PeerId) {
     );
     let mut backoff = min;
     let mut last_warned = None;
-    let mut previous: Option<usize> = None;
+    // Whether a connection to the peer completed before: each turn of the loop starts
+    // only once the last connection closed, so any later one is a reconnection. (Not told
+    // apart by `stable_id`: that is the address of the connection's state, which the
+    // allocator may give a new connection once the old one is freed; the restart test
+    // saw a reconnection go uncounted that way.)
+    let mut connected_before = false;
     loop {
         let conn = tokio::select! {
             conn = connection_to(&shared, peer) => conn,
@@ -249,12 +254,11 @@ pub(super) async fn keep_connected(shared: Arc<Shared>, peer: PeerId) {
                     _ = shutdown.wait_for(|closing| *closing) => return,
                 };
                 if confirmed {
-                    let id = conn.conn.stable_id();
-                    if previous.is_some_and(|old| old != id) {
+                    if connected_before {
                         shared.metrics.reconnected();
                         info!(peer = %peer, "reconnected to known peer");
                     }
-                    previous = Some(id);
+                    connected_before = true;
                 }
                 let up = tokio::time::Instant::now();
                 tokio::select! {
