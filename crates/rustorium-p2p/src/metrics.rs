@@ -731,53 +731,66 @@ impl Metrics {
         }
     }
 
-    /// Samples a connection every [`SAMPLE_INTERVAL`] until it closes: RTT into the
-    /// histogram, byte and packet deltas into the totals, rates into the bandwidth gauges,
-    /// and address changes into `migrations`.
-    pub async fn watch_connection(&self, conn: &quinn::Connection) {
-        let mut last = Sample::take(conn);
-        self.rtt.observe(last.rtt.as_secs_f64()); // the handshake's measurement
-        let mut addr = conn.remote_address();
-        let (mut tx_rate, mut rx_rate) = (0.0, 0.0);
-        loop {
-            let closed = tokio::select! {
-                _ = tokio::time::sleep(SAMPLE_INTERVAL) => false,
-                _ = conn.closed() => true,
-            };
-            let now = Sample::take(conn);
-            let secs = now.at.duration_since(last.at).as_secs_f64().max(1e-3);
-            let (sent, received) = (now.tx_bytes - last.tx_bytes, now.rx_bytes - last.rx_bytes);
-            self.bytes_sent.inc_by(sent);
-            self.bytes_received.inc_by(received);
-            self.packets_sent.inc_by(now.tx_packets - last.tx_packets);
-            self.packets_lost
-                .inc_by(now.lost_packets - last.lost_packets);
-            let (total_sent, total_lost) = (self.packets_sent.get(), self.packets_lost.get());
-            if total_sent > 0 {
-                self.packet_loss_ratio
-                    .set(total_lost as f64 / total_sent as f64);
-            }
-            // Keep the gauges the sum of every connection's latest rate.
-            let (new_tx, new_rx) = if closed {
-                (0.0, 0.0)
-            } else {
-                (sent as f64 / secs, received as f64 / secs)
-            };
-            self.bandwidth_sent.inc_by(new_tx - tx_rate);
-            self.bandwidth_received.inc_by(new_rx - rx_rate);
-            (tx_rate, rx_rate) = (new_tx, new_rx);
-            if closed {
-                return;
-            }
-            self.rtt.observe(now.rtt.as_secs_f64());
-            let current = conn.remote_address();
-            if current != addr {
-                self.migrated();
-                addr = current;
-            }
-            last = now;
+    /// Starts watching a connection just announced: its handshake's RTT goes into the
+    /// histogram, and the reading is the base of the next [`sample`](Metrics::sample).
+    pub fn watch(&self, conn: &quinn::Connection) -> Watched {
+        let last = Sample::take(conn);
+        self.rtt.observe(last.rtt.as_secs_f64());
+        Watched {
+            last,
+            addr: conn.remote_address(),
+            rates: (0.0, 0.0),
         }
     }
+
+    /// Reads a watched connection (the node's sampler does, every [`SAMPLE_INTERVAL`],
+    /// and its task once more when it closes, `closed`): byte and packet deltas into the
+    /// totals, rates into the bandwidth gauges, RTT into the histogram and an address
+    /// change into `migrations`.
+    pub fn sample(&self, conn: &quinn::Connection, watched: &mut Watched, closed: bool) {
+        let now = Sample::take(conn);
+        let last = &watched.last;
+        let secs = now.at.duration_since(last.at).as_secs_f64().max(1e-3);
+        let (sent, received) = (now.tx_bytes - last.tx_bytes, now.rx_bytes - last.rx_bytes);
+        self.bytes_sent.inc_by(sent);
+        self.bytes_received.inc_by(received);
+        self.packets_sent.inc_by(now.tx_packets - last.tx_packets);
+        self.packets_lost
+            .inc_by(now.lost_packets - last.lost_packets);
+        let (total_sent, total_lost) = (self.packets_sent.get(), self.packets_lost.get());
+        if total_sent > 0 {
+            self.packet_loss_ratio
+                .set(total_lost as f64 / total_sent as f64);
+        }
+        // Keep the gauges the sum of every connection's latest rate.
+        let (tx_rate, rx_rate) = watched.rates;
+        let (new_tx, new_rx) = if closed {
+            (0.0, 0.0)
+        } else {
+            (sent as f64 / secs, received as f64 / secs)
+        };
+        self.bandwidth_sent.inc_by(new_tx - tx_rate);
+        self.bandwidth_received.inc_by(new_rx - rx_rate);
+        watched.rates = (new_tx, new_rx);
+        if closed {
+            return;
+        }
+        self.rtt.observe(now.rtt.as_secs_f64());
+        let current = conn.remote_address();
+        if current != watched.addr {
+            self.migrated();
+            watched.addr = current;
+        }
+        watched.last = now;
+    }
+}
+
+/// What the node's sampler last read of one connection.
+pub(crate) struct Watched {
+    last: Sample,
+    addr: std::net::SocketAddr,
+    /// Its share of the bandwidth gauges (sent, received), bytes per second.
+    rates: (f64, f64),
 }
 
 /// One reading of a connection's statistics.

@@ -22,6 +22,7 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::event::{Direction, DisconnectReason};
 use crate::identity::PeerId;
+use crate::metrics::{Metrics, Watched};
 use crate::policy::old_connection_survives;
 use crate::stream_budget::{Shrink, StreamBudget, StreamType};
 use crate::tally::Tally;
@@ -88,6 +89,8 @@ pub(crate) struct PeerConnection {
     settling: [AtomicBool; 2],
     /// What the peer may hold of this node (shared with its other connections).
     pub share: Arc<PeerShare>,
+    /// The metrics sampler's last reading, from its announcement until it closes.
+    watched: Mutex<Option<Watched>>,
 }
 
 impl PeerConnection {
@@ -114,7 +117,25 @@ impl PeerConnection {
             budget,
             settling: [AtomicBool::new(false), AtomicBool::new(false)],
             share,
+            watched: Mutex::new(None),
         })
+    }
+
+    /// Starts the metrics sampler's readings of this connection.
+    pub fn watch(&self, metrics: &Metrics) {
+        let watched = metrics.watch(&self.conn);
+        *self.watched.lock().unwrap_or_else(|e| e.into_inner()) = Some(watched);
+    }
+
+    /// One reading for the metrics sampler (the last, once `closed`; none after it).
+    pub fn sample(&self, metrics: &Metrics, closed: bool) {
+        let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(w) = watched.as_mut() {
+            metrics.sample(&self.conn, w, closed);
+        }
+        if closed {
+            *watched = None;
+        }
     }
 
     /// Counts a stream as in progress until the guard is dropped.
@@ -455,6 +476,11 @@ impl Peers {
     /// Number of open connections (retired ones included until they close).
     pub fn connection_count(&self) -> usize {
         self.lock().all.len()
+    }
+
+    /// Every open connection.
+    pub fn connections(&self) -> Vec<Arc<PeerConnection>> {
+        self.lock().all.values().cloned().collect()
     }
 
     /// Open connections to `peer`.

@@ -348,3 +348,37 @@ async fn large_datagrams_get_through_on_a_path_that_carries_them() {
         stats.packets_lost
     );
 }
+
+/// A connection's traffic reaches the node's totals while it is open (the node's sampler
+/// reads every connection each second), and its share of the bandwidth gauges goes when
+/// it closes (its task takes a last reading: the sampler no longer reads it).
+#[tokio::test]
+async fn open_connections_are_sampled_and_closed_ones_leave_the_gauges() {
+    let (a, b) = pair().await;
+    let body = common::Bytes64(3).body(256 << 10);
+    // Traffic all along, so that each reading sees some.
+    let load = {
+        let (a, peer, body) = (a.clone(), b.peer_id(), body.clone());
+        tokio::spawn(async move {
+            loop {
+                let answer = a.request(peer, "echo", body.clone()).await.unwrap();
+                assert!(answer == body, "the echo came back intact");
+            }
+        })
+    };
+    common::eventually("a's sent bytes counted while open", || {
+        a.stats().bytes_sent >= 256 << 10
+    })
+    .await;
+    assert_eq!(a.stats().connections, 1);
+    if cfg!(feature = "metrics") {
+        let gauge = || common::metric_sum(&a, &["rustorium_p2p_bandwidth_sent_bytes_per_second"]);
+        common::eventually("a's bandwidth gauge up", || gauge() > 0.0).await;
+        load.abort();
+        a.disconnect(&b.peer_id());
+        common::eventually("a's bandwidth gauge back to 0", || {
+            a.stats().connections == 0 && gauge() == 0.0
+        })
+        .await;
+    }
+}

@@ -237,10 +237,8 @@ async fn announce(shared: &Arc<Shared>, entry: &Arc<PeerConnection>) -> bool {
         direction: entry.direction,
     });
     shared.metrics.connection_opened(entry.direction);
-    let watched = (shared.clone(), entry.clone());
-    shared
-        .io
-        .spawn(async move { watched.0.metrics.watch_connection(&watched.1.conn).await });
+    // Read every `SAMPLE_INTERVAL` by the node's sampler (one task for all connections).
+    entry.watch(&shared.metrics);
     true
 }
 
@@ -324,6 +322,8 @@ async fn serve_connection(shared: Arc<Shared>, entry: Arc<PeerConnection>, admit
         })
         .await;
         shared.peers.remove(&entry);
+        // Its last statistics (its traffic since the sampler's last reading).
+        entry.sample(&shared.metrics, true);
         // Its stream growth goes back now, whoever still holds the entry.
         entry.release_streams();
         let reason = entry.disconnect_reason(&reason);
