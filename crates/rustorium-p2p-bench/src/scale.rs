@@ -2,7 +2,8 @@
 //! handshake rate. Whatever is measured runs in a process of its own, so that its
 //! resident memory is its own: `rustorium-p2p bench-server` accepts (N client nodes of
 //! the bench dial it), and `rustorium-p2p bench-client` dials (one node, N connections,
-//! to N nodes of a `bench-server --nodes N`).
+//! to N nodes of a `bench-server --nodes N`). Each side's memory is counted from when its
+//! node (or endpoint) is up: what the connections cost, not the node's start.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -120,8 +121,8 @@ pub async fn serve(args: ServerArgs) -> anyhow::Result<std::process::ExitCode> {
 
 /// `bench-client`: dials every PeerAddr (or, for quinn, socket address) read from stdin
 /// up to an empty line, from one node (one endpoint), and answers on stdout with its
-/// resident memory before and after, in KiB; exits when stdin closes (hidden from
-/// `--help`).
+/// resident memory once the node is up and after the connections, in KiB; exits when
+/// stdin closes (hidden from `--help`).
 #[derive(Args)]
 pub struct ClientArgs {
     /// `rustorium` or `quinn`.
@@ -143,10 +144,13 @@ pub async fn dial(args: ClientArgs) -> anyhow::Result<std::process::ExitCode> {
         Ok(addrs)
     })
     .await??;
-    let before = rss_kib("/proc/self/status");
+    // Memory is counted from when the node (or endpoint) is up, as on the accepting side
+    // (whose reading starts once its server is listening): what the connections cost.
+    let before;
     let _keep: Box<dyn std::any::Any> = match args.stack.as_str() {
         "rustorium" => {
             let client = Node::builder().config(scale_config()).bind().await?;
+            before = rss_kib("/proc/self/status");
             let addrs = addrs
                 .iter()
                 .map(|a| a.parse::<PeerAddr>())
@@ -170,6 +174,7 @@ pub async fn dial(args: ClientArgs) -> anyhow::Result<std::process::ExitCode> {
         }
         _ => {
             let client = Arc::new(QuinnClient::with_buffers(true)?);
+            before = rss_kib("/proc/self/status");
             let mut conns = Vec::new();
             for batch in addrs.chunks(64) {
                 let dials = batch.iter().map(|addr| {
