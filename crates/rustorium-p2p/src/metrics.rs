@@ -747,10 +747,18 @@ impl Metrics {
     /// and its task once more when it closes, `closed`): byte and packet deltas into the
     /// totals, rates into the bandwidth gauges, RTT into the histogram and an address
     /// change into `migrations`.
+    ///
+    /// A reading less than half an interval after the last (the first after a connection
+    /// is announced can be) is skipped unless it is the last: a rate over a sliver of time
+    /// would say little and hold for a second.
     pub fn sample(&self, conn: &quinn::Connection, watched: &mut Watched, closed: bool) {
         let now = Sample::take(conn);
         let last = &watched.last;
-        let secs = now.at.duration_since(last.at).as_secs_f64().max(1e-3);
+        let elapsed = now.at.duration_since(last.at);
+        if !closed && elapsed < SAMPLE_INTERVAL / 2 {
+            return;
+        }
+        let secs = elapsed.as_secs_f64().max(1e-3);
         let (sent, received) = (now.tx_bytes - last.tx_bytes, now.rx_bytes - last.rx_bytes);
         self.bytes_sent.inc_by(sent);
         self.bytes_received.inc_by(received);
@@ -762,12 +770,17 @@ impl Metrics {
             self.packet_loss_ratio
                 .set(total_lost as f64 / total_sent as f64);
         }
-        // Keep the gauges the sum of every connection's latest rate.
+        // Keep the gauges the sum of every connection's latest rate, in whole bytes per
+        // second: sums of whole numbers are exact in an f64 (up to 2^53), so a closed
+        // connection's share leaves the gauge exactly, with no rounding left behind.
         let (tx_rate, rx_rate) = watched.rates;
         let (new_tx, new_rx) = if closed {
             (0.0, 0.0)
         } else {
-            (sent as f64 / secs, received as f64 / secs)
+            (
+                (sent as f64 / secs).round(),
+                (received as f64 / secs).round(),
+            )
         };
         self.bandwidth_sent.inc_by(new_tx - tx_rate);
         self.bandwidth_received.inc_by(new_rx - rx_rate);
@@ -789,7 +802,7 @@ impl Metrics {
 pub(crate) struct Watched {
     last: Sample,
     addr: std::net::SocketAddr,
-    /// Its share of the bandwidth gauges (sent, received), bytes per second.
+    /// Its share of the bandwidth gauges (sent, received), whole bytes per second.
     rates: (f64, f64),
 }
 

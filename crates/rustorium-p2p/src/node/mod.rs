@@ -374,10 +374,7 @@ impl NodeBuilder {
         });
         shared.metrics.socket_buffers(buffers);
         shared.io.spawn(accept::accept_loop(shared.clone()));
-        shared.io.spawn(sample_connections(
-            Arc::downgrade(&shared),
-            shared.shutdown.subscribe(),
-        ));
+        shared.io.spawn(sample_connections(Arc::downgrade(&shared)));
         info!(peer_id = %shared.peer_id, %local_addr, "node listening");
         let node = Node {
             inner: Arc::new(Handle {
@@ -392,24 +389,29 @@ impl NodeBuilder {
     }
 }
 
-/// Reads every connection's statistics into the metrics each [`SAMPLE_INTERVAL`] until
-/// the node shuts down (a connection's task takes the last reading when it closes). One
-/// task for all connections: a task and a timer of its own cost each connection about
-/// 0.5 KiB and a wake-up a second.
-async fn sample_connections(shared: Weak<Shared>, mut shutdown: watch::Receiver<bool>) {
+/// Reads every connection's statistics into the metrics each [`SAMPLE_INTERVAL`] (a
+/// connection's task takes the last reading when it closes), until the node is gone or
+/// has shut down and its last connection has closed. One task for all connections: a
+/// task and a timer of its own cost each connection about 0.5 KiB and a wake-up a second.
+async fn sample_connections(shared: Weak<Shared>) {
+    /// Connections read between two yields to the other tasks of the I/O thread.
+    const PER_TURN: usize = 256;
     let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await; // the first is at once
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            // Shutting down, or the node is gone.
-            _ = shutdown.wait_for(|&closing| closing) => return,
-        }
+        tick.tick().await;
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        for entry in shared.peers.connections() {
+        let connections = shared.peers.connections();
+        if connections.is_empty() && shared.is_closing() {
+            return;
+        }
+        for (i, entry) in connections.iter().enumerate() {
+            if i > 0 && i % PER_TURN == 0 {
+                tokio::task::yield_now().await;
+            }
             entry.sample(&shared.metrics, false);
         }
     }
