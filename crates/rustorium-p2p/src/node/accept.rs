@@ -269,15 +269,18 @@ async fn serve_connection(shared: Arc<Shared>, entry: Arc<PeerConnection>, admit
     let span = tracing::debug_span!("connection", peer = %entry.peer.short(), remote = %conn.remote_address(), direction = %entry.direction);
     async {
         // Each stream's state machine is held in the set's own allocation for it (no box
-        // of its own).
-        let mut streams = FuturesUnordered::new();
+        // of its own). The set is made when a stream comes and dropped when it empties: an
+        // empty set still holds a placeholder the size of a stream's state machine (about
+        // 1 KiB), which every idle connection would keep.
+        let mut streams: Option<FuturesUnordered<_>> = None;
         // Kept from turn to turn: each holds its registration for new streams.
         let mut accept_bi = std::pin::pin!(conn.accept_bi());
         let mut accept_uni = std::pin::pin!(conn.accept_uni());
-        let start = |stream, streams: &mut FuturesUnordered<_>| {
+        let start = |stream, streams: &mut Option<FuturesUnordered<_>>| {
             if in_this_task {
                 // Not polled until every stream of this turn is taken.
-                streams.push(Contained { stream });
+                let set = streams.get_or_insert_with(FuturesUnordered::new);
+                set.push(Contained { stream });
             } else {
                 tokio::spawn(stream);
             }
@@ -311,10 +314,17 @@ async fn serve_connection(shared: Arc<Shared>, entry: Arc<PeerConnection>, admit
             // Bounded: each call of `poll_next` ends once it has polled every stream that
             // was ready, and a turn ends after `STREAMS_PER_TURN` streams have finished
             // (the connection's task then yields, and the I/O thread serves the others).
+            let Some(set) = streams.as_mut() else {
+                return Poll::Pending;
+            };
             for _ in 0..STREAMS_PER_TURN {
-                match streams.poll_next_unpin(cx) {
+                match set.poll_next_unpin(cx) {
                     Poll::Ready(Some(())) => {}
-                    _ => return Poll::Pending,
+                    Poll::Ready(None) => {
+                        streams = None;
+                        return Poll::Pending;
+                    }
+                    Poll::Pending => return Poll::Pending,
                 }
             }
             cx.waker().wake_by_ref();
@@ -348,7 +358,9 @@ async fn serve_connection(shared: Arc<Shared>, entry: Arc<PeerConnection>, admit
         // Streams already accepted are served to their end, as they would be in tasks of
         // their own: a message read in full still reaches its handler. Each is bounded by
         // its own deadlines.
-        while streams.next().await.is_some() {}
+        if let Some(mut set) = streams {
+            while set.next().await.is_some() {}
+        }
     }
     .instrument(span)
     .await
